@@ -1,0 +1,258 @@
+"""Start the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel, wait for it, stop it cleanly.
+
+The wheel carries the server binary, the Python backend and one backend stub per Python
+version. The stub takes its interpreter from the first ``python3`` on PATH, so the server is
+started with this interpreter's environment first on PATH: the Python-backend models then
+import ``posetriton`` and its dependencies from here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class ServerStartError(RuntimeError):
+    """Triton could not be started; the message says why in plain words."""
+
+
+@dataclass
+class ServerOptions:
+    repository: Path
+    config_name: str = "cpu"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Load only these models (with their ensemble steps); None loads the whole repository.
+    models: list[str] | None = None
+    log_file: Path | None = None
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerStartError("the nvidia-pytriton package is not installed in this environment (pip install nvidia-pytriton)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _check_python_backend_environment() -> None:
+    major = int(np.__version__.split(".")[0])
+    if major >= 2:
+        raise ServerStartError(
+            f"numpy {np.__version__} is installed in {sys.prefix}; Triton's Python backend needs numpy < 2 "
+            "(with numpy 2 it silently returns empty outputs). Install 'numpy<2' in this environment."
+        )
+
+
+def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise ServerStartError(
+                f"{what} port {port} on {host} is already in use (another Triton?); choose another with {flag}"
+            ) from None
+
+
+def _backend_directory(root: Path, workdir: Path) -> Path:
+    """Lay out ``<workdir>/backends/python`` as Triton expects, with symlinks into the wheel."""
+    stub = root / "tritonserver" / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = stub / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerStartError(f"nvidia-pytriton has no Python-backend stub for Python {sys.version_info[:2]}")
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    python_backend = root / "tritonserver" / "backends" / "python"
+    for source in (python_backend / "libtriton_python.so", python_backend / "triton_python_backend_utils.py", stub):
+        (backend / source.name).symlink_to(source)
+    return backend.parent
+
+
+def _failure_summary(log_text: str) -> str:
+    """The lines of a Triton log that explain a failed start."""
+    wanted = re.compile(r"failed to load|error:|Error|UNAVAILABLE|failed to|Unable|unable to|Traceback|Exception")
+    harmless = re.compile(r"CudaDriverHelper|CUDA driver|pinned memory|cuda|GPU metrics|stream for")
+    lines = [line for line in log_text.splitlines() if wanted.search(line) and not harmless.search(line)]
+    return "\n".join(lines[-20:]) or log_text[-3000:]
+
+
+class TritonServer:
+    """A running ``tritonserver`` process; use as a context manager."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self._workdir = tempfile.TemporaryDirectory(prefix="posetriton-")
+        self.log_path = options.log_file or Path(self._workdir.name) / "tritonserver.log"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.http_port}"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        o = self.options
+        binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        args = [
+            str(binary),
+            f"--model-repository={o.repository.resolve()}",
+            f"--backend-directory={backend_dir}",
+            f"--model-config-name={o.config_name}",
+            f"--http-address={o.host}",
+            f"--http-port={o.http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={o.log_verbose}",
+        ]
+        if o.models is not None:
+            args.append("--model-control-mode=explicit")
+            args += [f"--load-model={name}" for name in o.models]
+        return args + o.extra_args
+
+    def environment(self, root: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        libs = [str(root.parent / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+        # One OpenMP/TBB pool per process is enough; the models size their own threads.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        o = self.options
+        if not (o.repository / "").is_dir():
+            raise ServerStartError(f"model repository {o.repository} does not exist; build it first (make models)")
+        if not any(p.joinpath("config.pbtxt").exists() for p in o.repository.iterdir()):
+            raise ServerStartError(f"model repository {o.repository} holds no models; build it first (make models)")
+        _check_python_backend_environment()
+        for port, what, flag in (
+            (o.http_port, "HTTP", "--http-port"),
+            (o.grpc_port, "gRPC", "--grpc-port"),
+            (o.metrics_port, "metrics", "--metrics-port"),
+        ):
+            _check_port_free(o.host, port, what, flag)
+        root = _pytriton_root()
+        backend_dir = _backend_directory(root, Path(self._workdir.name))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+        self.process = subprocess.Popen(
+            self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=self.environment(root)
+        )
+        log.close()
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"tritonserver exited with code {self.process.returncode} while starting:\n"
+                    f"{_failure_summary(self.log_text())}\n(full log: {self.log_path})"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerStartError(
+            f"tritonserver was not ready after {timeout:.0f} s:\n{_failure_summary(self.log_text())}\n"
+            f"(full log: {self.log_path})"
+        )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout``."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._workdir.cleanup()
+
+
+def serve_forever(options: ServerOptions, timeout: float = 120.0) -> int:
+    """Run until Ctrl-C or SIGTERM; return Triton's exit code."""
+    server = TritonServer(options)
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(timeout)
+        print(
+            f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
+            f"metrics http://{options.host}:{options.metrics_port}/metrics (config '{options.config_name}'); "
+            f"log: {server.log_path}. Ctrl-C stops it.",
+            flush=True,
+        )
+        code = server.wait()
+        if not stopping:
+            print(f"tritonserver exited unexpectedly ({code}):\n{_failure_summary(server.log_text())}", file=sys.stderr)
+        return code
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,297 @@
+"""The model catalogue and the Triton model repository generated from it.
+
+Per served model ``NAME`` the repository holds five models:
+
+    NAME               ensemble: IMAGE (encoded bytes) -> NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS
+    NAME_pixels        ensemble: PIXELS (raw uint8 HWC RGB) -> the same outputs
+    NAME_preprocess    Python backend: decode + letterbox            (posetriton.serving.preprocess)
+    NAME_network       config.pbtxt: TensorRT plan (GPU, the default)
+                       configs/cpu.pbtxt, configs/cpu_bf16.pbtxt: OpenVINO IR in the Python backend
+    NAME_postprocess   Python backend: threshold + NMS + map back    (posetriton.serving.postprocess)
+
+``tritonserver --model-config-name=cpu`` selects the CPU network; the other four models have
+only ``config.pbtxt``, which serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
+
+# Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
+CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
+VERSION = "1"
+OUTPUTS = (
+    ("NUM_DETECTIONS", "TYPE_INT32", "1"),
+    ("BOXES", "TYPE_FP32", "-1, 4"),
+    ("SCORES", "TYPE_FP32", "-1"),
+    ("KEYPOINTS", "TYPE_FP32", "-1, {k}, 3"),
+)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Scheduling choices for one served model (see docs/benchmarks.md for how they were chosen)."""
+
+    max_batch_size: int = 32
+    preprocess_instances: int = 2
+    network_instances: int = 1
+    postprocess_instances: int = 1
+    network_max_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    family: str
+    letterbox: LetterboxSpec
+    postprocess: PostprocessSpec
+    source: dict[str, Any]
+    description: str = ""
+    license: str = ""
+    num_anchors: int = 8400
+    keypoint_names: tuple[str, ...] = COCO_KEYPOINT_NAMES
+    skeleton: tuple[tuple[int, int], ...] = COCO_SKELETON
+    tuning: Tuning = field(default_factory=Tuning)
+
+    @property
+    def candidate_width(self) -> int:
+        return 5 + 3 * self.postprocess.num_keypoints
+
+    def step(self, role: str) -> str:
+        return f"{self.name}_{role}"
+
+    def metadata(self) -> dict[str, Any]:
+        """What a client needs to know about the model; stored as ensemble parameters and metadata.json."""
+        return {
+            "family": self.family,
+            "description": self.description,
+            "license": self.license,
+            "keypoint_names": list(self.keypoint_names),
+            "skeleton": [list(pair) for pair in self.skeleton],
+            **{f"letterbox.{k}": v for k, v in self.letterbox.to_parameters().items()},
+            **{f"default.{k}": v for k, v in self.postprocess.to_parameters().items()},
+        }
+
+
+def load_catalog(path: Path) -> dict[str, ServedModel]:
+    """Read the TOML catalogue: ``[families.X]`` hold shared specs, ``[models.Y]`` pick a family and a source."""
+    data = tomllib.loads(path.read_text())
+    families = data.get("families", {})
+    models = {}
+    for name, entry in data.get("models", {}).items():
+        family_name = entry.get("family")
+        if family_name not in families:
+            raise SpecError(f"{path}: model {name!r} names unknown family {family_name!r}; known: {sorted(families)}")
+        family = families[family_name]
+        try:
+            models[name] = ServedModel(
+                name=name,
+                family=family_name,
+                letterbox=LetterboxSpec(**{**family.get("letterbox", {}), **entry.get("letterbox", {})}),
+                postprocess=PostprocessSpec(**{**family.get("postprocess", {}), **entry.get("postprocess", {})}),
+                source=dict(entry.get("source", {})),
+                description=entry.get("description", family.get("description", "")),
+                license=entry.get("license", family.get("license", "")),
+                tuning=Tuning(**{**data.get("tuning", {}), **entry.get("tuning", {})}),
+            )
+        except TypeError as exc:
+            raise SpecError(f"{path}: model {name!r}: {exc}") from None
+    return models
+
+
+def _tensor(name: str, data_type: str, dims: str, extra: str = "") -> str:
+    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {dims} ]{extra} }}'
+
+
+def _block(kind: str, tensors: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]"
+
+
+def _parameters(values: dict[str, Any]) -> str:
+    lines = []
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        lines.append(f"parameters {{ key: {json.dumps(key)} value {{ string_value: {json.dumps(text)} }} }}")
+    return "\n".join(lines)
+
+
+def _header(name: str, kind: str, max_batch_size: int) -> str:
+    return f'name: "{name}"\n{kind}\nmax_batch_size: {max_batch_size}'
+
+
+def _outputs(model: ServedModel) -> list[str]:
+    k = model.postprocess.num_keypoints
+    return [_tensor(name, dtype, dims.format(k=k)) for name, dtype, dims in OUTPUTS]
+
+
+def _network_io(model: ServedModel) -> str:
+    s = model.letterbox.input_size
+    return "\n".join(
+        [
+            _block("input", [_tensor("images", "TYPE_FP32", f"3, {s}, {s}")]),
+            _block("output", [_tensor("candidates", "TYPE_FP32", f"{model.num_anchors}, {model.candidate_width}")]),
+        ]
+    )
+
+
+def _batching(delay_us: int, preferred: tuple[int, ...] = ()) -> str:
+    sizes = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
+    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us} }}"
+
+
+def _instances(count: int, kind: str) -> str:
+    return f"instance_group [ {{ count: {count} kind: {kind} }} ]"
+
+
+def ensemble_config(model: ServedModel, pixels: bool) -> str:
+    s = model.letterbox.input_size
+    source = "PIXELS" if pixels else "IMAGE"
+    source_tensor = _tensor("PIXELS", "TYPE_UINT8", "-1, -1, 3") if pixels else _tensor("IMAGE", "TYPE_STRING", "1")
+    steps = [
+        (model.step("preprocess"), {source: source}, {"images": "images", "letterbox": "letterbox"}),
+        (model.step("network"), {"images": "images"}, {"candidates": "candidates"}),
+        (
+            model.step("postprocess"),
+            {"candidates": "candidates", "letterbox": "letterbox"},
+            {name: name for name, _, _ in OUTPUTS},
+        ),
+    ]
+    step_text = []
+    for step_name, inputs, outputs in steps:
+        maps = [f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
+        maps += [f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
+        step_text.append(f'  {{ model_name: "{step_name}" model_version: -1\n    ' + "\n    ".join(maps) + " }")
+    name = model.step("pixels") if pixels else model.name
+    return "\n".join(
+        [
+            _header(name, 'platform: "ensemble"', model.tuning.max_batch_size),
+            f"# Network input {s}x{s}; thresholds per request as parameters conf, iou, max_det.",
+            _block("input", [source_tensor]),
+            _block("output", _outputs(model)),
+            "ensemble_scheduling {\n step [\n" + ",\n".join(step_text) + "\n ]\n}",
+            _parameters(model.metadata()),
+        ]
+    )
+
+
+def preprocess_config(model: ServedModel) -> str:
+    s = model.letterbox.input_size
+    optional = " optional: true"
+    return "\n".join(
+        [
+            _header(model.step("preprocess"), 'backend: "python"', model.tuning.max_batch_size),
+            _block(
+                "input",
+                [
+                    _tensor("IMAGE", "TYPE_STRING", "1", optional),
+                    _tensor("PIXELS", "TYPE_UINT8", "-1, -1, 3", optional),
+                ],
+            ),
+            _block(
+                "output",
+                [_tensor("images", "TYPE_FP32", f"3, {s}, {s}"), _tensor("letterbox", "TYPE_FP64", "6")],
+            ),
+            _batching(0),
+            _instances(model.tuning.preprocess_instances, "KIND_CPU"),
+            _parameters(model.letterbox.to_parameters()),
+        ]
+    )
+
+
+def postprocess_config(model: ServedModel) -> str:
+    return "\n".join(
+        [
+            _header(model.step("postprocess"), 'backend: "python"', model.tuning.max_batch_size),
+            _block(
+                "input",
+                [
+                    _tensor("candidates", "TYPE_FP32", f"{model.num_anchors}, {model.candidate_width}"),
+                    _tensor("letterbox", "TYPE_FP64", "6"),
+                ],
+            ),
+            _block("output", _outputs(model)),
+            _batching(0),
+            _instances(model.tuning.postprocess_instances, "KIND_CPU"),
+            _parameters(model.postprocess.to_parameters()),
+        ]
+    )
+
+
+def network_gpu_config(model: ServedModel) -> str:
+    t = model.tuning
+    return "\n".join(
+        [
+            _header(model.step("network"), 'platform: "tensorrt_plan"', t.max_batch_size),
+            'default_model_filename: "model.plan"',
+            _network_io(model),
+            _batching(100, t.preferred_batch_sizes),
+            _instances(t.network_instances, "KIND_GPU"),
+        ]
+    )
+
+
+def network_cpu_config(model: ServedModel, precision: str) -> str:
+    t = model.tuning
+    return "\n".join(
+        [
+            _header(model.step("network"), 'backend: "python"', t.max_batch_size),
+            f"# OpenVINO IR (model.xml) run by posetriton.serving.openvino_pose at {precision} precision.",
+            _network_io(model),
+            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes),
+            _instances(t.network_instances, "KIND_CPU"),
+            _parameters({"precision": precision, "model_file": "model.xml", "performance_hint": "THROUGHPUT"}),
+        ]
+    )
+
+
+def _shim(module: str) -> str:
+    return (
+        f'"""Generated: Triton loads this file; the model is posetriton.serving.{module}."""\n\n'
+        f"from posetriton.serving.{module} import TritonPythonModel  # noqa: F401\n"
+    )
+
+
+def render(model: ServedModel) -> dict[str, str]:
+    """Every text file of the model's repository entries, by path relative to the repository root."""
+    network = model.step("network")
+    files = {
+        f"{model.name}/config.pbtxt": ensemble_config(model, pixels=False),
+        f"{model.step('pixels')}/config.pbtxt": ensemble_config(model, pixels=True),
+        f"{model.step('preprocess')}/config.pbtxt": preprocess_config(model),
+        f"{model.step('preprocess')}/{VERSION}/model.py": _shim("preprocess"),
+        f"{model.step('postprocess')}/config.pbtxt": postprocess_config(model),
+        f"{model.step('postprocess')}/{VERSION}/model.py": _shim("postprocess"),
+        f"{network}/config.pbtxt": network_gpu_config(model),
+        f"{network}/{VERSION}/model.py": _shim("openvino_pose"),
+        f"{network}/metadata.json": json.dumps({"name": model.name, **model.metadata()}, indent=2),
+    }
+    for config_name, precision in CPU_CONFIGS.items():
+        files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
+    return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
+
+
+def write_model(model: ServedModel, repository: Path, network_files: dict[str, Path]) -> list[Path]:
+    """Write the model's five entries; ``network_files`` (model.onnx, model.xml, model.bin) go in the network's version folder."""
+    for stale in (model.name, *(model.step(r) for r in ("pixels", "preprocess", "network", "postprocess"))):
+        shutil.rmtree(repository / stale, ignore_errors=True)
+    written = []
+    for relative, text in render(model).items():
+        path = repository / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    (repository / model.name / VERSION).mkdir(exist_ok=True)
+    (repository / model.step("pixels") / VERSION).mkdir(exist_ok=True)
+    version_dir = repository / model.step("network") / VERSION
+    for target_name, source in network_files.items():
+        shutil.copyfile(source, version_dir / target_name)
+        written.append(version_dir / target_name)
+    return written
