@@ -1,0 +1,134 @@
+"""Session fixtures: the real model repository, a real Triton server, real photos, upstream references.
+
+Exports and references run in the export environment (``.venv-export``, override with
+POSETRITON_EXPORT_PYTHON); they are cached under ``.cache/tests`` keyed by the code that makes
+them, so a second run reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from posetriton.launcher import ServerOptions, TritonServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "tests"
+EXPORT_PYTHON = Path(os.environ.get("POSETRITON_EXPORT_PYTHON", ROOT / ".venv-export" / "bin" / "python"))
+SG_MODEL = "yolo_nas_pose_n"
+UL_MODEL = "yolo11n_pose"
+SEED = 0
+# Code whose change invalidates the cached exports and references.
+CACHE_INPUTS = [
+    *sorted((ROOT / "build_engines").glob("*.py")),
+    ROOT / "build_engines" / "models.toml",
+    ROOT / "posetriton" / "repository.py",
+    ROOT / "posetriton" / "spec.py",
+    ROOT / "tests" / "reference" / "make_references.py",
+]
+
+
+def _fingerprint(*extra: str) -> str:
+    digest = hashlib.sha256()
+    for path in CACHE_INPUTS:
+        digest.update(path.read_bytes())
+    for text in extra:
+        digest.update(text.encode())
+    return digest.hexdigest()[:16]
+
+
+def run_export_python(*args: str, timeout: float = 1800) -> str:
+    if not EXPORT_PYTHON.exists():
+        pytest.fail(f"export environment missing: {EXPORT_PYTHON} (run `make export-env`)")
+    proc = subprocess.run(
+        [str(EXPORT_PYTHON), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "YOLO_OFFLINE": "1"},
+    )  # fmt: skip
+    if proc.returncode:
+        pytest.fail(f"export-environment command failed: {' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> list[Path]:
+    """Real photos with people: the bundled samples plus Ultralytics' bus.jpg and zidane.jpg."""
+    assets = Path(run_export_python("-c", "import ultralytics, pathlib; print(pathlib.Path(ultralytics.__file__).parent / 'assets')").strip())
+    return [ROOT / "samples" / "grace_hopper.jpg", ROOT / "samples" / "astronaut.webp", assets / "bus.jpg", assets / "zidane.jpg"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    """yolo11n_pose (trained weights) and yolo_nas_pose_n (seeded random init), exported and written."""
+    key = _fingerprint(str(SEED))
+    repository = CACHE / "repository"
+    stamp = CACHE / "repository.key"
+    if not (stamp.exists() and stamp.read_text() == key and (repository / UL_MODEL / "config.pbtxt").exists()):
+        workdir = CACHE / "export"
+        common = ["-m", "build_engines", "build", "--repository", str(repository), "--workdir", str(workdir)]
+        run_export_python(*common, UL_MODEL)
+        run_export_python(*common, SG_MODEL, "--seed", str(SEED))
+        stamp.write_text(key)
+    return repository
+
+
+def export_report(repository: Path, model: str) -> dict:
+    return json.loads((repository / f"{model}_network" / "export_report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def references(model_repository: Path, photo_paths: list[Path]) -> dict:
+    """Upstream outputs: ``{"arrays": {name: ndarray}, "detections": {"super_gradients"|"ultralytics": {photo: ...}}}``."""
+    out = CACHE / "references"
+    key = _fingerprint(*(str(p) for p in photo_paths))
+    stamp = out / "key"
+    if not (stamp.exists() and stamp.read_text() == key):
+        sg_files = export_report(model_repository, SG_MODEL)["files"]
+        ul_files = export_report(model_repository, UL_MODEL)["files"]
+        run_export_python(
+            "tests/reference/make_references.py", "--out", str(out), "--photos", *map(str, photo_paths),
+            "--sg-variant", SG_MODEL, "--sg-checkpoint", sg_files["checkpoint"],
+            "--ul-weights", ul_files["weights"], "--ul-static-onnx", ul_files["static_onnx"],
+        )  # fmt: skip
+        stamp.write_text(key)
+    with np.load(out / "arrays.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    return {"arrays": arrays, "detections": json.loads((out / "detections.json").read_text())}
+
+
+def start_server(repository: Path, config_name: str = "cpu", models: list[str] | None = None) -> TritonServer:
+    options = ServerOptions(
+        repository=repository,
+        config_name=config_name,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        models=models,
+    )
+    return TritonServer(options).start(timeout=180)
+
+
+@pytest.fixture(scope="session")
+def server(model_repository: Path) -> Iterator[TritonServer]:
+    """One real Triton for the session, CPU configuration (OpenVINO f32)."""
+    triton = start_server(model_repository)
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="session")
+def served_url(server: TritonServer) -> str:
+    return server.grpc_url

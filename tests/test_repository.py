@@ -1,0 +1,66 @@
+"""The generated model repository: every config parses as Triton's ModelConfig and the ensembles wire up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from posetriton.repository import CPU_CONFIGS, load_catalog, render
+from posetriton.spec import LetterboxSpec, PostprocessSpec, SpecError
+from tests.conftest import ROOT
+
+CATALOG = load_catalog(ROOT / "build_engines" / "models.toml")
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
+    files = render(CATALOG[name])
+    configs = {path.split("/")[0]: parse(text) for path, text in files.items() if path.endswith("config.pbtxt")}
+    assert set(configs) == {name, f"{name}_pixels", f"{name}_preprocess", f"{name}_network", f"{name}_postprocess"}
+    for ensemble in (name, f"{name}_pixels"):
+        produced = {i.name for i in configs[ensemble].input}
+        for step in configs[ensemble].ensemble_scheduling.step:
+            model = configs[step.model_name]
+            assert set(step.input_map) <= {i.name for i in model.input}
+            assert {i.name for i in model.input if not i.optional} <= set(step.input_map)
+            assert set(step.input_map.values()) <= produced, f"{ensemble}: {step.model_name} reads an unproduced tensor"
+            assert set(step.output_map) <= {o.name for o in model.output}
+            produced |= set(step.output_map.values())
+        assert {o.name for o in configs[ensemble].output} <= produced
+    gpu = configs[f"{name}_network"]
+    assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    for config_name, precision in CPU_CONFIGS.items():
+        cpu = parse(files[f"{name}_network/configs/{config_name}.pbtxt"])
+        assert cpu.backend == "python" and cpu.parameters["precision"].string_value == precision
+        assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
+        assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
+
+
+def test_family_values_reach_the_step_parameters() -> None:
+    files = render(CATALOG["yolo_nas_pose_n"])
+    pre = parse(files["yolo_nas_pose_n_preprocess/config.pbtxt"])
+    spec = LetterboxSpec.from_parameters({k: v.string_value for k, v in pre.parameters.items()})
+    assert spec == LetterboxSpec(channel_order="BGR", pad_position="bottom_right", pad_value=127, per_axis_scale=False)
+    post = parse(files["yolo_nas_pose_n_postprocess/config.pbtxt"])
+    spec_post = PostprocessSpec.from_parameters({k: v.string_value for k, v in post.parameters.items()})
+    assert (spec_post.conf, spec_post.pre_nms_topk, spec_post.max_det, spec_post.clip_to_image) == (0.5, 300, 100, False)
+
+
+def test_catalogue_errors_name_the_problem(tmp_path: Path) -> None:
+    bad_family = tmp_path / "a.toml"
+    bad_family.write_text('[models.x]\nfamily = "nope"\n')
+    with pytest.raises(SpecError, match="unknown family 'nope'"):
+        load_catalog(bad_family)
+    bad_value = tmp_path / "b.toml"
+    bad_value.write_text('[families.f]\nletterbox = { pad_value = 300 }\n[models.x]\nfamily = "f"\n')
+    with pytest.raises(SpecError, match=r"pad_value must be in \[0, 255\]"):
+        load_catalog(bad_value)
+    with pytest.raises(SpecError, match="cannot read 'abc' as int"):
+        LetterboxSpec.from_parameters({"input_size": "abc"})

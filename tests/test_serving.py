@@ -1,0 +1,167 @@
+"""The served ensembles against a real Triton: inputs, thresholds, batching, and bad input isolation."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from posetriton.images import decode_image
+from posetriton.launcher import TritonServer
+from tests.conftest import SG_MODEL, UL_MODEL
+from tests.inputs import bad_inputs, encode, exif_rotated_jpeg, sixteen_bit_png
+from tests.triton_requests import Detections, image_input, infer, infer_error, match, pixels_input
+
+INVALID = "StatusCode.INVALID_ARGUMENT"
+
+
+def assert_same(a: Detections, b: Detections, atol: float = 1e-4) -> None:
+    assert len(a.scores) == len(b.scores)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=atol)
+    np.testing.assert_allclose(a.scores, b.scores, atol=atol)
+    np.testing.assert_allclose(a.keypoints, b.keypoints, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def photos(photo_paths: list[Path]) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in photo_paths}
+
+
+@pytest.fixture(scope="module")
+def singles(served_url: str, photos: dict[str, bytes]) -> dict[str, Detections]:
+    """Each photo alone, the reference for batched and concurrent runs."""
+    return {name: infer(served_url, UL_MODEL, [data])[0] for name, data in photos.items()}
+
+
+def test_batch_keeps_input_order(served_url: str, photos: dict[str, bytes], singles: dict[str, Detections]) -> None:
+    names = ["zidane.jpg", "bus.jpg", "grace_hopper.jpg", "astronaut.webp", "bus.jpg"]
+    batched = infer(served_url, UL_MODEL, [photos[n] for n in names])
+    for name, detections in zip(names, batched):
+        assert_same(detections, singles[name])
+    assert len(batched[1].scores) >= 4  # bus.jpg holds several people; zidane.jpg two
+    assert len(batched[0].scores) != len(batched[1].scores)
+
+
+def test_raw_pixels_give_the_same_result_as_bytes(served_url: str, photos: dict[str, bytes], singles: dict) -> None:
+    rgb = decode_image(photos["bus.jpg"], 10**8)
+    with grpcclient.InferenceServerClient(served_url) as client:
+        result = client.infer(f"{UL_MODEL}_pixels", [pixels_input(rgb[None])])
+    counts = result.as_numpy("NUM_DETECTIONS")
+    assert counts[0, 0] == len(singles["bus.jpg"].scores)
+    np.testing.assert_allclose(result.as_numpy("KEYPOINTS")[0], singles["bus.jpg"].keypoints, atol=1e-4)
+
+
+def test_per_request_thresholds(served_url: str, photos: dict[str, bytes]) -> None:
+    bus = photos["bus.jpg"]
+    loose = infer(served_url, UL_MODEL, [bus], {"conf": 0.05, "iou": 0.9})[0]
+    default = infer(served_url, UL_MODEL, [bus])[0]
+    strict = infer(served_url, UL_MODEL, [bus], {"conf": 0.8})[0]
+    capped = infer(served_url, UL_MODEL, [bus], {"conf": 0.05, "iou": 0.9, "max_det": 2})[0]
+    assert len(loose.scores) > len(default.scores) > len(strict.scores)
+    assert default.scores.min() >= 0.25 and (len(strict.scores) == 0 or strict.scores.min() >= 0.8)
+    assert_same(capped, Detections(loose.boxes[:2], loose.scores[:2], loose.keypoints[:2]))
+    tighter_iou = infer(served_url, UL_MODEL, [bus], {"conf": 0.05, "iou": 0.3})[0]
+    assert len(tighter_iou.scores) < len(loose.scores)
+    # super-gradients' model defaults differ (conf 0.5) and come from that model's own config.
+    nas = infer(served_url, SG_MODEL, [bus])[0]
+    assert len(nas.scores) == 0 or nas.scores.min() >= 0.5
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fragment"),
+    [
+        ({"conf": 1.5}, "conf must be in [0, 1]"),
+        ({"iou": -0.1}, "iou must be in [0, 1]"),
+        ({"max_det": 0}, "max_det must be in [1, 1000]"),
+        ({"max_det": 2.5}, "max_det must be an integer"),
+        ({"conf": "high"}, "conf must be a number"),
+        ({"confidence": 0.3}, "unknown request parameter(s) ['confidence']"),
+    ],
+)
+def test_bad_thresholds_are_invalid_argument(served_url: str, photos: dict, parameters: dict, fragment: str) -> None:
+    error = infer_error(served_url, UL_MODEL, [image_input([photos["bus.jpg"]])], parameters=parameters)
+    assert error.status() == INVALID and fragment in error.message()
+
+
+@pytest.mark.parametrize("name", list(bad_inputs(b"")))
+def test_bad_images_are_invalid_argument(served_url: str, photos: dict[str, bytes], name: str) -> None:
+    data, fragment = bad_inputs(photos["bus.jpg"])[name]
+    error = infer_error(served_url, UL_MODEL, [image_input([data])])
+    assert error.status() == INVALID, error
+    assert fragment in error.message()
+
+
+def test_bad_image_in_a_batch_is_named(served_url: str, photos: dict[str, bytes]) -> None:
+    error = infer_error(served_url, UL_MODEL, [image_input([photos["bus.jpg"], b"GIF89a-not-really", photos["bus.jpg"]])])
+    assert error.status() == INVALID and "image 1 of 3" in error.message()
+
+
+def test_wrong_dtype_and_shape_are_invalid_argument(served_url: str) -> None:
+    as_int = grpcclient.InferInput("IMAGE", [1, 4], "INT32")
+    as_int.set_data_from_numpy(np.zeros((1, 4), np.int32))
+    assert infer_error(served_url, UL_MODEL, [as_int]).status() == INVALID
+    four_channels = pixels_input(np.zeros((1, 32, 32, 4), np.uint8))
+    assert infer_error(served_url, f"{UL_MODEL}_pixels", [four_channels]).status() == INVALID
+    floats = grpcclient.InferInput("PIXELS", [1, 32, 32, 3], "FP32")
+    floats.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.float32))
+    assert infer_error(served_url, f"{UL_MODEL}_pixels", [floats]).status() == INVALID
+    empty = pixels_input(np.zeros((1, 0, 32, 3), np.uint8))
+    error = infer_error(served_url, f"{UL_MODEL}_pixels", [empty])
+    assert error.status() == INVALID and "no pixels" in error.message()
+
+
+def test_odd_but_valid_images_give_correct_results(served_url: str, photos: dict[str, bytes], singles: dict) -> None:
+    rgb = decode_image(photos["bus.jpg"], 10**8)
+    grey = encode(np.asarray(rgb.mean(axis=2), np.uint8), "JPEG", quality=95)
+    rgba = encode(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), "PNG")
+    rotated, sixteen = exif_rotated_jpeg(rgb), sixteen_bit_png(rgb)
+    grey_res, rgba_res, rotated_res, sixteen_res = infer(served_url, UL_MODEL, [grey, rgba, rotated, sixteen])
+    assert_same(rgba_res, singles["bus.jpg"])  # alpha dropped, pixels identical
+    # EXIF orientation applied: same people at the same upright coordinates (JPEG re-encoding aside).
+    reference = singles["bus.jpg"]
+    confident = reference.scores > 0.5
+    assert confident.sum() >= 3
+    order = match(rotated_res, Detections(reference.boxes[confident], reference.scores[confident], reference.keypoints[confident]))
+    np.testing.assert_allclose(rotated_res.boxes[order], reference.boxes[confident], atol=6)
+    for result in (grey_res, sixteen_res):  # colour lost, people still found
+        assert len(result.scores) >= 3
+
+
+def test_bad_requests_do_not_disturb_concurrent_good_ones(
+    server: TritonServer, photos: dict[str, bytes], singles: dict[str, Detections]
+) -> None:
+    """Good and bad requests in flight together share dynamic batches; only the bad ones fail."""
+    bad = bad_inputs(photos["bus.jpg"])
+    jobs = [("good", name, photos[name]) for name in ["bus.jpg", "zidane.jpg"] * 6]
+    jobs += [("bad", name, data) for name, (data, _) in bad.items()]
+    jobs = [jobs[i] for i in np.random.default_rng(0).permutation(len(jobs))]
+
+    def run(job: tuple[str, str, bytes]) -> Detections | str:
+        try:
+            return infer(server.grpc_url, UL_MODEL, [job[2]])[0]
+        except grpcclient.InferenceServerException as exc:
+            return str(exc.status())
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (kind, name, _), result in zip(jobs, results):
+        if kind == "good":
+            assert isinstance(result, Detections), f"{name}: {result}"
+            assert_same(result, singles[name])
+        else:
+            assert result == INVALID, name
+    assert server.is_ready() and server.process is not None and server.process.poll() is None
+
+
+def test_ensemble_publishes_keypoint_metadata(served_url: str) -> None:
+    with grpcclient.InferenceServerClient(served_url) as client:
+        config = client.get_model_config(UL_MODEL, as_json=True)["config"]
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    names = json.loads(params["keypoint_names"])
+    assert names[0] == "nose" and len(names) == 17
+    assert [5, 6] in json.loads(params["skeleton"])
+    assert params["letterbox.pad_position"] == "center" and params["default.conf"] == "0.25"

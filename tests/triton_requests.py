@@ -1,0 +1,59 @@
+"""Raw gRPC requests for the server tests: no SDK in between, so these tests see exactly what Triton returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # [N, 4]
+    scores: np.ndarray  # [N]
+    keypoints: np.ndarray  # [N, 17, 3]
+
+
+def image_input(images: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object).reshape(-1, 1))
+    return tensor
+
+
+def pixels_input(pixels: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("PIXELS", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    return tensor
+
+
+def split(result: Any) -> list[Detections]:
+    counts = result.as_numpy("NUM_DETECTIONS")[:, 0]
+    boxes, scores, keypoints = (result.as_numpy(n) for n in ("BOXES", "SCORES", "KEYPOINTS"))
+    return [Detections(boxes[i, :n], scores[i, :n], keypoints[i, :n]) for i, n in enumerate(counts)]
+
+
+def infer(
+    url: str, model: str, images: list[bytes], parameters: dict[str, Any] | None = None, timeout: float = 120
+) -> list[Detections]:
+    with grpcclient.InferenceServerClient(url) as client:
+        return split(client.infer(model, [image_input(images)], parameters=parameters, client_timeout=timeout))
+
+
+def infer_error(url: str, model: str, inputs: list[grpcclient.InferInput], **kwargs: Any) -> grpcclient.InferenceServerException:
+    """Send a request that must fail; return the error so the test can check its status and message."""
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            client.infer(model, inputs, client_timeout=120, **kwargs)
+        except grpcclient.InferenceServerException as exc:
+            return exc
+    raise AssertionError(f"{model}: the request succeeded but should have failed")
+
+
+def match(served: Detections, expected: Detections) -> np.ndarray:
+    """For each expected detection, the index of the served one with the nearest box (order may differ on ties)."""
+    distance = np.abs(expected.boxes[:, None, :] - served.boxes[None, :, :]).max(axis=2)
+    order = distance.argmin(axis=1)
+    assert len(set(order.tolist())) == len(order), "two expected detections matched the same served one"
+    return order
