@@ -68,7 +68,9 @@ def build(
     models: Annotated[list[str], typer.Argument(help="Catalogue names, e.g. yolo11n_pose yolo_nas_pose_n.")],
     repository: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path("triton_models"),
     workdir: Annotated[Path, typer.Option(help="Where intermediate ONNX files and reports go.")] = Path("build/export"),
-    checkpoint: Annotated[Path | None, typer.Option(help="Weights file (super-gradients .pth or Ultralytics .pt).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Weights file (super-gradients .pth or Ultralytics .pt).")
+    ] = None,
     weights_url: Annotated[str | None, typer.Option(help="URL of published YOLO-NAS Pose weights to download.")] = None,
     seed: Annotated[int | None, typer.Option(help="YOLO-NAS Pose: deterministic random init (for tests).")] = None,
     photos: Annotated[Path, typer.Option(help="Folder of real photos used for the parity checks.")] = SAMPLES,

@@ -43,6 +43,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -62,7 +63,7 @@ def _check_url(url: str) -> str:
 def predict(
     images: Annotated[
         list[Path],
-        typer.Argument(metavar="IMAGE...", help="JPEG, PNG, WebP, BMP or GIF files; results keep this order."),
+        typer.Argument(metavar="IMAGE", help="JPEG, PNG, WebP, BMP or GIF files; results keep this order."),
     ],
     output_json: Annotated[
         Path,
@@ -75,15 +76,15 @@ def predict(
     ] = DEFAULT_URL,
     conf: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Minimum person score. [default: the model's]", show_default=False),
+        typer.Option(min=0.0, max=1.0, help="Minimum person score. (default: the model's)", show_default=False),
     ] = None,
     iou: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. [default: the model's]", show_default=False),
+        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
     ] = None,
     max_det: Annotated[
         int | None,
-        typer.Option(min=1, help="Most poses kept per image. [default: the model's]", show_default=False),
+        typer.Option(min=1, help="Most poses kept per image. (default: the model's)", show_default=False),
     ] = None,
     draw: Annotated[
         Path | None,
@@ -104,6 +105,9 @@ def predict(
     Images go to the server in batches of --batch-size. If the server refuses an image, the
     others still get results: the refused image's JSON entry carries an "error" field, the
     command lists the refused images on stderr and exits with code 3.
+
+    Exit codes: 0 every image done; 1 nothing written (server unreachable, model not served...);
+    2 bad command line; 3 results written but some images failed.
     """
     draw_targets = _draw_targets(images, draw) if draw is not None else None
     thresholds = {"conf": conf, "iou": iou, "max_det": max_det}
@@ -130,14 +134,17 @@ def predict(
 def _check_max_det(max_det: int | None, metadata: ModelMetadata) -> None:
     limit = metadata.max_det_limit
     if max_det is not None and limit is not None and max_det > limit:
-        _fail(f"--max-det {max_det} is above model {metadata.name!r}'s limit of {limit}", EXIT_USAGE)
+        _fail(f"--max-det {max_det} is above the limit of model {metadata.name!r} ({limit})", EXIT_USAGE)
 
 
 def _batch_size(requested: int, metadata: ModelMetadata) -> int:
     """Keep each request within the model's max_batch_size, which the server would otherwise refuse."""
     limit = metadata.max_batch_size
     if limit > 0 and requested > limit:
-        typer.echo(f"note: model {metadata.name!r} takes at most {limit} images per request; using batches of {limit}", err=True)
+        typer.echo(
+            f"note: model {metadata.name!r} takes at most {limit} images per request; using batches of {limit}",
+            err=True,
+        )
         return limit
     return requested
 
@@ -177,7 +184,10 @@ def _draw_targets(images: Sequence[Path], directory: Path) -> list[Path]:
     inputs = {image.resolve() for image in images}
     clobbered = [str(target) for target in targets if target.resolve() in inputs]
     if clobbered:
-        _fail(f"--draw {directory} would overwrite input image(s) {', '.join(clobbered)}; choose another directory", EXIT_USAGE)
+        _fail(
+            f"--draw {directory} would overwrite input image(s) {', '.join(clobbered)}; choose another directory",
+            EXIT_USAGE,
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -252,12 +262,12 @@ def serve(
         typer.Option(
             "--model",
             "-m",
-            help="Load only this model (with its steps); repeat for several. [default: every model in the repository]",
+            help="Load only this model (with its steps); repeat for several. (default: every model in the repository)",
             show_default=False,
         ),
     ] = None,
     log_file: Annotated[
-        Path | None, typer.Option(help="Write Triton's log here. [default: a temporary file]", show_default=False)
+        Path | None, typer.Option(help="Write Triton's log here. (default: a temporary file)", show_default=False)
     ] = None,
 ) -> None:
     """Start Triton on a model repository and serve until Ctrl-C (or SIGTERM)."""

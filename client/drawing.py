@@ -11,9 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from posetriton.images import decode_image
@@ -49,13 +51,13 @@ class _Style:
         return cls(thickness=thickness, radius=thickness + 2, font_scale=max(0.4, thickness / 3))
 
 
-def load_image_rgb(source: bytes | str | PathLike[str], max_pixels: int = DRAW_MAX_PIXELS) -> np.ndarray:
+def load_image_rgb(source: bytes | str | PathLike[str], max_pixels: int = DRAW_MAX_PIXELS) -> NDArray[Any]:
     """Decode to upright ``[H, W, 3]`` uint8 RGB, as the server does. Raises OSError or ValueError."""
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
     return decode_image(data, max_pixels)
 
 
-def save_image(path: str | PathLike[str], image_rgb: np.ndarray) -> None:
+def save_image(path: str | PathLike[str], image_rgb: NDArray[Any]) -> None:
     """Write an RGB array; the format follows the file extension."""
     Image.fromarray(image_rgb).save(path, quality=92)
 
@@ -71,11 +73,11 @@ def keypoint_color(conf: float, threshold: float) -> Color:
 
 
 def draw_poses(
-    image_rgb: np.ndarray,
+    image_rgb: NDArray[Any],
     poses: Iterable[Pose],
     skeleton: Sequence[tuple[int, int]],
     kpt_threshold: float = 0.5,
-) -> np.ndarray:
+) -> NDArray[Any]:
     """A copy of ``image_rgb`` with each pose's box, score, skeleton and keypoints drawn on it.
 
     Keypoints under ``kpt_threshold`` are left out, and so are the limbs that touch them: the
@@ -107,7 +109,7 @@ def _visible_point(point: Keypoint, threshold: float) -> tuple[int, int] | None:
     return _pixel(x, y)
 
 
-def _draw_box(canvas: np.ndarray, pose: Pose, style: _Style) -> None:
+def _draw_box(canvas: NDArray[Any], pose: Pose, style: _Style) -> None:
     x1, y1, x2, y2 = pose.box
     if not all(np.isfinite(v) for v in pose.box):
         return
@@ -116,7 +118,7 @@ def _draw_box(canvas: np.ndarray, pose: Pose, style: _Style) -> None:
     _draw_label(canvas, f"{pose.score:.2f}", top_left, style)
 
 
-def _draw_label(canvas: np.ndarray, text: str, anchor: tuple[int, int], style: _Style) -> None:
+def _draw_label(canvas: NDArray[Any], text: str, anchor: tuple[int, int], style: _Style) -> None:
     """Score on a filled tag above the box's top-left corner (inside the box when there is no room above)."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     text_thickness = max(1, style.thickness // 2)
@@ -133,7 +135,7 @@ def _draw_label(canvas: np.ndarray, text: str, anchor: tuple[int, int], style: _
 
 
 def _draw_limbs(
-    canvas: np.ndarray,
+    canvas: NDArray[Any],
     visible: Sequence[tuple[int, int] | None],
     skeleton: Sequence[tuple[int, int]],
     style: _Style,
@@ -147,7 +149,7 @@ def _draw_limbs(
 
 
 def _draw_keypoints(
-    canvas: np.ndarray,
+    canvas: NDArray[Any],
     keypoints: Sequence[Keypoint],
     visible: Sequence[tuple[int, int] | None],
     threshold: float,

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 from tritonclient.utils import InferenceServerException
 
@@ -41,7 +42,7 @@ ImageSource = bytes | str | PathLike[str]
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # The server prefixes its messages; the client reports the image by name instead.
-_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_ENSEMBLE_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?")
 _IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
 # Messages about the request as a whole (thresholds, batch size) rather than about one image.
 _REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
@@ -115,7 +116,9 @@ def parse_grpc_url(url: str) -> str:
     scheme, separator, rest = text.partition("://")
     if separator:
         if scheme.lower() != "grpc":
-            raise ValueError(f"{url!r} is a {scheme}:// URL; give Triton's gRPC address as HOST:PORT, e.g. {DEFAULT_URL}")
+            raise ValueError(
+                f"{url!r} is a {scheme}:// URL; give Triton's gRPC address as HOST:PORT, e.g. {DEFAULT_URL}"
+            )
         text = rest.rstrip("/")
     match = _HOST_PORT.fullmatch(text)
     if match is None or not 0 < int(match.group(2)) < 65536:
@@ -171,7 +174,7 @@ def _orientation(image: Image.Image) -> int:
 
 
 def request_parameters(conf: float | None, iou: float | None, max_det: int | None) -> dict[str, Any]:
-    """The per-request thresholds to send; omitted ones keep the model's defaults. Raises ValueError when out of range."""
+    """The per-request thresholds to send; omitted ones keep the model's defaults. ValueError when out of range."""
     parameters: dict[str, Any] = {}
     for key, value in (("conf", conf), ("iou", iou)):
         if value is None:
@@ -189,7 +192,9 @@ def request_parameters(conf: float | None, iou: float | None, max_det: int | Non
 class PoseClient:
     """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.url = parse_grpc_url(url)
@@ -200,14 +205,16 @@ class PoseClient:
     def __enter__(self) -> PoseClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         self._client.close()
 
     def check_ready(self) -> None:
-        """Raise ServerUnavailableError or ModelNotReadyError (listing the models served) unless a request can succeed."""
+        """Raise ServerUnavailableError, or ModelNotReadyError naming the models served, unless requests can work."""
         health_timeout = min(self.timeout_s, HEALTH_TIMEOUT_S)
         with self._translated_errors():
             if not self._client.is_server_live(client_timeout=health_timeout):
@@ -240,6 +247,8 @@ class PoseClient:
         as ``None`` keep the model's defaults. If any image is refused the whole call raises
         InvalidInputError naming it (``index``); retry the others separately to keep their results.
         """
+        if isinstance(images, (str, bytes, PathLike)):
+            raise TypeError("predict() takes a sequence of images; wrap a single image in a list")
         parameters = request_parameters(conf, iou, max_det)
         if not images:
             return []
@@ -247,7 +256,7 @@ class PoseClient:
         outputs = self._infer(encoded, parameters)
         return poses_from_batch([(e.name, e.width, e.height) for e in encoded], outputs)
 
-    def _infer(self, encoded: Sequence[EncodedImage], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _infer(self, encoded: Sequence[EncodedImage], parameters: dict[str, Any]) -> dict[str, NDArray[Any]]:
         batch = np.empty((len(encoded), 1), dtype=object)
         batch[:, 0] = [e.data for e in encoded]
         tensor = grpcclient.InferInput("IMAGE", list(batch.shape), "BYTES")
@@ -256,7 +265,7 @@ class PoseClient:
             result = self._client.infer(
                 self.model, [tensor], client_timeout=self.timeout_s, parameters=parameters or None
             )
-        outputs: dict[str, np.ndarray] = {}
+        outputs: dict[str, NDArray[Any]] = {}
         for name in OUTPUT_NAMES:
             array = result.as_numpy(name)
             if array is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
@@ -66,10 +67,10 @@ class ImagePoses:
         image: str,
         width: int,
         height: int,
-        num_detections: int | np.ndarray,
-        boxes: np.ndarray,
-        scores: np.ndarray,
-        keypoints: np.ndarray,
+        num_detections: int | NDArray[Any],
+        boxes: NDArray[Any],
+        scores: NDArray[Any],
+        keypoints: NDArray[Any],
     ) -> ImagePoses:
         """Build from one image's rows of the output arrays: ``boxes [K, 4]``, ``scores [K]``, ``keypoints [K, N, 3]``.
 
@@ -105,8 +106,8 @@ class FailedImage:
 ImageResult = ImagePoses | FailedImage
 
 
-def poses_from_batch(images: Sequence[tuple[str, int, int]], outputs: Mapping[str, np.ndarray]) -> list[ImagePoses]:
-    """Split a whole response (``outputs`` by tensor name) into one :class:`ImagePoses` per ``(name, width, height)``."""
+def poses_from_batch(images: Sequence[tuple[str, int, int]], outputs: Mapping[str, NDArray[Any]]) -> list[ImagePoses]:
+    """Split a response (``outputs`` by tensor name) into one :class:`ImagePoses` per ``(name, width, height)``."""
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
         raise ValueError(f"the response lacks output(s) {missing}")
@@ -164,7 +165,7 @@ class ModelMetadata:
         )
 
 
-def _check_rows(boxes: np.ndarray, scores: np.ndarray, keypoints: np.ndarray) -> int:
+def _check_rows(boxes: NDArray[Any], scores: NDArray[Any], keypoints: NDArray[Any]) -> int:
     rows = boxes.shape[0] if boxes.ndim == 2 else -1
     if boxes.shape != (rows, 4) or scores.shape != (rows,) or keypoints.ndim != 3 or keypoints.shape[0] != rows:
         raise ValueError(
@@ -176,12 +177,12 @@ def _check_rows(boxes: np.ndarray, scores: np.ndarray, keypoints: np.ndarray) ->
     return rows
 
 
-def _box(row: np.ndarray) -> Box:
+def _box(row: NDArray[Any]) -> Box:
     x1, y1, x2, y2 = (float(v) for v in row)
     return (x1, y1, x2, y2)
 
 
-def _keypoint(row: np.ndarray) -> Keypoint:
+def _keypoint(row: NDArray[Any]) -> Keypoint:
     x, y, conf = (float(v) for v in row)
     return (x, y, conf)
 
@@ -212,6 +213,8 @@ def _parse_skeleton(model: str, text: str | None, num_keypoints: int) -> tuple[t
             raise MetadataError(f"model {model!r}: parameter 'skeleton' must be a JSON list of [i, j] integer pairs")
         i, j = pair
         if not (0 <= i < num_keypoints and 0 <= j < num_keypoints):
-            raise MetadataError(f"model {model!r}: skeleton pair {pair} names a keypoint outside 0..{num_keypoints - 1}")
+            raise MetadataError(
+                f"model {model!r}: skeleton pair {pair} names a keypoint outside 0..{num_keypoints - 1}"
+            )
         pairs.append((i, j))
     return tuple(pairs)

@@ -6,6 +6,7 @@ import io
 import warnings
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats a client may send; anything else is refused before a decoder runs.
@@ -19,32 +20,33 @@ class InvalidImageError(ValueError):
     """The input is not an image the service can use; the message says why."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int) -> npt.NDArray[np.uint8]:
     """Decode encoded image bytes to an ``[H, W, 3]`` uint8 RGB array, upright per EXIF orientation."""
     if len(data) == 0:
         raise InvalidImageError("empty image: 0 bytes received")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            opened = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise InvalidImageError(
-            f"not a recognised image ({len(data)} bytes starting {data[:8]!r}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+            f"not a recognised image ({len(data)} bytes starting {data[:8]!r}); "
+            f"accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"unreadable {_format_hint(data)} header: {exc}") from None
 
-    width, height = image.size
-    _check_dimensions(width, height, max_pixels, image.format or "image")
+    width, height = opened.size
+    _check_dimensions(width, height, max_pixels, opened.format or "image")
     try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
+        opened.load()
+        upright = ImageOps.exif_transpose(opened)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidImageError(f"corrupt or truncated {image.format} data ({width}x{height}): {exc}") from None
-    return _to_rgb_array(image)
+        raise InvalidImageError(f"corrupt or truncated {opened.format} data ({width}x{height}): {exc}") from None
+    return _to_rgb_array(upright)
 
 
-def check_pixels(pixels: np.ndarray, max_pixels: int) -> np.ndarray:
+def check_pixels(pixels: npt.NDArray[np.uint8], max_pixels: int) -> npt.NDArray[np.uint8]:
     """Validate a raw ``[H, W, 3]`` uint8 RGB array sent by a client."""
     if pixels.dtype != np.uint8:
         raise InvalidImageError(f"raw pixels must be uint8, got {pixels.dtype}")
@@ -63,7 +65,7 @@ def _check_dimensions(width: int, height: int, max_pixels: int, what: str) -> No
         )
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def _to_rgb_array(image: Image.Image) -> npt.NDArray[np.uint8]:
     if image.mode in {"I;16", "I;16L", "I;16B", "I;16N", "I"}:
         # 16-bit (or 32-bit integer) grey: keep the top byte, as OpenCV does, instead of
         # Pillow's clipping at 255 which turns most 16-bit photos white.

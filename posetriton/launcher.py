@@ -48,7 +48,9 @@ class ServerOptions:
 def _pytriton_root() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerStartError("the nvidia-pytriton package is not installed in this environment (pip install nvidia-pytriton)")
+        raise ServerStartError(
+            "the nvidia-pytriton package is not installed in this environment (pip install nvidia-pytriton)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -191,7 +193,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                return response.status == 200
+                return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 

@@ -31,9 +31,7 @@ class LetterboxTransform:
     height: int
 
     def to_array(self) -> np.ndarray:
-        return np.array(
-            [self.scale_x, self.scale_y, self.pad_x, self.pad_y, self.width, self.height], dtype=np.float64
-        )
+        return np.array([self.scale_x, self.scale_y, self.pad_x, self.pad_y, self.width, self.height], dtype=np.float64)
 
     @classmethod
     def from_array(cls, row: np.ndarray) -> LetterboxTransform:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
 
@@ -279,7 +280,7 @@ def render(model: ServedModel) -> dict[str, str]:
 
 
 def write_model(model: ServedModel, repository: Path, network_files: dict[str, Path]) -> list[Path]:
-    """Write the model's five entries; ``network_files`` (model.onnx, model.xml, model.bin) go in the network's version folder."""
+    """Write the model's five entries; ``network_files`` (model.onnx, .xml, .bin) go in the network's version folder."""
     for stale in (model.name, *(model.step(r) for r in ("pixels", "preprocess", "network", "postprocess"))):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []

@@ -8,8 +8,9 @@ back with :meth:`from_parameters`, so no code branches on the family name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 ChannelOrder = Literal["RGB", "BGR"]
 PadPosition = Literal["bottom_right", "center"]
@@ -66,11 +67,14 @@ def _coerce(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+SpecT = TypeVar("SpecT", bound="_Spec")
+
+
 class _Spec:
     @classmethod
-    def from_parameters(cls, raw: Mapping[str, Any]) -> Any:
+    def from_parameters(cls: type[SpecT], raw: Mapping[str, Any]) -> SpecT:
         """Build from a flat mapping of strings (Triton model-config parameters); unknown keys are ignored."""
-        return cls(**_coerce(cls, raw))  # type: ignore[call-arg]
+        return cls(**_coerce(cls, raw))
 
     def to_parameters(self) -> dict[str, str]:
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]

@@ -53,7 +53,9 @@ def run_export_python(*args: str, timeout: float = 1800) -> str:
         env={**os.environ, "YOLO_OFFLINE": "1"},
     )  # fmt: skip
     if proc.returncode:
-        pytest.fail(f"export-environment command failed: {' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"export-environment command failed: {' '.join(args)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc.stdout
 
 
@@ -66,8 +68,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def photo_paths() -> list[Path]:
     """Real photos with people: the bundled samples plus Ultralytics' bus.jpg and zidane.jpg."""
-    assets = Path(run_export_python("-c", "import ultralytics, pathlib; print(pathlib.Path(ultralytics.__file__).parent / 'assets')").strip())
-    return [ROOT / "samples" / "grace_hopper.jpg", ROOT / "samples" / "astronaut.webp", assets / "bus.jpg", assets / "zidane.jpg"]  # fmt: skip
+    assets = Path(
+        run_export_python(
+            "-c", "import ultralytics, pathlib; print(pathlib.Path(ultralytics.__file__).parent / 'assets')"
+        ).strip()
+    )
+    return [ROOT / "samples" / "grace_hopper.jpg", ROOT / "samples" / "astronaut.webp", assets / "bus.jpg",
+            assets / "zidane.jpg"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +98,7 @@ def export_report(repository: Path, model: str) -> dict:
 
 @pytest.fixture(scope="session")
 def references(model_repository: Path, photo_paths: list[Path]) -> dict:
-    """Upstream outputs: ``{"arrays": {name: ndarray}, "detections": {"super_gradients"|"ultralytics": {photo: ...}}}``."""
+    """Upstream outputs: ``{"arrays": {name: array}, "detections": {"super_gradients"|"ultralytics": {photo: ..}}}``."""
     out = CACHE / "references"
     key = _fingerprint(*(str(p) for p in photo_paths))
     stamp = out / "key"

@@ -76,7 +76,9 @@ def test_letterbox_places_the_image_and_maps_back(width: int, height: int, spec:
         assert abs(t.pad_x - (640 - right)) <= 1 and abs(t.pad_y - (640 - bottom)) <= 1
     # The content's far corner maps back to the original image's corner: exactly with per-axis
     # scales, within the resize's rounding (half a resized pixel) with one scale.
-    corner = Poses(np.array([[left, top, right, bottom]], np.float32), np.ones(1, np.float32), np.zeros((1, 17, 3), np.float32))
+    corner = Poses(
+        np.array([[left, top, right, bottom]], np.float32), np.ones(1, np.float32), np.zeros((1, 17, 3), np.float32)
+    )
     mapped = to_original(corner, t, clip=False).boxes[0]
     if spec.per_axis_scale:
         np.testing.assert_allclose(mapped, [0, 0, width, height], atol=1e-3)
@@ -119,7 +121,9 @@ def test_select_poses_threshold_topk_nms_and_max_det() -> None:
 
 def test_to_original_clips_only_when_asked() -> None:
     t = LetterboxTransform(scale_x=0.5, scale_y=0.5, pad_x=0, pad_y=80, width=1280, height=960)
-    poses = Poses(np.array([[-10, 70, 700, 600]], np.float32), np.ones(1, np.float32), np.full((1, 17, 3), 650, np.float32))
+    poses = Poses(
+        np.array([[-10, 70, 700, 600]], np.float32), np.ones(1, np.float32), np.full((1, 17, 3), 650, np.float32)
+    )
     raw = to_original(poses, t, clip=False)
     np.testing.assert_allclose(raw.boxes[0], [-20, -20, 1400, 1040])
     clipped = to_original(poses, t, clip=True)

@@ -35,7 +35,9 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
             produced |= set(step.output_map.values())
         assert {o.name for o in configs[ensemble].output} <= produced
     gpu = configs[f"{name}_network"]
-    assert gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (
+        gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    )
     for config_name, precision in CPU_CONFIGS.items():
         cpu = parse(files[f"{name}_network/configs/{config_name}.pbtxt"])
         assert cpu.backend == "python" and cpu.parameters["precision"].string_value == precision
@@ -50,7 +52,12 @@ def test_family_values_reach_the_step_parameters() -> None:
     assert spec == LetterboxSpec(channel_order="BGR", pad_position="bottom_right", pad_value=127, per_axis_scale=False)
     post = parse(files["yolo_nas_pose_n_postprocess/config.pbtxt"])
     spec_post = PostprocessSpec.from_parameters({k: v.string_value for k, v in post.parameters.items()})
-    assert (spec_post.conf, spec_post.pre_nms_topk, spec_post.max_det, spec_post.clip_to_image) == (0.5, 300, 100, False)
+    assert (spec_post.conf, spec_post.pre_nms_topk, spec_post.max_det, spec_post.clip_to_image) == (
+        0.5,
+        300,
+        100,
+        False,
+    )
 
 
 def test_catalogue_errors_name_the_problem(tmp_path: Path) -> None:

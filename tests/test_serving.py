@@ -40,7 +40,7 @@ def singles(served_url: str, photos: dict[str, bytes]) -> dict[str, Detections]:
 def test_batch_keeps_input_order(served_url: str, photos: dict[str, bytes], singles: dict[str, Detections]) -> None:
     names = ["zidane.jpg", "bus.jpg", "grace_hopper.jpg", "astronaut.webp", "bus.jpg"]
     batched = infer(served_url, UL_MODEL, [photos[n] for n in names])
-    for name, detections in zip(names, batched):
+    for name, detections in zip(names, batched, strict=True):
         assert_same(detections, singles[name])
     assert len(batched[1].scores) >= 4  # bus.jpg holds several people; zidane.jpg two
     assert len(batched[0].scores) != len(batched[1].scores)
@@ -96,7 +96,9 @@ def test_bad_images_are_invalid_argument(served_url: str, photos: dict[str, byte
 
 
 def test_bad_image_in_a_batch_is_named(served_url: str, photos: dict[str, bytes]) -> None:
-    error = infer_error(served_url, UL_MODEL, [image_input([photos["bus.jpg"], b"GIF89a-not-really", photos["bus.jpg"]])])
+    error = infer_error(
+        served_url, UL_MODEL, [image_input([photos["bus.jpg"], b"GIF89a-not-really", photos["bus.jpg"]])]
+    )
     assert error.status() == INVALID and "image 1 of 3" in error.message()
 
 
@@ -125,7 +127,9 @@ def test_odd_but_valid_images_give_correct_results(served_url: str, photos: dict
     reference = singles["bus.jpg"]
     confident = reference.scores > 0.5
     assert confident.sum() >= 3
-    order = match(rotated_res, Detections(reference.boxes[confident], reference.scores[confident], reference.keypoints[confident]))
+    order = match(
+        rotated_res, Detections(reference.boxes[confident], reference.scores[confident], reference.keypoints[confident])
+    )
     np.testing.assert_allclose(rotated_res.boxes[order], reference.boxes[confident], atol=6)
     for result in (grey_res, sixteen_res):  # colour lost, people still found
         assert len(result.scores) >= 3
@@ -148,7 +152,7 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(run, jobs))
-    for (kind, name, _), result in zip(jobs, results):
+    for (kind, name, _), result in zip(jobs, results, strict=True):
         if kind == "good":
             assert isinstance(result, Detections), f"{name}: {result}"
             assert_same(result, singles[name])

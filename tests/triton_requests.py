@@ -41,7 +41,9 @@ def infer(
         return split(client.infer(model, [image_input(images)], parameters=parameters, client_timeout=timeout))
 
 
-def infer_error(url: str, model: str, inputs: list[grpcclient.InferInput], **kwargs: Any) -> grpcclient.InferenceServerException:
+def infer_error(
+    url: str, model: str, inputs: list[grpcclient.InferInput], **kwargs: Any
+) -> grpcclient.InferenceServerException:
     """Send a request that must fail; return the error so the test can check its status and message."""
     with grpcclient.InferenceServerClient(url) as client:
         try:

@@ -36,7 +36,7 @@ class TritonPythonModel:
             transforms = pb_utils.get_input_tensor_by_name(request, "letterbox").as_numpy()
             poses = [
                 postprocess(c, LetterboxTransform.from_array(t), self.spec, **thresholds)
-                for c, t in zip(candidates, transforms)
+                for c, t in zip(candidates, transforms, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=_pack(poses, self.spec.num_keypoints)))
         return responses
@@ -51,10 +51,14 @@ class TritonPythonModel:
                 continue
             value = params[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(f"request parameter {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+                raise ValueError(
+                    f"request parameter {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+                )
             values[name] = kind(value)
         s = self.spec
-        check_thresholds(values.get("conf", s.conf), values.get("iou", s.iou), values.get("max_det", s.max_det), s.max_det_limit)
+        check_thresholds(
+            values.get("conf", s.conf), values.get("iou", s.iou), values.get("max_det", s.max_det), s.max_det_limit
+        )
         return values
 
 

@@ -29,7 +29,7 @@ class TritonPythonModel:
             except InvalidImageError as exc:
                 responses.append(invalid_argument(str(exc)))
                 continue
-            canvases, transforms = zip(*(letterbox(image, self.spec) for image in images))
+            canvases, transforms = zip(*(letterbox(image, self.spec) for image in images), strict=True)
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[

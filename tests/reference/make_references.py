@@ -6,7 +6,8 @@ Runs in the export environment (super-gradients, ultralytics, torch) and writes,
 - Ultralytics: its own LetterBox of the photo, the PyTorch network's raw outputs, and
   ``YOLO(static_onnx).predict()``'s detections (the square 640x640 input the server uses).
 
-Usage: make_references.py --out DIR --photos P... [--sg-variant V --sg-checkpoint F] [--ul-weights PT --ul-static-onnx F]
+Usage: make_references.py --out DIR --photos P... [--sg-variant V --sg-checkpoint F]
+                          [--ul-weights PT --ul-static-onnx F]
 """
 
 from __future__ import annotations
