@@ -42,7 +42,7 @@ def export_network(model: ServedModel, workdir: Path, photos: list[Path], option
     kind = model.source.get("kind")
     if kind == "ultralytics":
         weights = resolve_weights(options.get("checkpoint") or model.source["weights"])
-        result = export_ultralytics_pose(weights, workdir, photos=photos)
+        result = export_ultralytics_pose(weights, workdir, photos=photos, letterbox=model.letterbox)
         result.extra_files.setdefault("weights", weights)
     elif kind == "super_gradients":
         if not (options.get("checkpoint") or options.get("weights_url") or options.get("seed") is not None):
@@ -57,10 +57,15 @@ def export_network(model: ServedModel, workdir: Path, photos: list[Path], option
             weights_url=options.get("weights_url"),
             seed=options.get("seed"),
             photos=photos,
+            letterbox=model.letterbox,
         )
     else:
         raise typer.BadParameter(f"{model.name}: unknown source kind {kind!r} in {CATALOG}")
-    return {"onnx": result.onnx_path, "parity": result.parity, "extra_files": result.extra_files}
+    return {
+        "onnx": result.onnx_path,
+        "parity": {"onnxruntime_vs_pytorch": result.parity, "openvino_vs_pytorch": result.openvino_parity},
+        "extra_files": result.extra_files,
+    }
 
 
 @app.command()
@@ -77,8 +82,6 @@ def build(
     catalog: Annotated[Path, typer.Option(help="Model catalogue (TOML).")] = CATALOG,
 ) -> None:
     """Export MODELS and write their ensemble, pre/postprocess and network entries into REPOSITORY."""
-    from build_engines.openvino_ir import convert_to_openvino
-
     known = load_catalog(catalog)
     unknown = [name for name in models if name not in known]
     if unknown:
@@ -91,16 +94,20 @@ def build(
         out.mkdir(parents=True, exist_ok=True)
         typer.echo(f"[{name}] exporting ({model.family}) ...")
         report = export_network(model, out, photo_files, options)
-        xml = convert_to_openvino(report["onnx"], out / "model.xml")
-        network_files = {"model.onnx": report["onnx"], "model.xml": xml, "model.bin": xml.with_suffix(".bin")}
+        files = report["extra_files"]
+        network_files = {
+            "model.onnx": report["onnx"],
+            "model.xml": files["openvino_xml"],
+            "model.bin": files["openvino_bin"],
+        }
         write_model(model, repository, network_files)
         summary = {
             "model": name,
-            "parity_onnx_vs_pytorch": report["parity"],
+            "parity": report["parity"],
             "files": {k: str(v) for k, v in report["extra_files"].items()},
         }
         (repository / model.step("network") / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        typer.echo(f"[{name}] written to {repository}; parity ONNX vs PyTorch: {report['parity']}")
+        typer.echo(f"[{name}] written to {repository}; parity: {report['parity']}")
 
 
 @app.command("list")

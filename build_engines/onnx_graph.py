@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "candidates"
@@ -24,6 +25,8 @@ CANDIDATE_WIDTH = 5 + 3 * NUM_KEYPOINTS  # 56
 
 # Enough for the shape subgraphs of a dynamic-size export to collapse once the input size is fixed.
 MAX_FOLD_PASSES = 5
+# onnxruntime logger severities (graphsurgeon folds constants with onnxruntime sessions).
+ORT_WARNING, ORT_ERROR = 2, 3
 
 
 class GraphContractError(ValueError):
@@ -84,16 +87,22 @@ def unify_ultralytics_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 def clean_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constants (shape subgraphs included), drop dead nodes, sort, then prove the graph is valid.
 
-    ``onnx.checker`` with ``full_check`` runs strict shape inference, so a declared output shape that the graph
-    cannot produce fails here rather than in a server. The batch dimension must stay symbolic everywhere.
+    Shape inference runs first so that graphsurgeon knows the static dims and can fold the anchor and shape
+    arithmetic a dynamic-size export leaves behind; only what depends on the batch stays. ``onnx.checker`` with
+    ``full_check`` runs strict shape inference, so a declared output shape that the graph cannot produce fails
+    here rather than in a server. The batch dimension must stay symbolic everywhere.
     """
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
     previous = -1
-    for _ in range(MAX_FOLD_PASSES):
-        graph.fold_constants(fold_shapes=True).cleanup(remove_unused_graph_inputs=False).toposort()
-        if len(graph.nodes) == previous:
-            break
-        previous = len(graph.nodes)
+    ort.set_default_logger_severity(ORT_ERROR)  # folding logs harmless optimizer warnings per node
+    try:
+        for _ in range(MAX_FOLD_PASSES):
+            graph.fold_constants(fold_shapes=True).cleanup(remove_unused_graph_inputs=False).toposort()
+            if len(graph.nodes) == previous:
+                break
+            previous = len(graph.nodes)
+    finally:
+        ort.set_default_logger_severity(ORT_WARNING)
     cleaned = gs.export_onnx(graph)
     cleaned.ir_version = model.ir_version
     _copy_metadata(model, cleaned)
@@ -161,7 +170,9 @@ def _check_tensor(value: onnx.ValueInfoProto, expected: tuple[str | int, ...]) -
     """Compare a graph input/output with the contract: float32, symbolic batch, every other dim static."""
     tensor_type = value.type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise GraphContractError(f"{value.name!r} must be float32, got {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}")
+        raise GraphContractError(
+            f"{value.name!r} must be float32, got {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}"
+        )
     dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim)
     if dims != expected:
         raise GraphContractError(f"{value.name!r} must have shape {list(expected)}, got {list(dims)}")

@@ -1,57 +1,53 @@
-"""Letterbox real photos into network inputs for the export parity checks.
+"""Real photos as network inputs for the export parity checks, letterboxed by the served code itself.
 
-The parity checks compare ONNX Runtime with PyTorch on the inputs each family really sees, so the
-letterbox here follows the family's own reference pipeline: super-gradients for YOLO-NAS Pose (BGR,
-longest side to 640, pad bottom-right with 127) and Ultralytics (RGB, same resize, pad centred with
-114 using its -0.1 rounding). Sizes use Python's ``round`` as both references do.
+The parity checks compare ONNX Runtime and OpenVINO with PyTorch on exactly what the server will
+feed the network, so this uses the shared ``posetriton.processing`` letterbox with the model's
+own spec (checked bit-exact against super-gradients and against Ultralytics by the tests).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Literal
 
-import cv2
 import numpy as np
 
-Family = Literal["yolo_nas_pose", "ultralytics"]
-
-INPUT_SIZE = 640
-PAD_VALUES: dict[Family, int] = {"yolo_nas_pose": 127, "ultralytics": 114}
-
-
-def read_bgr(path: Path) -> np.ndarray:
-    """Read a photo as HWC uint8 BGR, failing loudly instead of returning ``None`` as cv2 does."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return image
+from posetriton.images import decode_image
+from posetriton.processing import letterbox, to_network_input
+from posetriton.spec import LetterboxSpec
 
 
-def letterbox(image: np.ndarray, family: Family, size: int = INPUT_SIZE) -> np.ndarray:
-    """Resize an HWC image so its longest side is ``size`` (cv2 bilinear) and pad it to a square canvas."""
-    height, width = image.shape[:2]
-    scale = min(size / height, size / width)
-    new_w, new_h = round(width * scale), round(height * scale)
-    if (new_w, new_h) != (width, height):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    if family == "ultralytics":
-        left, top = round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
-    else:
-        left, top = 0, 0
-    canvas = np.full((size, size, 3), PAD_VALUES[family], dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = image
-    return canvas
+def network_input(path: Path, spec: LetterboxSpec) -> np.ndarray:
+    """One photo -> ``[1, 3, S, S]`` float32 in [0, 1], as the served preprocess step makes it."""
+    canvas, _ = letterbox(decode_image(Path(path).read_bytes(), spec.max_pixels), spec)
+    return to_network_input(canvas[None], spec)
 
 
-def network_input(path: Path, family: Family) -> np.ndarray:
-    """One photo -> ``[1, 3, S, S]`` float32 in [0, 1], channels in the order the family was trained on."""
-    canvas = letterbox(read_bgr(path), family)
-    if family == "ultralytics":
-        canvas = canvas[..., ::-1]  # BGR -> RGB
-    return np.ascontiguousarray(canvas.transpose(2, 0, 1)[None], dtype=np.float32) / np.float32(255.0)
-
-
-def network_batch(paths: list[Path], family: Family) -> np.ndarray:
+def network_batch(paths: list[Path], spec: LetterboxSpec) -> np.ndarray:
     """Several photos letterboxed into one ``[B, 3, S, S]`` batch (exercises a dynamic batch dimension)."""
-    return np.concatenate([network_input(path, family) for path in paths], axis=0)
+    return np.concatenate([network_input(path, spec) for path in paths], axis=0)
+
+
+def sample_photos() -> list[Path]:
+    """Three real photos with people that ship inside installed packages (bus, zidane, grace_hopper).
+
+    Located with ``find_spec`` so nothing is imported: the export environment needs no network or data set.
+    """
+    ultralytics = _package_dir("ultralytics")
+    matplotlib = _package_dir("matplotlib")
+    paths = [
+        ultralytics / "assets" / "bus.jpg",
+        ultralytics / "assets" / "zidane.jpg",
+        matplotlib / "mpl-data" / "sample_data" / "grace_hopper.jpg",
+    ]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"sample photos missing: {missing}")
+    return paths
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
