@@ -50,8 +50,14 @@ lint:
 format:
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
+# Benchmarks behind docs/benchmarks.md and docs/precision.md (YOLO-NAS Pose N: seeded weights, same cost).
 bench: models
-	$(VENV)/bin/python benchmarks/serving_vs_raw.py --repository $(REPOSITORY) --model yolo11n_pose
+	$(EXPORT_VENV)/bin/python -m build_engines build yolo_nas_pose_n --seed 0 --repository $(REPOSITORY)
+	for model in yolo11n_pose yolo_nas_pose_n; do for config in cpu cpu_bf16; do \
+	  $(VENV)/bin/python benchmarks/serving_vs_raw.py --repository $(REPOSITORY) --model $$model \
+	    --config-name $$config --json results/serving_vs_raw_$${model}_$${config}.json || exit 1; done; done
+	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
+	  > results/precision_yolo11n_pose.json
 
 clean:
 	rm -rf $(VENV) $(EXPORT_VENV) demo_out .cache build

@@ -70,6 +70,18 @@ def raw_throughput(xml: Path, precision: str, inputs: list[np.ndarray], seconds:
     }
 
 
+def raw_single_request_ms(xml: Path, precision: str, inputs: list[np.ndarray], rounds: int = 30) -> float:
+    """p50 of one synchronous request on all cores (LATENCY hint): the floor for served latency at concurrency 1."""
+    runner = OpenVinoRunner(xml, precision=precision, performance_hint="LATENCY")  # type: ignore[arg-type]
+    runner.infer(inputs[0][None])
+    times = []
+    for i in range(rounds):
+        start = time.perf_counter()
+        runner.infer(inputs[i % len(inputs)][None])
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 async def served_throughput(url: str, model: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
     client = grpcaio.InferenceServerClient(url)
     latencies: list[float] = []
@@ -129,12 +141,17 @@ def main() -> None:
         "decode_letterbox_ms_per_photo": decode_and_letterbox_ms(args.model, encoded),
     }
     results["raw_openvino"] = raw_throughput(xml, precision, inputs, args.seconds)
+    results["raw_single_request_p50_ms"] = raw_single_request_ms(xml, precision, inputs)
     options = ServerOptions(repository=args.repository, config_name=args.config_name, http_port=18500,
                             grpc_port=18501, metrics_port=18502, models=[args.model])  # fmt: skip
     with TritonServer(options) as server:
         for concurrency in args.concurrency:
             served = asyncio.run(served_throughput(server.grpc_url, args.model, encoded, concurrency, args.seconds))
             served["ratio_to_raw"] = served["images_per_s"] / results["raw_openvino"]["images_per_s"]
+            if concurrency == 1:  # what serving adds beyond the network and the photo's own decode + letterbox
+                served["overhead_ms"] = (
+                    served["p50_ms"] - results["raw_single_request_p50_ms"] - results["decode_letterbox_ms_per_photo"]
+                )
             results[f"served_concurrency_{concurrency}"] = served
     print(json.dumps(results, indent=2))
     if args.json:

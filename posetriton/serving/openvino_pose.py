@@ -27,7 +27,7 @@ class TritonPythonModel:
         self.runner = OpenVinoRunner(
             version_dir / params.get("model_file", "model.xml"),
             precision=precision,  # type: ignore[arg-type]
-            performance_hint=params.get("performance_hint", "THROUGHPUT"),  # type: ignore[arg-type]
+            performance_hint=params.get("performance_hint", "LATENCY"),  # type: ignore[arg-type]
             num_streams=int(params["num_streams"]) if params.get("num_streams") else None,
         )
 
