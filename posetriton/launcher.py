@@ -144,7 +144,8 @@ class TritonServer:
         if env.get("LD_LIBRARY_PATH"):
             libs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-        # One OpenMP/TBB pool per process is enough; the models size their own threads.
+        # Several Python-backend stubs share the cores: keep numpy's BLAS single-threaded in each.
+        # OpenVINO sizes its own threads (its performance hint and NUM_STREAMS in the model config).
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 

@@ -1,4 +1,4 @@
-"""The client without a server: result shapes, metadata parsing, error mapping, drawing, CLI failure paths."""
+"""The client without a server: result shapes, metadata parsing, inputs, drawing, CLI failure paths."""
 
 from __future__ import annotations
 
@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from PIL import Image
-from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 from typer.testing import CliRunner
 
 from posetriton.client import (
-    DeadlineExceededError,
     FailedImage,
     ImagePoses,
     InvalidInputError,
     ModelMetadata,
-    ModelNotReadyError,
     Pose,
-    PoseClient,
-    PoseClientError,
-    ServerUnavailableError,
 )
 from posetriton.client.cli import _draw_targets, app
 from posetriton.client.drawing import draw_poses, keypoint_color, load_image_rgb
@@ -203,95 +197,6 @@ def test_grpc_urls(url: str, target: str) -> None:
 def test_bad_grpc_urls(url: str) -> None:
     with pytest.raises(ValueError):
         parse_grpc_url(url)
-
-
-# --- the client with a stand-in for tritonclient ---------------------------------------------
-
-
-class _Result:
-    def __init__(self, outputs: dict[str, NDArray[Any]]) -> None:
-        self.outputs = outputs
-
-    def as_numpy(self, name: str) -> NDArray[Any] | None:
-        return self.outputs.get(name)
-
-
-class _FakeTriton:
-    """Records what predict() sends; answers with fixed outputs or raises a given exception."""
-
-    def __init__(self, outputs: dict[str, NDArray[Any]] | None = None, error: Exception | None = None) -> None:
-        self.outputs, self.error = outputs, error
-        self.sent: list[Any] = []
-        self.parameters: Any = None
-
-    def infer(self, model: str, inputs: list[Any], client_timeout: float, parameters: Any) -> _Result:
-        if self.error is not None:
-            raise self.error
-        (tensor,) = inputs
-        assert (tensor.name(), tensor.datatype(), tensor.shape()[1:]) == ("IMAGE", "BYTES", [1])
-        self.sent = [bytes(item) for item in deserialize_bytes_tensor(tensor._raw_content)]
-        self.parameters = parameters
-        assert self.outputs is not None
-        return _Result(self.outputs)
-
-    def close(self) -> None:
-        pass
-
-
-def _client(fake: _FakeTriton) -> PoseClient:
-    client = PoseClient("127.0.0.1:1", timeout_s=5)
-    client._client = fake
-    return client
-
-
-def test_predict_sends_one_batch_and_returns_results_in_order() -> None:
-    fake = _FakeTriton(_outputs([1, 0], rows=1))
-    images = [_jpeg(40, 30), _jpeg(20, 10, orientation=6)]
-    with _client(fake) as client:
-        results = client.predict(images, conf=0.3, max_det=5)
-    assert fake.sent == images, "encoded bytes go as they are, in input order"
-    assert [(r.image, r.width, r.height, len(r.poses)) for r in results] == [
-        ("<image 0>", 40, 30, 1),
-        ("<image 1>", 10, 20, 0),
-    ]
-    assert fake.parameters == {"conf": 0.3, "max_det": 5}
-
-
-def _server_error(status: str, message: str) -> InferenceServerException:
-    return InferenceServerException(msg=message, status=f"StatusCode.{status}")
-
-
-def test_invalid_argument_names_the_refused_image_of_a_batch() -> None:
-    error = _server_error("INVALID_ARGUMENT", "in ensemble 'm', image 1 of 2: not a recognised image (2 bytes)")
-    with _client(_FakeTriton(error=error)) as client, pytest.raises(InvalidInputError) as caught:
-        client.predict([_jpeg(8, 8), _jpeg(9, 9)])
-    assert (caught.value.index, caught.value.image) == (1, "<image 1>")
-    assert caught.value.reason == "not a recognised image (2 bytes)"
-    assert caught.value.server_message is not None and "in ensemble" in caught.value.server_message
-
-
-def test_request_level_refusals_blame_no_image() -> None:
-    error = _server_error("INVALID_ARGUMENT", "in ensemble 'm', max_det must be in [1, 1000], got 5000")
-    with _client(_FakeTriton(error=error)) as client, pytest.raises(InvalidInputError) as caught:
-        client.predict([_jpeg(8, 8)])
-    assert caught.value.index is None and caught.value.image is None
-
-
-@pytest.mark.parametrize(
-    ("status", "message", "kind"),
-    [
-        ("UNAVAILABLE", "failed to connect to all addresses", ServerUnavailableError),
-        ("NOT_FOUND", "Request for unknown model: 'm' is not found", ModelNotReadyError),
-        ("UNAVAILABLE", "Request for unknown model: 'm' has no available versions", ModelNotReadyError),
-        ("DEADLINE_EXCEEDED", "Deadline Exceeded", DeadlineExceededError),
-        ("INTERNAL", "boom", PoseClientError),
-    ],
-)
-def test_grpc_statuses_map_to_client_errors(status: str, message: str, kind: type[PoseClientError]) -> None:
-    with _client(_FakeTriton(error=_server_error(status, message))) as client, pytest.raises(kind) as caught:
-        client.predict([_jpeg(8, 8)])
-    assert caught.value.status == status
-    assert isinstance(caught.value.__cause__, InferenceServerException)
 
 
 # --- drawing ---------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""`posetriton serve` as a user runs it: a real subprocess, stopped with Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import UL_MODEL, free_port
+
+POSETRITON = Path(sys.executable).parent / "posetriton"
+READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+
+
+def _serve(repository: Path, http: int, grpc: int, metrics: int, *options: str) -> list[str]:
+    return [
+        str(POSETRITON), "serve", "--repository", str(repository), "--http-port", str(http),
+        "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model", f"{UL_MODEL}_postprocess", *options,
+    ]  # fmt: skip
+
+
+def _http_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Cleanup for a failed test: SIGTERM lets serve stop its tritonserver; SIGKILL only as a last resort."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_serve_runs_until_ctrl_c_and_frees_its_ports(model_repository: Path, tmp_path: Path) -> None:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = tmp_path / "triton.log"
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    command = _serve(model_repository, http, grpc, metrics, "--log-file", str(log))
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _http_ready(http):
+            assert process.poll() is None, f"serve exited with {process.returncode}: {stderr.read_text()}"
+            assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s; log:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert process.poll() is None
+        assert f"Triton is ready: gRPC 127.0.0.1:{grpc}, HTTP http://127.0.0.1:{http}" in stdout.read_text()
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", grpc)) == 0, "the gRPC port is served"
+
+        process.send_signal(signal.SIGINT)
+        code = process.wait(STOP_TIMEOUT_S)
+    finally:
+        _stop(process)
+
+    assert code == 0, stderr.read_text()
+    assert "Traceback" not in stderr.read_text()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", grpc))  # tritonserver is gone: the port is free again
+    assert not _http_ready(http)
+
+
+def test_serve_on_a_busy_grpc_port_fails_in_one_line(model_repository: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            _serve(model_repository, free_port(), port, free_port()),
+            capture_output=True,
+            text=True,
+            timeout=STOP_TIMEOUT_S,
+        )
+        elapsed = time.monotonic() - started
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: gRPC port {port} on 127.0.0.1 is already in use (another Triton?); choose another with --grpc-port\n"
+    )
+    assert "Traceback" not in result.stdout and not result.stdout.strip()
+    assert elapsed < 30, f"took {elapsed:.1f} s to refuse the port"
