@@ -2,19 +2,22 @@
 PYTHON      ?= python3
 VENV        := .venv
 EXPORT_VENV := .venv-export
+PERF_VENV   := .venv-perf
+K8S_VENV    := .venv-k8s
 REPOSITORY  ?= triton_models
 DEMO_MODELS ?= yolo11n_pose
 PIP_QUIET   ?= -q
 CONSTRAINT  := requirements/constraints.txt
 
-.PHONY: demo test setup export-env models serve lint format bench clean
+.PHONY: demo test setup export-env perf-tools k8s-tools models serve lint format bench loadtest clean
 
 # Serving + client + test tools: light, numpy < 2, no torch.
 setup: $(VENV)/.installed
-$(VENV)/.installed: requirements/serve.txt pyproject.toml
+$(VENV)/.installed: requirements/serve.txt requirements/k8s-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) -U pip
-	$(VENV)/bin/pip install $(PIP_QUIET) -c $(CONSTRAINT) -r requirements/serve.txt -e ".[serve,client,test,dev]"
+	$(VENV)/bin/pip install $(PIP_QUIET) -c $(CONSTRAINT) -r requirements/serve.txt -r requirements/k8s-test.txt \
+	  -e ".[serve,client,eval,test,dev,bench]"
 	touch $@
 
 # Export and reference tools (super-gradients 3.7.1, ultralytics, torch): several GB, kept apart.
@@ -28,6 +31,22 @@ $(EXPORT_VENV)/.installed: requirements/export.txt pyproject.toml
 	$(EXPORT_VENV)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 
+# Triton's perf_analyzer: only the tritonclient 2.51.0 manylinux1 wheel ships the binary; kept in its own
+# venv so it never pins the client library. benchmarks/loadtest.py links the two libraries it needs.
+perf-tools: $(PERF_VENV)/bin/perf_analyzer
+$(PERF_VENV)/bin/perf_analyzer:
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip download $(PIP_QUIET) --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
+	  tritonclient==2.51.0 -d $(PERF_VENV)/wheels
+	$(PERF_VENV)/bin/pip install $(PIP_QUIET) --no-deps $(PERF_VENV)/wheels/tritonclient-2.51.0-*.whl
+
+# checkov (security scan of the rendered manifests) pins many packages: its own venv.
+k8s-tools: $(K8S_VENV)/.installed
+$(K8S_VENV)/.installed: requirements/k8s-checkov.txt
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install $(PIP_QUIET) -r requirements/k8s-checkov.txt
+	touch $@
+
 # Export the demo models and write their CPU + GPU configurations into the model repository.
 models: setup export-env
 	$(EXPORT_VENV)/bin/python -m build_engines build $(DEMO_MODELS) --repository $(REPOSITORY)
@@ -38,7 +57,7 @@ demo: models
 serve: setup
 	$(VENV)/bin/posetriton serve --repository $(REPOSITORY)
 
-test: setup export-env
+test: setup export-env perf-tools k8s-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy client
@@ -59,6 +78,10 @@ bench: models
 	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
 	  > results/precision_yolo11n_pose.json
 
+# perf_analyzer concurrency sweep with real photos: table + plot in results/loadtest/.
+loadtest: models perf-tools
+	$(VENV)/bin/python benchmarks/loadtest.py --model yolo11n_pose --concurrency 1 2 4 8
+
 clean:
-	rm -rf $(VENV) $(EXPORT_VENV) demo_out .cache build
+	rm -rf $(VENV) $(EXPORT_VENV) $(PERF_VENV) $(K8S_VENV) demo_out .cache build results
 	find $(REPOSITORY) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

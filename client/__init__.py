@@ -1,43 +1,65 @@
-"""Client side of posetriton: a typed gRPC client for the pose ensembles, drawing helpers and the CLI.
+"""Client side of posetriton: typed sync and asyncio gRPC clients for the pose ensembles, drawing, eval and the CLI.
 
-Typical use::
+Quick start::
 
     from posetriton.client import PoseClient
 
     with PoseClient("127.0.0.1:8001", model="yolo11n_pose") as client:
-        for result in client.predict(["people.jpg"], conf=0.3):
-            print(result.to_dict())
+        result = client.predict("people.jpg", conf=0.3)
+        print([pose["left_wrist"] for pose in result.poses])
 
-The drawing helpers (``posetriton.client.drawing``) and the CLI (``posetriton.client.cli``) are
-not imported here, so the client itself needs neither OpenCV nor Typer at import time.
+The drawing helpers (``posetriton.client.drawing``), COCO evaluation (``posetriton.client.evaluation``,
+needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not imported here.
 """
 
-from .grpc_client import (
-    DEFAULT_MODEL,
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
+from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy
+from .aio_client import AsyncPoseClient
+from .errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,
-    PoseClient,
     PoseClientError,
     ServerUnavailableError,
 )
-from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata, Pose
+from .grpc_client import PoseClient
+from .inputs import DEFAULT_URL, ImageInput
+from .results import (
+    FailedImage,
+    ImagePoses,
+    ImageResult,
+    Keypoint,
+    ModelMetadata,
+    Pose,
+    PoseArrays,
+    to_coco_results,
+)
+from .streaming import Frame, StreamItem, directory_images, frames_from, video_frames
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_URL",
+    "NO_RETRY",
+    "AsyncPoseClient",
     "DeadlineExceededError",
     "FailedImage",
+    "Frame",
+    "ImageInput",
     "ImagePoses",
     "ImageResult",
     "InvalidInputError",
+    "Keypoint",
     "ModelMetadata",
     "ModelNotReadyError",
     "Pose",
+    "PoseArrays",
     "PoseClient",
     "PoseClientError",
+    "RetryPolicy",
     "ServerUnavailableError",
+    "StreamItem",
+    "directory_images",
+    "frames_from",
+    "to_coco_results",
+    "video_frames",
 ]

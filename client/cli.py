@@ -1,4 +1,4 @@
-"""The ``posetriton`` command: run pose estimation against a Triton server, or start one.
+"""The ``posetriton`` command: pose estimation against a Triton server, model discovery, health, COCO eval, serving.
 
 Errors reach the user as one ``error: ...`` line on stderr, never as a traceback. Exit codes:
 0 all images done; 1 nothing written (server unreachable, model missing, bad output path...);
@@ -7,11 +7,13 @@ Errors reach the user as one ``error: ...`` line on stderr, never as a traceback
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,7 +21,7 @@ import typer
 
 from posetriton.launcher import ServerOptions, ServerStartError, serve_forever
 
-from .drawing import draw_poses, load_image_rgb, save_image
+from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
 from .grpc_client import (
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
@@ -27,14 +29,18 @@ from .grpc_client import (
     InvalidInputError,
     PoseClient,
     PoseClientError,
+    RetryPolicy,
     parse_grpc_url,
 )
-from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
+from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata, to_coco_results
+from .streaming import directory_images, is_video, video_frames, video_info
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_IN_FLIGHT = 4
+_GLOB_CHARS = frozenset("*?[")
 # Formats Pillow writes that keep the input's extension; anything else is drawn as PNG.
 _DRAW_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -59,21 +65,84 @@ def _check_url(url: str) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _check_headers(values: list[str] | None) -> list[str]:
+    for value in values or []:
+        if ":" not in value or not value.partition(":")[0].strip():
+            raise typer.BadParameter(f"{value!r} is not 'NAME: VALUE'")
+    return values or []
+
+
+class OutputFormat(str, Enum):
+    json = "json"
+    coco = "coco"
+
+
+# Options every command that talks to the server shares.
+UrlOption = Annotated[
+    str, typer.Option(help="Triton's gRPC address, HOST:PORT.", envvar="POSETRITON_URL", callback=_check_url)
+]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Served model (ensemble) name.")]
+TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each request (the gRPC deadline).")]
+RetriesOption = Annotated[
+    int, typer.Option(min=1, help="Attempts per request when the server is unavailable (exponential backoff).")
+]
+SslOption = Annotated[bool, typer.Option("--ssl", help="Connect over TLS.")]
+RootCertsOption = Annotated[
+    Path | None,
+    typer.Option(help="PEM file of the CA that signed the server's certificate (with --ssl).", show_default=False),
+]
+HeaderOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--header", "-H", metavar="NAME: VALUE", help="Extra gRPC metadata sent with every call; repeatable.",
+        callback=_check_headers, show_default=False,
+    ),
+]  # fmt: skip
+ProgressOption = Annotated[
+    bool | None,
+    typer.Option(help="Show a progress bar on stderr. (default: when stderr is a terminal)", show_default=False),
+]
+
+
+def _client(
+    url: str, model: str, timeout: float, retries: int, ssl: bool, root_certificates: Path | None,
+    headers: list[str] | None,
+) -> PoseClient:  # fmt: skip
+    metadata = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in headers or [])}
+    return PoseClient(
+        url, model, timeout, retry=RetryPolicy(attempts=retries), ssl=ssl or root_certificates is not None,
+        root_certificates=root_certificates, headers=metadata,
+    )  # fmt: skip
+
+
+def _progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
 @app.command()
 def predict(
-    images: Annotated[
+    inputs: Annotated[
         list[Path],
-        typer.Argument(metavar="IMAGE", help="JPEG, PNG, WebP, BMP or GIF files; results keep this order."),
+        typer.Argument(
+            metavar="INPUT",
+            help="Image files (JPEG, PNG, WebP, BMP, GIF), directories of images, quoted globs ('shots/*.jpg') "
+            "or videos (.mp4, .avi, .mov, .mkv, .webm); results keep this order.",
+        ),
     ],
     output_json: Annotated[
         Path,
-        typer.Option("--output-json", "-o", help="Where to write the JSON list of results ('-' for stdout)."),
+        typer.Option("--output-json", "-o", help="Where to write the results ('-' for stdout)."),
     ],
-    model: Annotated[str, typer.Option("--model", "-m", help="Served model (ensemble) name.")] = DEFAULT_MODEL,
-    url: Annotated[
-        str,
-        typer.Option(help="Triton's gRPC address, HOST:PORT.", envvar="POSETRITON_URL", callback=_check_url),
-    ] = DEFAULT_URL,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            help="json: one entry per image/frame (image, width, height, detections). coco: COCO keypoint results "
+            "[{image_id, category_id, keypoints, score, bbox}], image_id = 1-based position among the inputs.",
+        ),
+    ] = OutputFormat.json,
+    model: ModelOption = DEFAULT_MODEL,
+    url: UrlOption = DEFAULT_URL,
     conf: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Minimum person score. (default: the model's)", show_default=False),
@@ -88,7 +157,10 @@ def predict(
     ] = None,
     draw: Annotated[
         Path | None,
-        typer.Option(metavar="DIR", help="Also write each image with its poses drawn into DIR (created if needed)."),
+        typer.Option(
+            metavar="DIR",
+            help="Also write each image with its poses drawn (and each video as DIR/NAME.mp4) into DIR.",
+        ),
     ] = None,
     kpt_threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Keypoints below this confidence are not drawn.")
@@ -96,39 +168,137 @@ def predict(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per request (capped at the model's max batch size).")
     ] = DEFAULT_BATCH_SIZE,
-    timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds to wait for each request before giving up.")
-    ] = DEFAULT_TIMEOUT_S,
+    in_flight: Annotated[int, typer.Option(min=1, help="Video frames in flight at once (one per request).")] = (
+        DEFAULT_IN_FLIGHT
+    ),
+    progress: ProgressOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+    retries: RetriesOption = 3,
+    ssl: SslOption = False,
+    root_certificates: RootCertsOption = None,
+    header: HeaderOption = None,
 ) -> None:
-    """Detect people and their keypoints in IMAGE files and write the results as JSON.
+    """Detect people and their keypoints in images, directories, globs and videos; write JSON or COCO results.
 
-    Images go to the server in batches of --batch-size. If the server refuses an image, the
-    others still get results: the refused image's JSON entry carries an "error" field, the
-    command lists the refused images on stderr and exits with code 3.
+    Images go to the server in batches of --batch-size; video frames are decoded here, sent as
+    JPEG, --in-flight at a time. If the server refuses an image, the others still get results:
+    its JSON entry carries an "error" field, the command names it on stderr and exits with code 3.
 
     Exit codes: 0 every image done; 1 nothing written (server unreachable, model not served...);
     2 bad command line; 3 results written but some images failed.
     """
-    draw_targets = _draw_targets(images, draw) if draw is not None else None
+    items = _expand_inputs(inputs)
+    still_images = [item for item in items if not is_video(item)]
+    image_targets = dict(zip(map(id, still_images), _draw_targets(still_images, draw), strict=True)) if draw else {}
+    video_targets = _video_targets([item for item in items if is_video(item)], draw) if draw else {}
     thresholds = {"conf": conf, "iou": iou, "max_det": max_det}
+    results: list[ImageResult] = []
+    draw_failures: list[str] = []
     try:
-        with PoseClient(url, model, timeout) as client:
+        with _client(url, model, timeout, retries, ssl, root_certificates, header) as client:
             client.check_ready()
             metadata = client.model_metadata()
             _check_max_det(max_det, metadata)
             size = _batch_size(batch_size, metadata)
-            results: list[ImageResult] = []
-            draw_failures: list[str] = []
-            for start in range(0, len(images), size):
-                chunk = images[start : start + size]
+            position = 0
+            while position < len(items):
+                if is_video(items[position]):
+                    video = items[position]
+                    results += _predict_video(
+                        client, video, thresholds, in_flight, _progress(progress), video_targets.get(video),
+                        metadata, kpt_threshold, draw_failures,
+                    )  # fmt: skip
+                    position += 1
+                    continue
+                chunk: list[Path] = []
+                while position < len(items) and len(chunk) < size and not is_video(items[position]):
+                    chunk.append(items[position])
+                    position += 1
                 chunk_results = _predict_chunk(client, chunk, thresholds)
                 results += chunk_results
-                if draw_targets is not None:
-                    draw_failures += _draw_chunk(chunk_results, draw_targets[start:], metadata, kpt_threshold)
+                if draw is not None:
+                    targets = [image_targets[id(path)] for path in chunk]
+                    draw_failures += _draw_chunk(chunk_results, targets, metadata, kpt_threshold)
     except PoseClientError as exc:
         _fail(str(exc))
-    _write_json(output_json, [result.to_dict() for result in results])
+    if output_format is OutputFormat.coco:
+        _write_json(output_json, to_coco_results(results, range(1, len(results) + 1)))
+    else:
+        _write_json(output_json, [result.to_dict() for result in results])
     _report(results, draw_failures, output_json)
+
+
+def _expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given; a directory becomes its images (sorted); a glob that names no file becomes its matches."""
+    items: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = directory_images(item)
+            if not found:
+                _fail(f"directory {item} holds no images (.jpg, .jpeg, .png, .webp, .bmp, .gif)", EXIT_USAGE)
+            items += found
+        elif not item.exists() and _GLOB_CHARS & set(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
+            if not matches:
+                _fail(f"no file matches {item}", EXIT_USAGE)
+            items += matches
+        else:
+            items.append(item)  # a missing file is reported as that image's error
+    return items
+
+
+def _video_targets(videos: Sequence[Path], directory: Path) -> dict[Path, Path]:
+    targets: dict[Path, Path] = {}
+    taken: set[str] = set()
+    for video in videos:
+        name, counter = f"{video.stem}.mp4", 1
+        while name in taken:
+            name, counter = f"{video.stem}_{counter}.mp4", counter + 1
+        taken.add(name)
+        target = directory / name
+        if target.resolve() == video.resolve():
+            _fail(f"--draw {directory} would overwrite the input video {video}; choose another directory", EXIT_USAGE)
+        targets[video] = target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
+    return targets
+
+
+def _predict_video(
+    client: PoseClient, video: Path, thresholds: dict[str, Any], in_flight: int, progress: bool,
+    target: Path | None, metadata: ModelMetadata, kpt_threshold: float, draw_failures: list[str],
+) -> list[ImageResult]:  # fmt: skip
+    """Every frame of the video, streamed; with a target, the annotated video is written alongside."""
+    try:
+        info = video_info(video)
+    except ValueError as exc:
+        return [FailedImage(str(video), str(exc))]
+    results: list[ImageResult] = []
+    sink: VideoSink | None = None
+    try:
+        if target is not None:
+            try:
+                sink = VideoSink(target, info.fps, info.width, info.height)
+            except OSError as exc:
+                draw_failures.append(f"{video}: {exc}")
+        frames = video_frames(video, keep_rgb=sink is not None)
+        for item in client.stream(
+            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, **thresholds
+        ):
+            results.append(item.result)
+            if sink is not None and item.frame.rgb is not None:
+                poses = item.result.poses if isinstance(item.result, ImagePoses) else []
+                sink.write(draw_poses(item.frame.rgb, poses, metadata.skeleton, kpt_threshold))
+    except InvalidInputError as exc:  # a request-level refusal: every frame would fail the same way
+        _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
+    finally:
+        if sink is not None:
+            sink.close()
+    if not results:
+        return [FailedImage(str(video), "the video has no frames OpenCV can decode")]
+    return results
 
 
 def _check_max_det(max_det: int | None, metadata: ModelMetadata) -> None:
@@ -152,7 +322,7 @@ def _batch_size(requested: int, metadata: ModelMetadata) -> int:
 def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: dict[str, Any]) -> list[ImageResult]:
     """One request for the chunk; if an image in it is refused, one request per image so the rest still succeed."""
     try:
-        return list(client.predict(chunk, **thresholds))
+        return list[ImageResult](client.predict_batch(list(chunk), **thresholds))
     except InvalidInputError as exc:
         if exc.index is None:  # the request itself was refused: every image would fail the same way
             _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
@@ -163,7 +333,7 @@ def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: dict[s
 
 def _predict_one(client: PoseClient, path: Path, thresholds: dict[str, Any]) -> ImageResult:
     try:
-        return client.predict([path], **thresholds)[0]
+        return client.predict(path, **thresholds)
     except InvalidInputError as exc:
         if exc.index is None:
             _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
@@ -211,7 +381,7 @@ def _draw_chunk(
     return failures
 
 
-def _write_json(path: Path, payload: list[dict[str, Any]]) -> None:
+def _write_json(path: Path, payload: Any) -> None:
     """Write atomically, so a failed run never leaves a truncated file that looks like results."""
     text = json.dumps(payload, indent=2) + "\n"
     if str(path) == "-":
@@ -238,6 +408,132 @@ def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output
         f"{len(results) - len(failed)} of {len(results)} images done, {poses} poses; results in {where}", err=True
     )
     if failed or draw_failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def models(
+    url: UrlOption = DEFAULT_URL,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the models as a JSON list instead of a table.")
+    ] = False,
+    timeout: TimeoutOption = 30.0,
+    retries: RetriesOption = 3,
+    ssl: SslOption = False,
+    root_certificates: RootCertsOption = None,
+    header: HeaderOption = None,
+) -> None:
+    """List the pose models the server offers: name, input, family, batch limit, keypoints.
+
+    A pose model is a ready ensemble whose configuration carries keypoint names; NAME takes
+    encoded images (IMAGE), NAME_pixels raw RGB arrays (PIXELS).
+    """
+    try:
+        with _client(url, DEFAULT_MODEL, timeout, retries, ssl, root_certificates, header) as client:
+            found = client.list_models()
+    except PoseClientError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps([meta.to_dict() for meta in found], indent=2))
+        return
+    if not found:
+        typer.echo(f"no pose models are ready on {url}", err=True)
+        return
+    rows = [("MODEL", "INPUT", "FAMILY", "MAX BATCH", "KEYPOINTS", "DESCRIPTION")]
+    rows += [
+        (m.name, m.input_name, m.family or "-", str(m.max_batch_size), str(len(m.keypoint_names)), m.description)
+        for m in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)) + "  " + row[5])
+
+
+@app.command()
+def health(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Also check this model is ready; repeatable.", show_default=False),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    timeout: TimeoutOption = 10.0,
+    retries: RetriesOption = 1,
+    ssl: SslOption = False,
+    root_certificates: RootCertsOption = None,
+    header: HeaderOption = None,
+) -> None:
+    """Check that the server is live and ready (and each --model ready). Exit 0 if so, 1 otherwise."""
+    try:
+        with _client(url, DEFAULT_MODEL, timeout, retries, ssl, root_certificates, header) as client:
+            live, ready = client.is_server_live(), client.is_server_ready()
+            typer.echo(f"server {client.url}: {'live' if live else 'NOT live'}, {'ready' if ready else 'NOT ready'}")
+            if not (live and ready):
+                raise typer.Exit(EXIT_FAILURE)
+            for name in model or []:
+                client.check_ready(name)
+                typer.echo(f"model {name}: ready")
+    except PoseClientError as exc:
+        _fail(str(exc))
+
+
+@app.command("eval")
+def evaluate_command(
+    annotations: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, help="COCO person_keypoints JSON (images, annotations, categories)."),
+    ],
+    images: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="Directory holding the annotated images (file_name).")
+    ],
+    model: ModelOption = DEFAULT_MODEL,
+    url: UrlOption = DEFAULT_URL,
+    conf: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Minimum person score; AP integrates over scores, so keep it low.")
+    ] = 0.001,
+    iou: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
+    ] = None,
+    max_det: Annotated[
+        int | None, typer.Option(min=1, help="Most poses kept per image. (default: the model's)", show_default=False)
+    ] = None,
+    in_flight: Annotated[int, typer.Option(min=1, help="Requests in flight at once (one image each).")] = (
+        DEFAULT_IN_FLIGHT
+    ),
+    output_json: Annotated[
+        Path | None,
+        typer.Option("--output-json", "-o", help="Also write the COCO results evaluated here.", show_default=False),
+    ] = None,
+    progress: ProgressOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+    retries: RetriesOption = 3,
+    ssl: SslOption = False,
+    root_certificates: RootCertsOption = None,
+    header: HeaderOption = None,
+) -> None:
+    """COCO keypoint AP/AR (OKS, pycocotools) of a served model on an annotated image set.
+
+    Every image of the annotation file goes through the server; the standard AP/AR table is
+    printed on stdout. Exit 3 if the server refused some images (they count as finding nobody).
+    """
+    from .evaluation import EvaluationError, evaluate
+
+    try:
+        with _client(url, model, timeout, retries, ssl, root_certificates, header) as client:
+            client.check_ready()
+            result = evaluate(
+                client, annotations, images, conf=conf, iou=iou, max_det=max_det, in_flight=in_flight,
+                progress=_progress(progress),
+            )  # fmt: skip
+    except (PoseClientError, EvaluationError) as exc:
+        _fail(str(exc))
+    if output_json is not None:
+        _write_json(output_json, result.detections)
+    typer.echo(f"{model} on {result.images} images of {annotations} (OKS keypoint AP, pycocotools):")
+    typer.echo(result.summary, nl=False)
+    for failure in result.failed:
+        typer.echo(f"error: {failure}", err=True)
+    if result.failed:
         raise typer.Exit(EXIT_PARTIAL)
 
 

@@ -158,3 +158,31 @@ def _draw_keypoints(
     for point, center in zip(keypoints, visible, strict=True):
         if center is not None:
             cv2.circle(canvas, center, style.radius, keypoint_color(point[2], threshold), cv2.FILLED, cv2.LINE_AA)
+
+
+class VideoSink:
+    """An annotated video written with OpenCV (``mp4v`` in an .mp4 container); frames are RGB arrays."""
+
+    def __init__(self, path: str | PathLike[str], fps: float, width: int, height: int) -> None:
+        self.path = Path(path)
+        self.size = (width, height)
+        fourcc = cv2.VideoWriter.fourcc(*"mp4v")
+        self._writer = cv2.VideoWriter(str(self.path), fourcc, fps if fps > 0 else 25.0, self.size)
+        if not self._writer.isOpened():
+            raise OSError(f"OpenCV cannot write a video to {self.path}")
+        self.frames = 0
+
+    def write(self, image_rgb: NDArray[Any]) -> None:
+        if (image_rgb.shape[1], image_rgb.shape[0]) != self.size:
+            image_rgb = cv2.resize(image_rgb, self.size)
+        self._writer.write(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self) -> None:
+        self._writer.release()
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

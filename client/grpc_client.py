@@ -1,206 +1,119 @@
-"""A small typed client for the pose ensembles, over Triton's gRPC API.
+"""The synchronous pose client, over Triton's gRPC API (``tritonclient.grpc``).
 
-Images travel encoded (JPEG/PNG/WebP bytes as read from disk) in one request per call: the
-server decodes them, so the client never needs the pixels. The client only reads each image's
-header, for the width and height the JSON results report.
-
-Every ``tritonclient`` exception is turned into one of the :class:`PoseClientError` subclasses
-below, with a message written for the person at the terminal; the original exception stays
-attached as ``__cause__`` for debugging.
+See ``posetriton.client.inputs`` for what each kind of input becomes on the wire, and
+``posetriton.client.aio_client`` for the asyncio client with the same surface.
 """
 
 from __future__ import annotations
 
-import io
-import re
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from os import PathLike
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, overload
 
-import numpy as np
 import tritonclient.grpc as grpcclient
-from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
 from tritonclient.utils import InferenceServerException
 
-from .results import OUTPUT_NAMES, ImagePoses, MetadataError, ModelMetadata, poses_from_batch
+from ._core import (
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT_S,
+    HEALTH_TIMEOUT_S,
+    ClientCore,
+    Request,
+    RetryHook,
+    RetryPolicy,
+    ready_ensembles,
+    served_models_hint,
+)
+from .errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotReadyError,
+    PoseClientError,
+    ServerUnavailableError,
+)
+from .inputs import (
+    DEFAULT_URL,
+    ArrayEncoding,
+    EncodedImage,
+    ImageInput,
+    ImageSource,
+    encode_image,
+    parse_grpc_url,
+    request_parameters,
+    upright_size,
+)
+from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
+from .shm import Region, RegionPool, destroy
+from .streaming import Frame, StreamItem, as_frames, progress_bar
 
-DEFAULT_URL = "127.0.0.1:8001"
-DEFAULT_MODEL = "yolo11n_pose"
-# CPU inference of a full batch of large photos can take tens of seconds; health calls are quick.
-DEFAULT_TIMEOUT_S = 120.0
-HEALTH_TIMEOUT_S = 30.0
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT_S",
+    "DEFAULT_URL",
+    "HEALTH_TIMEOUT_S",
+    "DeadlineExceededError",
+    "EncodedImage",
+    "ImageSource",
+    "InvalidInputError",
+    "ModelNotReadyError",
+    "PoseClient",
+    "PoseClientError",
+    "RetryPolicy",
+    "ServerUnavailableError",
+    "encode_image",
+    "parse_grpc_url",
+    "request_parameters",
+    "upright_size",
+]
 
-ImageSource = bytes | str | PathLike[str]
-
-# EXIF orientations 5-8 rotate by 90 degrees: the server's upright image has width and height swapped.
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-# The server prefixes its messages; the client reports the image by name instead.
-_ENSEMBLE_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?")
-_IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
-# Messages about the request as a whole (thresholds, batch size) rather than about one image.
-_REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
-# Model steps that are loaded with an ensemble but are not meant to be called directly.
-_STEP_SUFFIXES = ("_preprocess", "_network", "_postprocess")
-
-
-class PoseClientError(Exception):
-    """Base of every error this client raises about the server or the inputs; ``str()`` is a one-line message."""
-
-    def __init__(self, message: str, status: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        # The gRPC status name (e.g. "UNAVAILABLE") when the error came from the server.
-        self.status = status
+T = TypeVar("T")
 
 
-class ServerUnavailableError(PoseClientError):
-    """Nothing answers at the URL, or the server is not live."""
+class PoseClient(ClientCore):
+    """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed.
 
-
-class ModelNotReadyError(PoseClientError):
-    """The server answers but does not serve the requested model (unknown, not loaded, or still loading)."""
-
-
-class DeadlineExceededError(PoseClientError):
-    """The server did not answer within the client's timeout."""
-
-
-class InvalidInputError(PoseClientError):
-    """An image (or the request) was refused; ``index``/``image`` say which image when known.
-
-    ``reason`` is the explanation without the server's prefixes; ``server_message`` is the
-    server's text unchanged (``None`` when the client refused the image before sending it).
+    ``timeout_s`` is the gRPC deadline of each attempt (per call with ``timeout_s=``); ``retry``
+    retries ``UNAVAILABLE`` with exponential backoff (a :class:`RetryPolicy`, or an attempt count;
+    default 3 attempts). ``ssl`` with ``root_certificates`` / ``private_key`` /
+    ``certificate_chain`` (PEM file paths) opens a TLS channel; ``headers`` travel with every
+    call. ``shared_memory=True`` passes inputs through system shared memory (server on the same
+    host only). The client is thread-safe: one instance can serve many threads.
     """
 
     def __init__(
         self,
-        reason: str,
+        url: str = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
-        index: int | None = None,
-        image: str | None = None,
-        server_message: str | None = None,
-        status: str | None = None,
+        retry: RetryPolicy | int | None = None,
+        ssl: bool = False,
+        root_certificates: str | PathLike[str] | None = None,
+        private_key: str | PathLike[str] | None = None,
+        certificate_chain: str | PathLike[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        array_encoding: ArrayEncoding = "raw",
+        shared_memory: bool = False,
+        on_retry: RetryHook | None = None,
     ) -> None:
-        super().__init__(f"{image}: {reason}" if image else reason, status)
-        self.reason = reason
-        self.index = index
-        self.image = image
-        self.server_message = server_message
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An image ready to send: its encoded bytes and its upright size, read from the header only."""
-
-    name: str
-    data: bytes
-    width: int
-    height: int
-
-
-def parse_grpc_url(url: str) -> str:
-    """Return ``HOST:PORT`` as tritonclient wants it, accepting an optional ``grpc://`` prefix.
-
-    Raises ValueError for anything else: tritonclient would otherwise quietly dial port 443
-    for a bare host, or fail later with an opaque resolver message.
-    """
-    text = url.strip()
-    scheme, separator, rest = text.partition("://")
-    if separator:
-        if scheme.lower() != "grpc":
-            raise ValueError(
-                f"{url!r} is a {scheme}:// URL; give Triton's gRPC address as HOST:PORT, e.g. {DEFAULT_URL}"
-            )
-        text = rest.rstrip("/")
-    match = _HOST_PORT.fullmatch(text)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"{url!r} is not a gRPC address; expected HOST:PORT, e.g. {DEFAULT_URL}")
-    return text
-
-
-def encode_image(source: ImageSource, index: int = 0) -> EncodedImage:
-    """Read a file (or take bytes as they are) and its upright size; InvalidInputError names the image."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = f"<image {index}>", bytes(source)
-    else:
-        name = str(Path(source))
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read the file: {exc.strerror or exc}", index=index, image=name) from exc
-    try:
-        width, height = upright_size(data)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc), index=index, image=name) from exc
-    return EncodedImage(name=name, data=data, width=width, height=height)
-
-
-def upright_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` of the image once turned upright per its EXIF orientation, from the header alone.
-
-    The server applies the EXIF orientation before detecting, so its coordinates refer to the
-    upright image; this must agree with it without decoding the pixels.
-    """
-    if not data:
-        raise ValueError("empty image: 0 bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError(f"not a recognised image ({len(data)} bytes starting {data[:8]!r})") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"unreadable image header: {exc}") from None
-    with image:
-        width, height = image.size
-        if _orientation(image) in _SWAPPING_ORIENTATIONS:
-            width, height = height, width
-    return width, height
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a malformed EXIF block: the server will judge the image, not the client
-        return 1
-
-
-def request_parameters(conf: float | None, iou: float | None, max_det: int | None) -> dict[str, Any]:
-    """The per-request thresholds to send; omitted ones keep the model's defaults. ValueError when out of range."""
-    parameters: dict[str, Any] = {}
-    for key, value in (("conf", conf), ("iou", iou)):
-        if value is None:
-            continue
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must be in [0, 1], got {value}")
-        parameters[key] = float(value)
-    if max_det is not None:
-        if isinstance(max_det, bool) or int(max_det) != max_det or max_det < 1:
-            raise ValueError(f"max_det must be a positive integer, got {max_det!r}")
-        parameters["max_det"] = int(max_det)
-    return parameters
-
-
-class PoseClient:
-    """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed."""
-
-    def __init__(
-        self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S
-    ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.url = parse_grpc_url(url)
-        self.model = model
-        self.timeout_s = timeout_s
-        self._client: Any = grpcclient.InferenceServerClient(self.url)
+        super().__init__(
+            url, model, timeout_s, retry=retry, headers=headers, array_encoding=array_encoding,
+            shared_memory=shared_memory, on_retry=on_retry,
+        )  # fmt: skip
+        self._client: Any = grpcclient.InferenceServerClient(
+            self.url,
+            ssl=ssl,
+            root_certificates=_path(root_certificates),
+            private_key=_path(private_key),
+            certificate_chain=_path(certificate_chain),
+            channel_args=self.channel_args(),
+        )
+        self._regions = RegionPool()
 
     def __enter__(self) -> PoseClient:
         return self
@@ -211,123 +124,234 @@ class PoseClient:
         self.close()
 
     def close(self) -> None:
+        """Unregister and free the shared memory regions (if any), then close the channel."""
+        for region in self._regions.drain():
+            with contextlib.suppress(InferenceServerException):  # a server gone: the region is freed all the same
+                self._client.unregister_system_shared_memory(region.name, **self._health())
+            destroy(region)
         self._client.close()
 
-    def check_ready(self) -> None:
-        """Raise ServerUnavailableError, or ModelNotReadyError naming the models served, unless requests can work."""
-        health_timeout = min(self.timeout_s, HEALTH_TIMEOUT_S)
-        with self._translated_errors():
-            if not self._client.is_server_live(client_timeout=health_timeout):
-                raise ServerUnavailableError(f"Triton at {self.url} answers but is not live")
-            ready = bool(self._client.is_model_ready(self.model, client_timeout=health_timeout))
-        if not ready:
-            raise ModelNotReadyError(f"model {self.model!r} is not ready on {self.url}; {self._served_models_hint()}")
+    # --- health and discovery ----------------------------------------------------------------
 
-    def model_metadata(self) -> ModelMetadata:
+    def is_server_live(self) -> bool:
+        return bool(self._call(lambda: self._client.is_server_live(**self._health())))
+
+    def is_server_ready(self) -> bool:
+        return bool(self._call(lambda: self._client.is_server_ready(**self._health())))
+
+    def is_model_ready(self, model: str | None = None) -> bool:
+        name = model or self.model
+        return bool(self._call(lambda: self._client.is_model_ready(name, **self._health()), model=name))
+
+    def check_ready(self, model: str | None = None) -> None:
+        """Raise ServerUnavailableError, or ModelNotReadyError naming the models served, unless requests can work."""
+        name = model or self.model
+        if not self.is_server_live():
+            raise ServerUnavailableError(f"Triton at {self.url} answers but is not live")
+        if not self.is_model_ready(name):
+            raise ModelNotReadyError(f"model {name!r} is not ready on {self.url}; {self._served_models_hint()}")
+
+    def model_metadata(self, model: str | None = None) -> ModelMetadata:
         """Keypoint names, skeleton, batch limit and the other facts the ensemble's config parameters carry."""
-        with self._translated_errors():
-            response = self._client.get_model_config(
-                self.model, as_json=True, client_timeout=min(self.timeout_s, HEALTH_TIMEOUT_S)
-            )
-        try:
-            return ModelMetadata.from_config(response["config"])
-        except (MetadataError, KeyError, TypeError, ValueError) as exc:
-            raise PoseClientError(f"cannot read the configuration of model {self.model!r}: {exc}") from exc
+        name = model or self.model
+        response = self._call(lambda: self._client.get_model_config(name, as_json=True, **self._health()), model=name)
+        return self._metadata_from(name, response)
+
+    def ready_models(self) -> list[str]:
+        """Names of the models ready on the server, without the steps of the ensembles."""
+        index = self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
+        return ready_ensembles(index)
+
+    def list_models(self) -> list[ModelMetadata]:
+        """The pose models the server offers: ready ensembles whose config carries keypoint names (and skeleton)."""
+        found = []
+        for name in self.ready_models():
+            try:
+                meta = self.model_metadata(name)
+            except (ModelNotReadyError, PoseClientError) as exc:
+                if isinstance(exc, ServerUnavailableError):
+                    raise
+                continue  # unloaded meanwhile, or a config that is not a pose model's
+            if meta.is_pose_model:
+                found.append(meta)
+        return found
+
+    # --- inference ---------------------------------------------------------------------------
+
+    @overload
+    def predict(
+        self, image: list[ImageInput] | tuple[ImageInput, ...], *, conf: float | None = ...,
+        iou: float | None = ..., max_det: int | None = ..., timeout_s: float | None = ...,
+    ) -> list[ImagePoses]: ...  # fmt: skip
+
+    @overload
+    def predict(
+        self, image: ImageInput, *, conf: float | None = ..., iou: float | None = ...,
+        max_det: int | None = ..., timeout_s: float | None = ...,
+    ) -> ImagePoses: ...  # fmt: skip
 
     def predict(
         self,
-        images: Sequence[ImageSource],
+        image: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+        *,
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ImagePoses | list[ImagePoses]:
+        """Poses in one image. (A list or tuple is passed to :meth:`predict_batch`, as earlier versions did.)"""
+        if isinstance(image, (list, tuple)):
+            return self.predict_batch(image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
+        return self.predict_batch([image], conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        timeout_s: float | None = None,
     ) -> list[ImagePoses]:
-        """Poses for every image, in input order, from one request (so the batch must fit the model's max_batch_size).
+        """Poses for every image, in input order.
 
-        ``str``/``Path`` items are read from disk; ``bytes`` are sent as they are. Thresholds left
-        as ``None`` keep the model's defaults. If any image is refused the whole call raises
-        InvalidInputError naming it (``index``); retry the others separately to keep their results.
+        Encoded images (paths, bytes) go in one request to the model; numpy arrays (raw) in one
+        request per shape to ``NAME_pixels``. Each request must fit the model's max_batch_size.
+        If any image is refused the whole call raises InvalidInputError naming it (``index``).
         """
-        if isinstance(images, (str, bytes, PathLike)):
-            raise TypeError("predict() takes a sequence of images; wrap a single image in a list")
         parameters = request_parameters(conf, iou, max_det)
-        if not images:
+        prepared = self._prepare(images)
+        if not prepared:
             return []
-        encoded = [encode_image(source, index) for index, source in enumerate(images)]
-        outputs = self._infer(encoded, parameters)
-        return poses_from_batch([(e.name, e.width, e.height) for e in encoded], outputs)
+        timeout = timeout_s or self.timeout_s
+        answered = [(request, self._infer(request, parameters, timeout)) for request in self._plan(prepared)]
+        return self._assemble(len(prepared), answered)
 
-    def _infer(self, encoded: Sequence[EncodedImage], parameters: dict[str, Any]) -> dict[str, NDArray[Any]]:
-        batch = np.empty((len(encoded), 1), dtype=object)
-        batch[:, 0] = [e.data for e in encoded]
-        tensor = grpcclient.InferInput("IMAGE", list(batch.shape), "BYTES")
-        tensor.set_data_from_numpy(batch)
-        with self._translated_errors(encoded):
-            result = self._client.infer(
-                self.model, [tensor], client_timeout=self.timeout_s, parameters=parameters or None
-            )
-        outputs: dict[str, NDArray[Any]] = {}
-        for name in OUTPUT_NAMES:
-            array = result.as_numpy(name)
-            if array is None:
-                raise PoseClientError(f"model {self.model!r} returned no {name} output; is it a pose ensemble?")
-            outputs[name] = array
-        return outputs
+    def stream(
+        self,
+        frames: Iterable[Frame | ImageInput],
+        *,
+        in_flight: int = 4,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        timeout_s: float | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> Iterator[StreamItem]:
+        """Send each frame as its own request, at most ``in_flight`` at a time (threads), and yield results in order.
 
-    @contextmanager
-    def _translated_errors(self, encoded: Sequence[EncodedImage] = ()) -> Iterator[None]:
+        A frame the server refuses yields a :class:`FailedImage`; other errors stop the stream.
+        Frames are read from ``frames`` only as slots free up. ``progress`` shows a tqdm bar.
+        """
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+        request_parameters(conf, iou, max_det)
+        bar = progress_bar(progress, total, self.model)
+        pending: deque[tuple[Frame, Future[ImageResult]]] = deque()
+        pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="posetriton-stream")
+
+        def one(frame: Frame) -> ImageResult:
+            return self._predict_frame(frame, conf, iou, max_det, timeout_s)
+
         try:
-            yield
-        except InferenceServerException as exc:
-            raise self._translate(exc, encoded) from exc
+            for frame in as_frames(frames):
+                pending.append((frame, pool.submit(one, frame)))
+                if len(pending) >= in_flight:
+                    yield self._finish(pending.popleft(), bar)
+            while pending:
+                yield self._finish(pending.popleft(), bar)
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            if bar is not None:
+                bar.close()
 
-    def _translate(self, exc: InferenceServerException, encoded: Sequence[EncodedImage]) -> PoseClientError:
-        """Map a gRPC status to the error hierarchy, with a message that says what to do about it."""
-        status = str(exc.status() or "").removeprefix("StatusCode.")
-        message = str(exc.message() or exc)
-        if status == "INVALID_ARGUMENT":
-            return _invalid_input(message, encoded, status)
-        if status == "NOT_FOUND" or (status == "UNAVAILABLE" and "model" in message.lower()):
-            return ModelNotReadyError(f"model {self.model!r} is not served at {self.url}: {message}", status)
-        if status == "UNAVAILABLE":
-            return ServerUnavailableError(
-                f"cannot reach Triton's gRPC endpoint at {self.url} ({message}); "
-                "is the server running (posetriton serve) and is this its gRPC port?",
-                status,
+    @staticmethod
+    def _finish(entry: tuple[Frame, Future[ImageResult]], bar: Any) -> StreamItem:
+        frame, future = entry
+        item = StreamItem(frame, future.result())
+        if bar is not None:
+            bar.update(1)
+        return item
+
+    def _predict_frame(
+        self, frame: Frame, conf: float | None, iou: float | None, max_det: int | None, timeout_s: float | None
+    ) -> ImageResult:
+        try:
+            result = self.predict(frame.image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
+        except InvalidInputError as exc:
+            if exc.index is None:  # the request itself (a threshold) was refused: every frame would fail
+                raise
+            return FailedImage(frame.name, exc.reason)
+        return ImagePoses(frame.name, result.width, result.height, result.poses)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _health(self) -> dict[str, Any]:
+        return {"headers": self.headers, "client_timeout": self._health_timeout()}
+
+    def _infer(self, request: Request, parameters: dict[str, Any], timeout: float) -> dict[str, Any]:
+        region = self._region(request.nbytes()) if self.shared_memory else None
+        try:
+            tensor = request.tensor(region)
+            result = self._call(
+                lambda: self._client.infer(
+                    request.model, [tensor], client_timeout=timeout, headers=self.headers,
+                    parameters=parameters or None,
+                ),
+                model=request.model, timeout_s=timeout, request=request,
+            )  # fmt: skip
+        finally:
+            if region is not None:
+                self._regions.give_back(region)
+        return self._outputs(result, request.model)
+
+    def _region(self, nbytes: int) -> Region:
+        region, created, replaced = self._regions.take(nbytes)
+        if replaced is not None:
+            with contextlib.suppress(InferenceServerException):
+                self._client.unregister_system_shared_memory(replaced.name, **self._health())
+            destroy(replaced)
+        if not created:
+            return region
+        try:
+            self._call(
+                lambda: self._client.register_system_shared_memory(
+                    region.name, region.key, region.size, **self._health()
+                )
             )
-        if status == "DEADLINE_EXCEEDED":
-            return DeadlineExceededError(
-                f"Triton at {self.url} did not answer within {self.timeout_s:g} s; "
-                "raise the timeout or send smaller batches",
-                status,
-            )
-        return PoseClientError(f"Triton at {self.url} failed the request ({status or 'no status'}): {message}", status)
+        except PoseClientError:
+            self._regions.forget(region)
+            raise
+        return region
+
+    def _call(
+        self, operation: Callable[[], T], *, model: str | None = None, timeout_s: float | None = None,
+        request: Request | None = None,
+    ) -> T:  # fmt: skip
+        """Run one RPC, retrying transient failures per the retry policy; raise PoseClientError otherwise."""
+        attempt = 1
+        while True:
+            try:
+                return operation()
+            except InferenceServerException as exc:
+                error = self._error(exc, model, timeout_s, request)
+                delay = self._should_retry(error, attempt)
+                if delay is None:
+                    raise error from exc
+            time.sleep(delay)
+            attempt += 1
 
     def _served_models_hint(self) -> str:
         """Name the ready models, so a typo in --model is obvious; best effort only."""
         try:
-            index = self._client.get_model_repository_index(as_json=True, client_timeout=HEALTH_TIMEOUT_S)
+            index = self._client.get_model_repository_index(as_json=True, **self._health())
         except InferenceServerException:
-            return "could not list the models it serves"
-        names = sorted(
-            str(entry.get("name"))
-            for entry in index.get("models", [])
-            if entry.get("state") == "READY" and not str(entry.get("name")).endswith(_STEP_SUFFIXES)
-        )
-        return f"models ready there: {', '.join(names)}" if names else "it has no models ready"
+            return served_models_hint(None)
+        return served_models_hint(ready_ensembles(index))
 
 
-def _invalid_input(message: str, encoded: Sequence[EncodedImage], status: str) -> InvalidInputError:
-    """Name the refused image: the server says "image I of N: ..." for batches and nothing for a single image.
-
-    ``index`` stays None when the request itself was refused (a threshold, the batch size), so
-    a caller does not blame, or retry, the images.
-    """
-    reason = _ENSEMBLE_PREFIX.sub("", message)
-    index: int | None = None
-    match = _IMAGE_INDEX.match(reason)
-    if match is not None:
-        index, reason = int(match.group(1)), reason[match.end() :]
-    elif len(encoded) == 1 and not _REQUEST_LEVEL.match(reason):
-        index = 0
-    image = encoded[index].name if index is not None and 0 <= index < len(encoded) else None
-    return InvalidInputError(reason, index=index, image=image, server_message=message, status=status)
+def _path(value: str | PathLike[str] | None) -> str | None:
+    return None if value is None else str(value)

@@ -8,9 +8,9 @@ written by the CLI has one well-defined shape (:meth:`ImagePoses.to_dict`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,7 +18,26 @@ from numpy.typing import NDArray
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 Box = tuple[float, float, float, float]
-Keypoint = tuple[float, float, float]
+
+
+class Keypoint(NamedTuple):
+    """One keypoint in image pixels; ``conf`` is the network's confidence that it is visible."""
+
+    x: float
+    y: float
+    conf: float
+
+
+class PoseArrays(NamedTuple):
+    """An image's poses as arrays: ``boxes [N, 4]`` (x1, y1, x2, y2), ``scores [N]``, ``keypoints [N, K, 3]``."""
+
+    boxes: NDArray[np.float32]
+    scores: NDArray[np.float32]
+    keypoints: NDArray[np.float32]
+
+
+# The COCO category id of "person", which every pose in COCO-format results belongs to.
+COCO_PERSON_CATEGORY = 1
 
 # Output tensors of every served pose ensemble, in the order the client requests them.
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "KEYPOINTS")
@@ -30,11 +49,46 @@ class MetadataError(ValueError):
 
 @dataclass(frozen=True)
 class Pose:
-    """One detected person: box ``(x1, y1, x2, y2)``, score and ``(x, y, conf)`` per keypoint, in image pixels."""
+    """One detected person: box ``(x1, y1, x2, y2)``, score and ``(x, y, conf)`` per keypoint, in image pixels.
+
+    ``keypoint_names`` name the keypoints in order (the COCO person layout for 17 keypoints, or
+    the served model's names when the client knows them): ``pose["left_wrist"]`` is a
+    :class:`Keypoint`.
+    """
 
     box: Box
     score: float
     keypoints: tuple[Keypoint, ...]
+    keypoint_names: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+        object.__setattr__(self, "keypoints", tuple(Keypoint(*map(float, point)) for point in self.keypoints))
+        if not self.keypoint_names:
+            object.__setattr__(self, "keypoint_names", default_keypoint_names(len(self.keypoints)))
+        elif len(self.keypoint_names) != len(self.keypoints):
+            raise ValueError(f"{len(self.keypoint_names)} keypoint names for {len(self.keypoints)} keypoints")
+
+    def __getitem__(self, name: str) -> Keypoint:
+        try:
+            return self.keypoints[self.keypoint_names.index(name)]
+        except ValueError:
+            raise KeyError(f"no keypoint named {name!r}; the names are {', '.join(self.keypoint_names)}") from None
+
+    @property
+    def named_keypoints(self) -> dict[str, Keypoint]:
+        """``{name: Keypoint}`` in the model's keypoint order."""
+        return dict(zip(self.keypoint_names, self.keypoints, strict=True))
+
+    @property
+    def xywh(self) -> tuple[float, float, float, float]:
+        """The box as ``(x, y, width, height)``, COCO's bbox convention."""
+        x1, y1, x2, y2 = self.box
+        return (x1, y1, x2 - x1, y2 - y1)
+
+    def keypoints_array(self) -> NDArray[np.float32]:
+        """``[K, 3]`` float32 array of ``(x, y, conf)``."""
+        return np.asarray(self.keypoints, dtype=np.float32).reshape(len(self.keypoints), 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +96,25 @@ class Pose:
             "score": self.score,
             "keypoints": [list(point) for point in self.keypoints],
         }
+
+    def to_coco(self, image_id: int) -> dict[str, Any]:
+        """One COCO keypoint result: ``keypoints`` is ``[x, y, v] * K`` flat with the confidence as ``v``.
+
+        pycocotools' OKS uses only ``x`` and ``y`` of results; keeping the confidence in ``v`` (as
+        Ultralytics does) lets the file still say how sure each keypoint is.
+        """
+        return {
+            "image_id": image_id,
+            "category_id": COCO_PERSON_CATEGORY,
+            "keypoints": [round(v, 3) for point in self.keypoints for v in point],
+            "score": round(self.score, 5),
+            "bbox": [round(v, 3) for v in self.xywh],
+        }
+
+
+def default_keypoint_names(count: int) -> tuple[str, ...]:
+    """COCO's names for 17 keypoints, ``kpt_0 .. kpt_{count-1}`` otherwise."""
+    return COCO_KEYPOINT_NAMES if count == len(COCO_KEYPOINT_NAMES) else tuple(f"kpt_{i}" for i in range(count))
 
 
 @dataclass(frozen=True)
@@ -61,6 +134,21 @@ class ImagePoses:
             "detections": [pose.to_dict() for pose in self.poses],
         }
 
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """COCO-format keypoint results for this image (see :meth:`Pose.to_coco`)."""
+        return [pose.to_coco(image_id) for pose in self.poses]
+
+    def as_arrays(self, num_keypoints: int | None = None) -> PoseArrays:
+        """The poses as arrays (``[0, 4]``, ``[0]``, ``[0, K, 3]`` when there are none)."""
+        k = num_keypoints if num_keypoints is not None else (len(self.poses[0].keypoints) if self.poses else 17)
+        if not self.poses:
+            return PoseArrays(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, k, 3), np.float32))
+        return PoseArrays(
+            np.asarray([pose.box for pose in self.poses], np.float32),
+            np.asarray([pose.score for pose in self.poses], np.float32),
+            np.stack([pose.keypoints_array() for pose in self.poses]),
+        )
+
     @classmethod
     def from_outputs(
         cls,
@@ -71,6 +159,7 @@ class ImagePoses:
         boxes: NDArray[Any],
         scores: NDArray[Any],
         keypoints: NDArray[Any],
+        keypoint_names: tuple[str, ...] = (),
     ) -> ImagePoses:
         """Build from one image's rows of the output arrays: ``boxes [K, 4]``, ``scores [K]``, ``keypoints [K, N, 3]``.
 
@@ -86,6 +175,7 @@ class ImagePoses:
                 box=_box(boxes[i]),
                 score=float(scores[i]),
                 keypoints=tuple(_keypoint(point) for point in keypoints[i]),
+                keypoint_names=keypoint_names,
             )
             for i in range(count)
         ]
@@ -106,7 +196,23 @@ class FailedImage:
 ImageResult = ImagePoses | FailedImage
 
 
-def poses_from_batch(images: Sequence[tuple[str, int, int]], outputs: Mapping[str, NDArray[Any]]) -> list[ImagePoses]:
+def to_coco_results(results: Iterable[ImageResult], image_ids: Iterable[int]) -> list[dict[str, Any]]:
+    """COCO keypoint results (``[{"image_id", "category_id": 1, "keypoints", "score", "bbox"}]``) of many images.
+
+    ``image_ids`` pairs with ``results`` in order; failed images contribute nothing.
+    """
+    rows: list[dict[str, Any]] = []
+    for result, image_id in zip(results, image_ids, strict=True):
+        if isinstance(result, ImagePoses):
+            rows += result.to_coco(image_id)
+    return rows
+
+
+def poses_from_batch(
+    images: Sequence[tuple[str, int, int]],
+    outputs: Mapping[str, NDArray[Any]],
+    keypoint_names: tuple[str, ...] = (),
+) -> list[ImagePoses]:
     """Split a response (``outputs`` by tensor name) into one :class:`ImagePoses` per ``(name, width, height)``."""
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
@@ -115,7 +221,7 @@ def poses_from_batch(images: Sequence[tuple[str, int, int]], outputs: Mapping[st
     if len(counts) != len(images):
         raise ValueError(f"sent {len(images)} images but the response holds {len(counts)}")
     return [
-        ImagePoses.from_outputs(name, width, height, counts[i], boxes[i], scores[i], keypoints[i])
+        ImagePoses.from_outputs(name, width, height, counts[i], boxes[i], scores[i], keypoints[i], keypoint_names)
         for i, (name, width, height) in enumerate(images)
     ]
 
@@ -129,6 +235,13 @@ class ModelMetadata:
     skeleton: tuple[tuple[int, int], ...]
     max_batch_size: int
     parameters: Mapping[str, str] = field(default_factory=dict)
+    # The ensemble's input: "IMAGE" (encoded images) or "PIXELS" (raw RGB arrays, the NAME_pixels ensembles).
+    input_name: str = "IMAGE"
+
+    @property
+    def is_pose_model(self) -> bool:
+        """Whether the config says it is a pose model (it carries keypoint names) — how discovery tells them apart."""
+        return "keypoint_names" in self.parameters
 
     @property
     def family(self) -> str:
@@ -162,7 +275,24 @@ class ModelMetadata:
             skeleton=skeleton,
             max_batch_size=int(config.get("max_batch_size", 0)),
             parameters=parameters,
+            input_name=_first_input_name(config),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input": self.input_name,
+            "family": self.family,
+            "description": self.description,
+            "max_batch_size": self.max_batch_size,
+            "keypoint_names": list(self.keypoint_names),
+            "skeleton": [list(pair) for pair in self.skeleton],
+        }
+
+
+def _first_input_name(config: Mapping[str, Any]) -> str:
+    inputs = config.get("input") or [{}]
+    return str(inputs[0].get("name", "IMAGE")) if isinstance(inputs, list) and inputs else "IMAGE"
 
 
 def _check_rows(boxes: NDArray[Any], scores: NDArray[Any], keypoints: NDArray[Any]) -> int:
@@ -184,7 +314,7 @@ def _box(row: NDArray[Any]) -> Box:
 
 def _keypoint(row: NDArray[Any]) -> Keypoint:
     x, y, conf = (float(v) for v in row)
-    return (x, y, conf)
+    return Keypoint(x, y, conf)
 
 
 def _load_json(model: str, key: str, text: str) -> Any:

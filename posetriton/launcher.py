@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from posetriton.watchdog import StubWatchdog
+
 
 class ServerStartError(RuntimeError):
     """Triton could not be started; the message says why in plain words."""
@@ -42,6 +44,8 @@ class ServerOptions:
     models: list[str] | None = None
     log_file: Path | None = None
     log_verbose: int = 0
+    # Reload a model whose Python-backend stub died (Triton itself does not); see posetriton.watchdog.
+    stub_watchdog: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -102,6 +106,7 @@ class TritonServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
+        self.watchdog: StubWatchdog | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="posetriton-")
         self.log_path = options.log_file or Path(self._workdir.name) / "tritonserver.log"
 
@@ -132,9 +137,9 @@ class TritonServer:
             "--strict-readiness=true",
             f"--log-verbose={o.log_verbose}",
         ]
-        if o.models is not None:
-            args.append("--model-control-mode=explicit")
-            args += [f"--load-model={name}" for name in o.models]
+        # Explicit control (all models unless some are named) lets the stub watchdog reload a model.
+        args.append("--model-control-mode=explicit")
+        args += [f"--load-model={name}" for name in (o.models if o.models is not None else ["*"])]
         return args + o.extra_args
 
     def environment(self, root: Path) -> dict[str, str]:
@@ -171,6 +176,9 @@ class TritonServer:
         )
         log.close()
         self._wait_ready(timeout)
+        if o.stub_watchdog:
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url)
+            self.watchdog.start()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -206,6 +214,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout``."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.process is None:
             return None
         if self.process.poll() is None:

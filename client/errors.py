@@ -1,0 +1,135 @@
+"""The exceptions the client raises, and how a gRPC status becomes one of them.
+
+Every ``tritonclient`` exception is turned into a :class:`PoseClientError` subclass with a
+message written for the person at the terminal; the original exception stays attached as
+``__cause__`` for debugging.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from tritonclient.utils import InferenceServerException
+
+# The server prefixes its messages; the client reports the image by name instead.
+_ENSEMBLE_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?")
+_IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
+# Messages about the request as a whole (thresholds, batch size) rather than about one image.
+_REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
+
+# gRPC statuses worth another try: the server (or the path to it) is momentarily unavailable.
+TRANSIENT_STATUSES = frozenset({"UNAVAILABLE"})
+
+
+class PoseClientError(Exception):
+    """Base of every error this client raises about the server or the inputs; ``str()`` is a one-line message."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The gRPC status name (e.g. "UNAVAILABLE") when the error came from the server.
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying again later may succeed (gRPC ``UNAVAILABLE``); the client retries only these."""
+        return self.status in TRANSIENT_STATUSES
+
+
+class ServerUnavailableError(PoseClientError):
+    """Nothing answers at the URL, or the server is not live."""
+
+
+class ModelNotReadyError(PoseClientError):
+    """The server answers but does not serve the requested model (unknown, not loaded, or still loading)."""
+
+
+class DeadlineExceededError(PoseClientError):
+    """The server did not answer within the client's timeout (the gRPC deadline)."""
+
+
+class InvalidInputError(PoseClientError):
+    """An image (or the request) was refused; ``index``/``image`` say which image when known.
+
+    ``reason`` is the explanation without the server's prefixes; ``server_message`` is the
+    server's text unchanged (``None`` when the client refused the image before sending it).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        index: int | None = None,
+        image: str | None = None,
+        server_message: str | None = None,
+        status: str | None = None,
+    ) -> None:
+        super().__init__(f"{image}: {reason}" if image else reason, status)
+        self.reason = reason
+        self.index = index
+        self.image = image
+        self.server_message = server_message
+
+
+def grpc_status(exc: InferenceServerException) -> str:
+    """``"UNAVAILABLE"`` for ``StatusCode.UNAVAILABLE``; ``""`` when tritonclient gave no status."""
+    return str(exc.status() or "").removeprefix("StatusCode.")
+
+
+def translate(
+    exc: InferenceServerException,
+    *,
+    url: str,
+    model: str,
+    timeout_s: float,
+    names: Sequence[str] = (),
+    indices: Sequence[int] = (),
+) -> PoseClientError:
+    """Map a gRPC status to the error hierarchy, with a message that says what to do about it.
+
+    ``names`` are the images of the failed request and ``indices`` their positions in the
+    caller's call (a call may be split into several requests), so a refused image is named
+    and indexed as the caller knows it.
+    """
+    status = grpc_status(exc)
+    message = str(exc.message() or exc)
+    if status == "INVALID_ARGUMENT":
+        return invalid_input(message, names, indices or range(len(names)), status)
+    if status == "NOT_FOUND" or (status == "UNAVAILABLE" and "model" in message.lower()):
+        return ModelNotReadyError(f"model {model!r} is not served at {url}: {message}", status)
+    if status == "UNAVAILABLE":
+        return ServerUnavailableError(
+            f"cannot reach Triton's gRPC endpoint at {url} ({message}); "
+            "is the server running (posetriton serve) and is this its gRPC port?",
+            status,
+        )
+    if status == "DEADLINE_EXCEEDED":
+        return DeadlineExceededError(
+            f"Triton at {url} did not answer within {timeout_s:g} s; raise the timeout or send smaller batches",
+            status,
+        )
+    return PoseClientError(f"Triton at {url} failed the request ({status or 'no status'}): {message}", status)
+
+
+def invalid_input(message: str, names: Sequence[str], indices: Sequence[int], status: str) -> InvalidInputError:
+    """Name the refused image: the server says "image I of N: ..." for batches and nothing for a single image.
+
+    ``index`` stays None when the request itself was refused (a threshold, the batch size), so
+    a caller does not blame, or retry, the images.
+    """
+    reason = _ENSEMBLE_PREFIX.sub("", message)
+    local: int | None = None
+    match = _IMAGE_INDEX.match(reason)
+    if match is not None:
+        local, reason = int(match.group(1)), reason[match.end() :]
+    elif len(names) == 1 and not _REQUEST_LEVEL.match(reason):
+        local = 0
+    known = local is not None and 0 <= local < len(names)
+    return InvalidInputError(
+        reason,
+        index=indices[local] if known and local is not None else local,
+        image=names[local] if known and local is not None else None,
+        server_message=message,
+        status=status,
+    )

