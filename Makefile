@@ -69,16 +69,26 @@ lint:
 format:
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-# Benchmarks behind docs/benchmarks.md and docs/precision.md (YOLO-NAS Pose N: seeded weights, same cost).
-bench: models
-	$(EXPORT_VENV)/bin/python -m build_engines build yolo_nas_pose_n --seed 0 --repository $(REPOSITORY)
+# Everything behind docs/benchmarks.md and docs/precision.md, in one run (about 20 minutes on 2 cores).
+# YOLO-NAS Pose N uses seeded weights: the network costs the same as with trained ones.
+bench: models perf-tools
+	$(EXPORT_VENV)/bin/python -m build_engines build yolo_nas_pose_n --seed 0 --repository $(REPOSITORY) \
+	  --workdir build/bench-export
+	mkdir -p results
 	for model in yolo11n_pose yolo_nas_pose_n; do for config in cpu cpu_bf16; do \
 	  $(VENV)/bin/python benchmarks/serving_vs_raw.py --repository $(REPOSITORY) --model $$model \
 	    --config-name $$config --json results/serving_vs_raw_$${model}_$${config}.json || exit 1; done; done
 	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
 	  > results/precision_yolo11n_pose.json
+	$(VENV)/bin/python benchmarks/comparisons.py --repository $(REPOSITORY) --model yolo_nas_pose_n \
+	  --checkpoint build/bench-export/yolo_nas_pose_n/yolo_nas_pose_n_seed0.pth > results/comparisons_yolo_nas_pose_n.json
+	$(VENV)/bin/python benchmarks/comparisons.py --repository $(REPOSITORY) --model yolo11n_pose \
+	  > results/comparisons_yolo11n_pose.json
+	$(VENV)/bin/python benchmarks/loadtest.py --repository $(REPOSITORY) --model yolo11n_pose --concurrency 1 2 4 8
+	$(VENV)/bin/python benchmarks/tune.py --repository $(REPOSITORY) --model yolo11n_pose --concurrency 1 4 \
+	  > results/tune_yolo11n_pose.md
 
-# perf_analyzer concurrency sweep with real photos: table + plot in results/loadtest/.
+# perf_analyzer concurrency sweep with real photos alone: table + plot in results/loadtest/.
 loadtest: models perf-tools
 	$(VENV)/bin/python benchmarks/loadtest.py --model yolo11n_pose --concurrency 1 2 4 8
 

@@ -39,31 +39,39 @@ class LetterboxTransform:
         return cls(scale_x, scale_y, int(pad_x), int(pad_y), int(width), int(height))
 
 
-def letterbox(image: np.ndarray, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxTransform]:
-    """Resize an HWC uint8 image so its longest side is ``input_size`` and pad it to a square.
+def letterbox_geometry(height: int, width: int, spec: LetterboxSpec) -> tuple[int, int, LetterboxTransform]:
+    """``(new_w, new_h, transform)``: the resized size and the placement of an image in the network input.
 
-    Matches super-gradients (``round`` half-to-even sizes, cv2 bilinear, pad bottom-right) and
-    Ultralytics (same resize, pad split around the centre with its -0.1/+0.1 rounding).
-    Small images are upscaled, as both references do; a side never shrinks below one pixel.
+    Matches super-gradients (``round`` half-to-even sizes, pad bottom-right) and Ultralytics (same
+    resize, pad split around the centre with its -0.1/+0.1 rounding). Small images are upscaled,
+    as both references do; a side never shrinks below one pixel. Shared by the CPU letterbox below
+    and the GPU one (posetriton.serving.gpu_preprocess).
     """
-    height, width = image.shape[:2]
     size = spec.input_size
     scale = min(size / height, size / width)
     new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
-    if (new_w, new_h) != (width, height):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     if spec.pad_position == "center":
         dw, dh = (size - new_w) / 2, (size - new_h) / 2
         left, top = round(dw - 0.1), round(dh - 0.1)
     else:
         left, top = 0, 0
-    canvas = np.full((size, size, image.shape[2]), spec.pad_value, dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = image
     if spec.per_axis_scale:
         scale_x, scale_y = new_w / width, new_h / height
     else:
         scale_x = scale_y = scale
-    return canvas, LetterboxTransform(scale_x, scale_y, left, top, width, height)
+    return new_w, new_h, LetterboxTransform(scale_x, scale_y, left, top, width, height)
+
+
+def letterbox(image: np.ndarray, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxTransform]:
+    """Resize an HWC uint8 image (cv2 bilinear, as both references) and pad it to the square network input."""
+    height, width = image.shape[:2]
+    new_w, new_h, transform = letterbox_geometry(height, width, spec)
+    if (new_w, new_h) != (width, height):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    size = spec.input_size
+    canvas = np.full((size, size, image.shape[2]), spec.pad_value, dtype=np.uint8)
+    canvas[transform.pad_y : transform.pad_y + new_h, transform.pad_x : transform.pad_x + new_w] = image
+    return canvas, transform
 
 
 def to_network_input(canvases: np.ndarray, spec: LetterboxSpec) -> np.ndarray:

@@ -7,10 +7,15 @@ Per served model ``NAME`` the repository holds five models:
     NAME_preprocess    Python backend: decode + letterbox            (posetriton.serving.preprocess)
     NAME_network       config.pbtxt: TensorRT plan (GPU, the default)
                        configs/cpu.pbtxt, configs/cpu_bf16.pbtxt: OpenVINO IR in the Python backend
+                       configs/gpu_ort_trt*.pbtxt: ONNX Runtime + TensorRT accelerator (no engine build)
     NAME_postprocess   Python backend: threshold + NMS + map back    (posetriton.serving.postprocess)
 
-``tritonserver --model-config-name=cpu`` selects the CPU network; the other four models have
-only ``config.pbtxt``, which serves both.
+``tritonserver --model-config-name=cpu`` selects the CPU network; a model without a file of that
+name falls back to its ``config.pbtxt``. GPU configuration names (:data:`GPU_CONFIGS`) pick the
+network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GPU JPEG decode and
+letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.serving.gpu_preprocess),
+``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The
+ensembles are the same for every configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, P
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
+# GPU configuration names -> (network variant, preprocess variant). "plan" and "cpu" are the default
+# config.pbtxt of NAME_network and NAME_preprocess, so no file is written for them.
+GPU_CONFIGS = {
+    "gpu_nvjpeg": ("plan", "nvjpeg"),
+    "gpu_ort_trt": ("ort_trt", "cpu"),
+    "gpu_ort_trt_nvjpeg": ("ort_trt", "nvjpeg"),
+}
+GPU_PREPROCESS_MODEL_FILE = "gpu_model.py"
 VERSION = "1"
 OUTPUTS = (
     ("NUM_DETECTIONS", "TYPE_INT32", "1"),
@@ -49,6 +62,11 @@ class Tuning:
     # OpenVINO on CPU: LATENCY = one stream using every core for the whole (dynamic) batch. On 2 cores it
     # matched THROUGHPUT's best (2 streams, requests in flight) in images/s and halves single-request latency.
     network_performance_hint: str = "LATENCY"
+    # GPU: ONNX Runtime-TensorRT fallback (configs/gpu_ort_trt*.pbtxt) and GPU preprocessing.
+    ort_trt_precision: str = "FP16"
+    ort_trt_workspace_bytes: int = 4 << 30
+    ort_trt_engine_cache_path: str = "/tmp/posetriton-ort-trt-cache"
+    gpu_preprocess_instances: int = 1
 
 
 @dataclass(frozen=True)
@@ -186,12 +204,23 @@ def ensemble_config(model: ServedModel, pixels: bool) -> str:
     )
 
 
-def preprocess_config(model: ServedModel) -> str:
+def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
+    """CPU decode + letterbox (config.pbtxt), or with ``gpu`` nvJPEG decode + letterbox on the GPU
+    (posetriton.serving.gpu_preprocess, non-JPEG inputs on the CPU path); the tensors are the same."""
     s = model.letterbox.input_size
     optional = " optional: true"
+    if gpu:
+        variant = [
+            "# nvJPEG decode (torchvision) + letterbox on the GPU; non-JPEG inputs take the CPU path.",
+            f'default_model_filename: "{GPU_PREPROCESS_MODEL_FILE}"',
+        ]
+        instances = _instances(model.tuning.gpu_preprocess_instances, "KIND_GPU")
+    else:
+        variant, instances = [], _instances(model.tuning.preprocess_instances, "KIND_CPU")
     return "\n".join(
         [
             _header(model.step("preprocess"), 'backend: "python"', model.tuning.max_batch_size),
+            *variant,
             _block(
                 "input",
                 [
@@ -204,7 +233,7 @@ def preprocess_config(model: ServedModel) -> str:
                 [_tensor("images", "TYPE_FP32", f"3, {s}, {s}"), _tensor("letterbox", "TYPE_FP64", "6")],
             ),
             _batching(0),
-            _instances(model.tuning.preprocess_instances, "KIND_CPU"),
+            instances,
             _parameters(model.letterbox.to_parameters()),
         ]
     )
@@ -242,6 +271,48 @@ def network_gpu_config(model: ServedModel) -> str:
     )
 
 
+def _warmup(model: ServedModel) -> str:
+    """Batch 1 then the largest batch at load, so ORT-TRT builds its engine for the whole range before serving."""
+    s = model.letterbox.input_size
+    entries = []
+    for batch in sorted({1, model.tuning.max_batch_size}):
+        entries.append(
+            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "images" value: '
+            f"{{ data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] zero_data: true }} }} }}"
+        )
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+
+
+def network_ort_trt_config(model: ServedModel) -> str:
+    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step."""
+    t = model.tuning
+    accelerator = _parameters_inline(
+        {
+            "precision_mode": t.ort_trt_precision,
+            "max_workspace_size_bytes": str(t.ort_trt_workspace_bytes),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": t.ort_trt_engine_cache_path,
+        }
+    )
+    return "\n".join(
+        [
+            _header(model.step("network"), 'platform: "onnxruntime_onnx"', t.max_batch_size),
+            "# ONNX Runtime + TensorRT (ORT-TRT) on model.onnx; engines are built by ONNX Runtime at load (warmup).",
+            'default_model_filename: "model.onnx"',
+            _network_io(model),
+            _batching(100, t.preferred_batch_sizes),
+            _instances(t.network_instances, "KIND_GPU"),
+            "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
+            f'  name : "tensorrt"\n{accelerator}\n}} ] }} }}',
+            _warmup(model),
+        ]
+    )
+
+
+def _parameters_inline(values: dict[str, str]) -> str:
+    return "\n".join(f"  parameters {{ key: {json.dumps(k)} value: {json.dumps(v)} }}" for k, v in values.items())
+
+
 def network_cpu_config(model: ServedModel, precision: str) -> str:
     t = model.tuning
     return "\n".join(
@@ -273,6 +344,7 @@ def render(model: ServedModel) -> dict[str, str]:
         f"{model.step('pixels')}/config.pbtxt": ensemble_config(model, pixels=True),
         f"{model.step('preprocess')}/config.pbtxt": preprocess_config(model),
         f"{model.step('preprocess')}/{VERSION}/model.py": _shim("preprocess"),
+        f"{model.step('preprocess')}/{VERSION}/{GPU_PREPROCESS_MODEL_FILE}": _shim("gpu_preprocess"),
         f"{model.step('postprocess')}/config.pbtxt": postprocess_config(model),
         f"{model.step('postprocess')}/{VERSION}/model.py": _shim("postprocess"),
         f"{network}/config.pbtxt": network_gpu_config(model),
@@ -281,6 +353,11 @@ def render(model: ServedModel) -> dict[str, str]:
     }
     for config_name, precision in CPU_CONFIGS.items():
         files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
+    for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
+        if network_variant == "ort_trt":
+            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model)
+        if preprocess_variant == "nvjpeg":
+            files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
     return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
 
 

@@ -27,8 +27,11 @@ SG_MODEL = "yolo_nas_pose_n"
 UL_MODEL = "yolo11n_pose"
 SEED = 0
 # Code whose change invalidates the cached exports and references.
+EXPORT_CODE = ["__main__.py", "export.py", "onnx_graph.py", "openvino_ir.py", "photos.py"]
 CACHE_INPUTS = [
-    *sorted((ROOT / "build_engines").glob("*.py")),
+    *(ROOT / "build_engines" / name for name in EXPORT_CODE),
+    ROOT / "posetriton" / "processing.py",
+    ROOT / "posetriton" / "images.py",
     ROOT / "build_engines" / "models.toml",
     ROOT / "posetriton" / "repository.py",
     ROOT / "posetriton" / "spec.py",
