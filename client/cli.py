@@ -58,6 +58,13 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _make_draw_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
+
+
 def _check_url(url: str) -> str:
     try:
         return parse_grpc_url(url)
@@ -259,10 +266,7 @@ def _video_targets(videos: Sequence[Path], directory: Path) -> dict[Path, Path]:
         if target.resolve() == video.resolve():
             _fail(f"--draw {directory} would overwrite the input video {video}; choose another directory", EXIT_USAGE)
         targets[video] = target
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
+    _make_draw_directory(directory)
     return targets
 
 
@@ -358,10 +362,7 @@ def _draw_targets(images: Sequence[Path], directory: Path) -> list[Path]:
             f"--draw {directory} would overwrite input image(s) {', '.join(clobbered)}; choose another directory",
             EXIT_USAGE,
         )
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
+    _make_draw_directory(directory)
     return targets
 
 
