@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from posetriton.client import PoseClient, RetryPolicy
 from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.watchdog import python_stubs
 from tests.conftest import UL_MODEL, free_port
@@ -131,21 +132,19 @@ def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_pat
 
         restarted_at = time.monotonic()
         server = TritonServer(options)
-        with ThreadPoolExecutor(1) as pool:
+        retries: list[float] = []
+        policy = RetryPolicy(attempts=200, initial_backoff_s=0.1, max_backoff_s=0.5)
+        with ThreadPoolExecutor(1) as pool, PoseClient(
+            server.grpc_url, model=UL_MODEL, timeout_s=10, retry=policy,
+            on_retry=lambda attempt, error, pause: retries.append(pause),
+        ) as client:  # fmt: skip
             restarting = pool.submit(server.start, 180)
-            attempts, result = 0, None
-            while time.monotonic() - restarted_at < 120:  # a client retrying with a short backoff
-                attempts += 1
-                result = request(options.host + f":{options.grpc_port}", data, 10.0)
-                if isinstance(result, Detections):
-                    break
-                assert result in {"UNAVAILABLE", "NOT_FOUND"}, result  # down, or up with the model loading
-                time.sleep(0.2)
+            result = client.predict(data)  # the SDK retries UNAVAILABLE until Triton is back
+            recovery = time.monotonic() - restarted_at
             restarting.result(timeout=180)
-        recovery = time.monotonic() - restarted_at
-        assert isinstance(result, Detections) and len(result.scores) >= 1
+        assert len(result.poses) >= 1 and retries, "the client should have needed retries"
         print(f"\ncrash: {len(errors)}/{len(outcomes)} in-flight requests failed with {sorted(set(errors))}; "
-              f"recovered {recovery:.1f} s after restart began ({attempts} attempts)")  # fmt: skip
+              f"SDK client served {recovery:.1f} s after the restart began ({len(retries)} retries)")  # fmt: skip
     finally:
         server.stop()
 
