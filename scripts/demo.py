@@ -74,7 +74,8 @@ def main() -> int:
                 return code
             for entry in json.loads(out_json.read_text()):
                 people = len(entry["detections"])
-                print(f"  {model}: {Path(entry['image']).name:18s} {entry['width']}x{entry['height']}  {people} people")
+                noun = "person" if people == 1 else "people"
+                print(f"  {model}: {Path(entry['image']).name:18s} {entry['width']}x{entry['height']}  {people} {noun}")
             print(f"  JSON: {out_json}\n  drawn photos: {drawn}/")
     finally:
         server.stop()
