@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -25,16 +24,10 @@ import numpy as np
 from PIL import Image
 
 from posetriton.client import AsyncPoseClient, PoseClient
-from posetriton.launcher import ServerOptions, TritonServer
+from posetriton.launcher import ServerOptions, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = [ROOT / "samples" / "grace_hopper.jpg", ROOT / "samples" / "astronaut.webp"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _row(name: str, in_flight: int, payload: str, latencies: list[float], wall: float) -> dict[str, Any]:

@@ -26,14 +26,15 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from posetriton.client import image_bytes_input
 from posetriton.images import decode_image
-from posetriton.launcher import ServerOptions, TritonServer
+from posetriton.launcher import ServerOptions, TritonServer, free_port
 from posetriton.processing import letterbox, postprocess, to_network_input
 from posetriton.repository import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.loadtest import default_photos, free_port  # noqa: E402
+from benchmarks.loadtest import default_photos  # noqa: E402
 
 SG_PREDICT = """
 import sys, time, torch
@@ -64,12 +65,6 @@ def rate(call: Callable[[int], object], seconds: float) -> tuple[float, float]:
     return len(times) / (time.perf_counter() - start), float(np.median(times))
 
 
-def image_input(data: bytes) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([data], dtype=object).reshape(1, 1))
-    return tensor
-
-
 def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=quality)
@@ -93,7 +88,7 @@ def mosaic(photos: list[Path], side: int, tile: int = 640) -> bytes:
 
 def served(client: grpcclient.InferenceServerClient, model: str, photos: list[bytes], seconds: float) -> dict:
     def call(i: int) -> object:
-        return client.infer(model, [image_input(photos[i % len(photos)])]).as_numpy("NUM_DETECTIONS")
+        return client.infer(model, [image_bytes_input([photos[i % len(photos)]])]).as_numpy("NUM_DETECTIONS")
 
     per_s, median = rate(call, seconds)
     people = [int(call(i)[0, 0]) for i in range(len(photos))]  # type: ignore[index]

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import tempfile
@@ -179,12 +178,6 @@ def plot(rows: list[dict], steps: list[str], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="yolo11n_pose")
@@ -203,7 +196,7 @@ def main() -> None:
     data = input_data(args.photos or default_photos(), workdir / "photos.json")
     server = None
     if args.url is None:
-        from posetriton.launcher import ServerOptions, TritonServer
+        from posetriton.launcher import ServerOptions, TritonServer, free_port
 
         options = ServerOptions(
             repository=args.repository, config_name=args.config_name, http_port=free_port(),

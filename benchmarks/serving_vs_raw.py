@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
+from posetriton.client import image_bytes_input
 from posetriton.images import decode_image
 from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.openvino_runtime import OpenVinoRunner
@@ -28,12 +29,6 @@ from posetriton.processing import letterbox, to_network_input
 from posetriton.repository import CPU_CONFIGS, load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def image_input(images: list[bytes]) -> grpcaio.InferInput:
-    tensor = grpcaio.InferInput("IMAGE", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(images, dtype=object).reshape(-1, 1))
-    return tensor
 
 
 def default_photos() -> list[Path]:
@@ -90,7 +85,7 @@ async def served_throughput(url: str, model: str, photos: list[bytes], concurren
         done = 0
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            await client.infer(model, [image_input([photos[(offset + done) % len(photos)]])])
+            await client.infer(model, [image_bytes_input([photos[(offset + done) % len(photos)]])])
             latencies.append(time.perf_counter() - start)
             done += 1
         return done

@@ -12,7 +12,7 @@ The drawing helpers (``posetriton.client.drawing``), COCO evaluation (``posetrit
 needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not imported here.
 """
 
-from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy
+from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy, image_bytes_input
 from .aio_client import AsyncPoseClient
 from .errors import (
     DeadlineExceededError,
@@ -60,6 +60,7 @@ __all__ = [
     "StreamItem",
     "directory_images",
     "frames_from",
+    "image_bytes_input",
     "to_coco_results",
     "video_frames",
 ]

@@ -104,14 +104,20 @@ class Request:
                 tensor.set_shared_memory(region.name, size)
             return tensor
         data = [image.data or b"" for image in self.images]
-        tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
         if region is None:
-            batch = np.empty((len(data), 1), dtype=object)
-            batch[:, 0] = data
-            tensor.set_data_from_numpy(batch)
-        else:
-            tensor.set_shared_memory(region.name, region.write_bytes_tensor(data))
+            return image_bytes_input(data)
+        tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+        tensor.set_shared_memory(region.name, region.write_bytes_tensor(data))
         return tensor
+
+
+def image_bytes_input(data: Sequence[bytes]) -> grpcclient.InferInput:
+    """The ``IMAGE`` input of a pose ensemble: encoded images as a BYTES tensor ``[B, 1]``."""
+    tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+    batch = np.empty((len(data), 1), dtype=object)
+    batch[:, 0] = list(data)
+    tensor.set_data_from_numpy(batch)
+    return tensor
 
 
 class ClientCore:

@@ -9,20 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
+from posetriton.launcher import ServerOptions, ServerStartError, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def demo_photos(inputs: Path) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from posetriton.client.cli import _draw_targets, app
 from posetriton.client.drawing import draw_poses, keypoint_color, load_image_rgb
 from posetriton.client.grpc_client import encode_image, parse_grpc_url, request_parameters, upright_size
 from posetriton.client.results import MetadataError, poses_from_batch
+from posetriton.launcher import free_port
 
 K = 17
 
@@ -236,17 +236,11 @@ def test_draw_targets_never_collide_or_overwrite_inputs(tmp_path: Path) -> None:
 # --- CLI failure paths -----------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_cli_reports_an_unreachable_server_in_one_line(tmp_path: Path) -> None:
     image = tmp_path / "a.jpg"
     image.write_bytes(_jpeg(8, 8))
     output = tmp_path / "out.json"
-    args = ["predict", str(image), "--url", f"127.0.0.1:{_closed_port()}", "--output-json", str(output)]
+    args = ["predict", str(image), "--url", f"127.0.0.1:{free_port()}", "--output-json", str(output)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert result.stderr.startswith("error: cannot reach Triton") and result.stderr.count("\n") == 1

@@ -8,18 +8,14 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from posetriton.client import image_bytes_input as image_input
+
 
 @dataclass
 class Detections:
     boxes: np.ndarray  # [N, 4]
     scores: np.ndarray  # [N]
     keypoints: np.ndarray  # [N, 17, 3]
-
-
-def image_input(images: list[bytes]) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array(images, dtype=object).reshape(-1, 1))
-    return tensor
 
 
 def pixels_input(pixels: np.ndarray) -> grpcclient.InferInput:
