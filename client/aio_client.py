@@ -8,7 +8,6 @@ one client per event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from os import PathLike
@@ -31,7 +30,7 @@ from ._core import (
 from .errors import InvalidInputError, ModelNotReadyError, PoseClientError, ServerUnavailableError
 from .inputs import DEFAULT_URL, ArrayEncoding, ImageInput, request_parameters
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
-from .shm import Region, RegionPool, destroy
+from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
 
 T = TypeVar("T")
@@ -85,9 +84,7 @@ class AsyncPoseClient(ClientCore):
 
     async def close(self) -> None:
         for region in self._regions.drain():
-            with contextlib.suppress(InferenceServerException):
-                await self._client.unregister_system_shared_memory(region.name, **self._health())
-            destroy(region)
+            await self._release(region)
         await self._client.close()
 
     # --- health and discovery ----------------------------------------------------------------
@@ -264,9 +261,7 @@ class AsyncPoseClient(ClientCore):
     async def _region(self, nbytes: int) -> Region:
         region, created, replaced = self._regions.take(nbytes)
         if replaced is not None:
-            with contextlib.suppress(InferenceServerException):
-                await self._client.unregister_system_shared_memory(replaced.name, **self._health())
-            destroy(replaced)
+            await self._release(replaced)
         if not created:
             return region
         try:
@@ -276,6 +271,20 @@ class AsyncPoseClient(ClientCore):
             self._regions.forget(region)
             raise
         return region
+
+    async def _release(self, region: Region) -> None:
+        """Unregister a region once the server no longer holds it, then unlink it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELEASE_WAIT_S
+        while True:
+            try:
+                await self._client.unregister_system_shared_memory(region.name, **self._health())
+                break
+            except InferenceServerException as exc:  # a server gone: the region is freed all the same
+                if not still_in_use(exc) or loop.time() > deadline:
+                    break
+                await asyncio.sleep(RELEASE_POLL_S)
+        destroy(region)
 
     async def _call(
         self, operation: Callable[[], Awaitable[T]], *, model: str | None = None, timeout_s: float | None = None,

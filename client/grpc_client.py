@@ -6,7 +6,6 @@ See ``posetriton.client.inputs`` for what each kind of input becomes on the wire
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,7 +47,7 @@ from .inputs import (
     upright_size,
 )
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
-from .shm import Region, RegionPool, destroy
+from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
 
 __all__ = [
@@ -126,9 +125,7 @@ class PoseClient(ClientCore):
     def close(self) -> None:
         """Unregister and free the shared memory regions (if any), then close the channel."""
         for region in self._regions.drain():
-            with contextlib.suppress(InferenceServerException):  # a server gone: the region is freed all the same
-                self._client.unregister_system_shared_memory(region.name, **self._health())
-            destroy(region)
+            self._release(region)
         self._client.close()
 
     # --- health and discovery ----------------------------------------------------------------
@@ -311,9 +308,7 @@ class PoseClient(ClientCore):
     def _region(self, nbytes: int) -> Region:
         region, created, replaced = self._regions.take(nbytes)
         if replaced is not None:
-            with contextlib.suppress(InferenceServerException):
-                self._client.unregister_system_shared_memory(replaced.name, **self._health())
-            destroy(replaced)
+            self._release(replaced)
         if not created:
             return region
         try:
@@ -326,6 +321,19 @@ class PoseClient(ClientCore):
             self._regions.forget(region)
             raise
         return region
+
+    def _release(self, region: Region) -> None:
+        """Unregister a region once the server no longer holds it, then unlink it."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            try:
+                self._client.unregister_system_shared_memory(region.name, **self._health())
+                break
+            except InferenceServerException as exc:  # a server gone: the region is freed all the same
+                if not still_in_use(exc) or time.monotonic() > deadline:
+                    break
+                time.sleep(RELEASE_POLL_S)
+        destroy(region)
 
     def _call(
         self, operation: Callable[[], T], *, model: str | None = None, timeout_s: float | None = None,

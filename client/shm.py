@@ -7,7 +7,7 @@ KB per image) and their size depends on the number of people found.
 
 A pool keeps one region per request in flight and reuses them; a region too small for a
 request is replaced by a larger one (sizes round up to powers of two). ``close()`` unregisters
-and unlinks every region.
+and unlinks every region, waiting (up to ``RELEASE_WAIT_S``) for the server to release it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ import tritonclient.utils.shared_memory as shm
 from numpy.typing import NDArray
 
 MIN_REGION_BYTES = 1 << 16
+# Triton refuses to unregister a region that a request still holds ("currently in use"); an
+# ensemble may release its input a moment after the response reached the client, so retry.
+RELEASE_WAIT_S = 10.0
+RELEASE_POLL_S = 0.02
+
+
+def still_in_use(error: Exception) -> bool:
+    """Whether Triton refused to unregister a region because a request still holds it."""
+    return "currently in use" in str(error)
 
 
 @dataclass

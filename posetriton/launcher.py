@@ -257,6 +257,8 @@ def serve_forever(options: ServerOptions, timeout: float = 120.0) -> int:
     def _stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        if server.watchdog is not None:  # stubs now exit on purpose: a reload would keep a model alive
+            server.watchdog.stop(wait=False)
         if server.process is not None and server.process.poll() is None:
             server.process.send_signal(signal.SIGTERM)
 

@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from posetriton.launcher import ServerOptions, TritonServer, free_port
 
@@ -110,6 +112,33 @@ def references(model_repository: Path, photo_paths: list[Path]) -> dict:
     with np.load(out / "arrays.npz") as data:
         arrays = {name: data[name] for name in data.files}
     return {"arrays": arrays, "detections": json.loads((out / "detections.json").read_text())}
+
+
+def model_stats(url: str, model: str) -> tuple[int, int, int]:
+    """(successful requests, failed requests, images inferred) so far, from Triton's statistics.
+
+    Triton counts a request just after it sent the response, so a read right after a call can miss
+    it: read until two reads a moment apart agree.
+    """
+
+    def read() -> tuple[int, int, int]:
+        with grpcclient.InferenceServerClient(url) as triton:
+            (stats,) = triton.get_inference_statistics(model, as_json=True)["model_stats"]
+        inference = stats["inference_stats"]
+        return (
+            int(inference["success"].get("count", 0)),
+            int(inference["fail"].get("count", 0)),
+            int(stats.get("inference_count", 0)),
+        )
+
+    previous = read()
+    for _ in range(20):
+        time.sleep(0.25)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
 
 
 def start_server(repository: Path, config_name: str = "cpu", models: list[str] | None = None) -> TritonServer:

@@ -34,7 +34,7 @@ from posetriton.client import (
 )
 from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
-from tests.conftest import SG_MODEL, UL_MODEL, free_port
+from tests.conftest import SG_MODEL, UL_MODEL, free_port, model_stats
 
 PIXELS_MODEL = f"{UL_MODEL}_pixels"
 
@@ -47,18 +47,6 @@ def _photo(photo_paths: list[Path], name: str) -> Path:
 def _rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
-
-
-def _stats(url: str, model: str) -> tuple[int, int, int]:
-    """(successful requests, failed requests, images inferred) so far, from Triton's statistics."""
-    with grpcclient.InferenceServerClient(url) as triton:
-        (stats,) = triton.get_inference_statistics(model, as_json=True)["model_stats"]
-    inference = stats["inference_stats"]
-    return (
-        int(inference["success"].get("count", 0)),
-        int(inference["fail"].get("count", 0)),
-        int(stats.get("inference_count", 0)),
-    )
 
 
 def _delta(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...]:
@@ -82,15 +70,15 @@ def test_every_input_type_gives_the_same_poses(served_url: str, photo_paths: lis
     pixels = _rgb(zidane)  # what the server decodes from the file
     with PoseClient(served_url, UL_MODEL) as client, PoseClient(served_url, UL_MODEL, array_encoding="png") as png:
         reference = client.predict(zidane)
-        before_image, before_pixels = _stats(served_url, UL_MODEL), _stats(served_url, PIXELS_MODEL)
+        before_image, before_pixels = model_stats(served_url, UL_MODEL), model_stats(served_url, PIXELS_MODEL)
         as_str = client.predict(str(zidane))
         as_bytes = client.predict(zidane.read_bytes())
         as_array = client.predict(pixels)
         with Image.open(zidane) as opened:
             as_pil = client.predict(opened)
         as_png = png.predict(pixels)
-        image_delta = _delta(before_image, _stats(served_url, UL_MODEL))
-        pixels_delta = _delta(before_pixels, _stats(served_url, PIXELS_MODEL))
+        image_delta = _delta(before_image, model_stats(served_url, UL_MODEL))
+        pixels_delta = _delta(before_pixels, model_stats(served_url, PIXELS_MODEL))
 
     assert len(reference.poses) == 2 and reference.image == str(zidane)
     assert (as_str.image, as_bytes.image, as_array.image) == (str(zidane), "<image 0>", "<image 0>")
@@ -105,10 +93,10 @@ def test_a_mixed_batch_keeps_input_order(served_url: str, photo_paths: list[Path
     images: list[Any] = [_rgb(bus), zidane, _rgb(grace), bus.read_bytes(), _rgb(zidane), grace]
     with PoseClient(served_url, UL_MODEL) as client:
         singles = [client.predict(image) for image in images]
-        before_image, before_pixels = _stats(served_url, UL_MODEL), _stats(served_url, PIXELS_MODEL)
+        before_image, before_pixels = model_stats(served_url, UL_MODEL), model_stats(served_url, PIXELS_MODEL)
         batch = client.predict_batch(images)
-        image_delta = _delta(before_image, _stats(served_url, UL_MODEL))
-        pixels_delta = _delta(before_pixels, _stats(served_url, PIXELS_MODEL))
+        image_delta = _delta(before_image, model_stats(served_url, UL_MODEL))
+        pixels_delta = _delta(before_pixels, model_stats(served_url, PIXELS_MODEL))
     counts = [len(r.poses) for r in batch]
     assert counts[0] >= 4 and counts[1] == 2 and counts[2] == 1, counts  # bus, zidane, grace: order matters
     for got, expected in zip(batch, singles, strict=True):
@@ -264,12 +252,12 @@ def test_invalid_argument_is_not_retried(served_url: str, photo_paths: list[Path
     truncated = photo_paths[0].read_bytes()[:2000]
 
     def refused_requests(client: PoseClient) -> int:
-        before = _stats(served_url, UL_MODEL)
+        before = model_stats(served_url, UL_MODEL)
         with pytest.raises(InvalidInputError):
             client.predict(truncated)
         with pytest.raises(InvalidInputError):
             client.predict(photo_paths[0], max_det=5000)
-        successes, failures, _ = _delta(before, _stats(served_url, UL_MODEL))
+        successes, failures, _ = _delta(before, model_stats(served_url, UL_MODEL))
         assert successes == 0
         return failures
 
@@ -364,6 +352,29 @@ def test_shared_memory_gives_the_same_results_and_cleans_up(served_url: str, pho
     for a, b in zip(asyncio.run(concurrent()), expected, strict=True):
         _same(a, b)
     assert not _registered(served_url)
+
+
+def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, photo_paths: list[Path]) -> None:
+    # Triton refuses to unregister a region a request still holds; close() during a request waits.
+    images: list[Any] = [photo_paths[2]] * 16  # a request of about a second on 2 cores
+    with PoseClient(served_url, UL_MODEL) as plain:
+        expected = plain.predict_batch(images)
+    client = PoseClient(served_url, UL_MODEL, shared_memory=True)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=client.predict_batch(images)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not _registered(served_url) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _registered(served_url), "the request registered its region"
+    time.sleep(0.1)  # registered, then sent: let the request reach the server
+    keys = [r.key for r in client._regions._all]
+    client.close()
+    worker.join(timeout=60)
+    for a, b in zip(outcome["result"], expected, strict=True):
+        _same(a, b)
+    assert not _registered(served_url)
+    assert keys and not any(Path("/dev/shm", key.lstrip("/")).exists() for key in keys)
 
 
 # --- streaming -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from posetriton.client import (
 )
 from posetriton.launcher import TritonServer
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
-from tests.conftest import SG_MODEL, UL_MODEL, free_port, start_server
+from tests.conftest import SG_MODEL, UL_MODEL, free_port, model_stats, start_server
 
 EXIF_ORIENTATION = 0x0112
 
@@ -65,13 +65,6 @@ def _assert_same_poses(a: ImagePoses, b: ImagePoses, box_atol: float, score_atol
         assert pa.box == pytest.approx(pb.box, abs=box_atol)
 
 
-def _ensemble_stats(url: str, model: str) -> tuple[int, int]:
-    """(requests that succeeded, images inferred) so far, from Triton's own statistics."""
-    with grpcclient.InferenceServerClient(url) as triton:
-        (stats,) = triton.get_inference_statistics(model, as_json=True)["model_stats"]
-    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("inference_count", 0))
-
-
 def _assert_cause_is_tritonclient(error: PoseClientError, status: str) -> None:
     assert error.status == status
     assert isinstance(error.__cause__, InferenceServerException)
@@ -91,9 +84,9 @@ def test_predict_sends_one_batch_and_returns_results_in_input_order(served_url: 
     images: list[Any] = [bus, rotated, zidane, astronaut]
 
     with PoseClient(served_url, UL_MODEL) as client:
-        requests_before, images_before = _ensemble_stats(served_url, UL_MODEL)
+        requests_before, _, images_before = model_stats(served_url, UL_MODEL)
         results = client.predict(images)
-        requests_after, images_after = _ensemble_stats(served_url, UL_MODEL)
+        requests_after, _, images_after = model_stats(served_url, UL_MODEL)
         singles = [client.predict([image])[0] for image in images]
         upright = client.predict([grace])[0]
 

@@ -34,9 +34,11 @@ from typing import Any
 
 import pytest
 
+from posetriton.client import PoseClient, PoseClientError
 from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
 from posetriton.repository import CPU_CONFIGS, load_catalog
-from tests.conftest import free_port
+from posetriton.watchdog import python_stubs
+from tests.conftest import UL_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -412,7 +414,7 @@ def test_cpu_overlay_selects_the_cpu_configuration_and_gpu_the_default(
     (base,) = [args for instr, args in _dockerfile() if instr == "FROM"]
     assert base == "nvcr.io/nvidia/tritonserver:24.10-py3"
     assert cpu["image"].split(":")[0] == gpu["image"].split(":")[0]
-    assert cpu["command"] == gpu["command"] == ["/opt/tritonserver/bin/tritonserver"]
+    assert cpu["command"] == gpu["command"] == ["python3", "-m", "posetriton.watchdog", "--", NGC_TRITONSERVER]
 
 
 def test_dockerfile_installs_exactly_the_python_backend_dependencies() -> None:
@@ -591,15 +593,23 @@ def test_autoscaling_and_disruption_budget(rendered: dict[str, list[dict[str, An
 # ------------------------------------------------------------------------------- the real Triton
 
 
-class ManifestTriton(TritonServer):
-    """The wheel's tritonserver run with a manifest's container arguments, bound to loopback on free ports."""
+NGC_TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 
-    def __init__(self, container: dict[str, Any], repository: Path, extra: list[str] | None = None) -> None:
+
+class ManifestTriton(TritonServer):
+    """A manifest's container command and arguments, with the wheel's tritonserver for the NGC one,
+    bound to loopback on free ports. ``drop`` removes flags (by name) the test cannot honour here."""
+
+    def __init__(self, container: dict[str, Any], repository: Path, drop: tuple[str, ...] = ()) -> None:
+        # The container's own command runs the stub watchdog: the launcher's would be a second one.
         super().__init__(
-            ServerOptions(repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-        )
-        self.manifest_args = list(container["args"])
-        self.extra = extra or []
+            ServerOptions(
+                repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                stub_watchdog=False,
+            )
+        )  # fmt: skip
+        self.manifest_command = list(container["command"]) + list(container["args"])
+        self.drop = drop
 
     def command(self, backend_dir: Path) -> list[str]:
         o = self.options
@@ -609,17 +619,27 @@ class ManifestTriton(TritonServer):
             "--grpc-port": str(o.grpc_port),
             "--metrics-port": str(o.metrics_port),
         }
-        args, replaced = [], set()
-        for arg in self.manifest_args:
+        command, replaced = [], set()
+        for arg in self.manifest_command:
             key = arg.split("=", 1)[0]
+            if key in self.drop:
+                continue
             if key in replace:
                 replaced.add(key)
                 arg = f"{key}={replace[key]}"
-            args.append(arg)
+            command.append(arg)
         assert replaced == set(replace), f"the manifest lacks {set(replace) - replaced}"
-        binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        assert command.count(NGC_TRITONSERVER) == 1, "the container runs the NGC image's tritonserver"
+        command[command.index(NGC_TRITONSERVER)] = str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver")
         local = [f"--{what}-address=127.0.0.1" for what in ("http", "grpc", "metrics")]
-        return [str(binary), *args, f"--backend-directory={backend_dir}", *local, *self.extra]
+        return [*command, f"--backend-directory={backend_dir}", *local]
+
+    def triton_pid(self) -> int:
+        """The tritonserver process: the child of the container's entry point."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        (child,) = children
+        return int(child)
 
 
 @pytest.fixture()
@@ -636,11 +656,36 @@ def _get(url: str) -> tuple[int, str]:
         return int(response.status), response.read().decode()
 
 
+def _dead_stub_is_reloaded(server: ManifestTriton, photo: Path) -> None:
+    """Kill the preprocess stubs of a served model: the container's watchdog reloads that model."""
+    deadline = time.monotonic() + 30
+    while "stub watchdog: watching" not in server.log_text() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the entry point starts its watchdog once Triton is ready
+    with PoseClient(server.grpc_url, UL_MODEL, retry=1, timeout_s=30) as client:
+        assert client.predict(photo).poses
+        victims = [
+            pid for pid, model in python_stubs(server.triton_pid()).values() if model == f"{UL_MODEL}_preprocess"
+        ]
+        assert victims, "the preprocess model runs in Python-backend stubs"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_at, result = time.monotonic(), None
+        while result is None and time.monotonic() - killed_at < 60:
+            try:
+                result = client.predict(photo)
+            except PoseClientError:
+                time.sleep(0.2)
+        assert result is not None and result.poses, "served again after the watchdog reloaded the model"
+    assert "reloaded" in server.log_text(), "the watchdog reports what it did in the container log"
+
+
 def test_cpu_overlay_arguments_start_the_real_triton(
-    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton]
-) -> None:
-    """Triton 2.51 accepts the CPU overlay's arguments, loads the repository, answers every probe and
-    exposes the series the prometheus-adapter rule reads; SIGTERM ends it within --exit-timeout-secs."""
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton],
+
+) -> None:  # fmt: skip
+    """Triton 2.51 accepts the CPU overlay's command and arguments, loads the repository, answers every
+    probe and exposes the series the prometheus-adapter rule reads; SIGTERM ends it within
+    --exit-timeout-secs."""
     triton = _triton(rendered["cpu"])
     server = ManifestTriton(triton, model_repository)
     manifest_server.append(server)
@@ -656,10 +701,32 @@ def test_cpu_overlay_arguments_start_the_real_triton(
         assert any(re.fullmatch(selector.group(1), m) for m in models), f"{series}: no series for {selector.group(1)}"
     assert server.process is not None
     started = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
+    server.process.send_signal(signal.SIGTERM)  # to the entry point, which passes it on to Triton
     code = server.process.wait(timeout=int(_flag(triton, "exit-timeout-secs")) + 15)
     assert code == 0, f"tritonserver exited {code} on SIGTERM:\n{server.log_text()[-3000:]}"
     assert time.monotonic() - started <= int(_flag(triton, "exit-timeout-secs"))
+
+
+def test_cpu_overlay_entry_point_brings_back_a_dead_stub(
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton],
+    photo_paths: list[Path],
+) -> None:  # fmt: skip
+    """The container's watchdog reloads a model whose stubs died, without a pod restart. Triton 2.51
+    cannot finish unloading the instance whose dead stubs received requests, so the next shutdown waits
+    out --exit-timeout-secs and exits 1: still inside the grace period, before any SIGKILL."""
+    pod = _pod(rendered["cpu"])
+    triton = _triton(rendered["cpu"])
+    server = ManifestTriton(triton, model_repository)
+    manifest_server.append(server)
+    server.start(timeout=240)
+    _dead_stub_is_reloaded(server, photo_paths[0])
+    assert server.process is not None
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
+    code = server.process.wait(timeout=int(pod["spec"]["terminationGracePeriodSeconds"]) - pre_stop)
+    assert code in (0, 1), server.log_text()[-3000:]
+    assert time.monotonic() - started <= int(_flag(triton, "exit-timeout-secs")) + 5
 
 
 def test_gpu_overlay_arguments_are_accepted_by_triton(
@@ -667,7 +734,7 @@ def test_gpu_overlay_arguments_are_accepted_by_triton(
 ) -> None:
     """No GPU or TensorRT here: the GPU overlay's flags are checked by a Triton that loads no model."""
     triton = _triton(rendered["gpu"])
-    server = ManifestTriton(triton, model_repository, extra=["--model-control-mode=explicit"])
+    server = ManifestTriton(triton, model_repository, drop=("--load-model",))
     manifest_server.append(server)
     server.start(timeout=120)
     assert server.is_ready()

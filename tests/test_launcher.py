@@ -10,6 +10,7 @@ import pytest
 
 from posetriton import launcher
 from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
+from posetriton.watchdog import main as watchdog_main
 from tests.conftest import UL_MODEL, free_port, start_server
 
 
@@ -57,3 +58,11 @@ def test_sigterm_stops_the_server_and_frees_its_ports(model_repository: Path) ->
     assert server.stop() == 0
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # free again
+
+
+def test_container_entry_point_refuses_a_triton_that_cannot_reload_models() -> None:
+    # The k8s pod runs Triton under posetriton.watchdog, which reloads models through the repository API.
+    with pytest.raises(SystemExit, match="--model-control-mode=explicit"):
+        watchdog_main(["--", "/opt/tritonserver/bin/tritonserver", "--model-repository=/models"])
+    with pytest.raises(SystemExit, match="usage"):
+        watchdog_main(["--"])
