@@ -17,6 +17,8 @@ _ENSEMBLE_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*',
 _IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
 # Messages about the request as a whole (thresholds, batch size) rather than about one image.
 _REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
+# gRPC reports a certificate the client cannot verify as a failed TLS handshake.
+_TLS_FAILURE = re.compile(r"tls handshake|certificate_verify_failed|ssl_error", re.IGNORECASE)
 
 # gRPC statuses worth another try: the server (or the path to it) is momentarily unavailable.
 TRANSIENT_STATUSES = frozenset({"UNAVAILABLE"})
@@ -99,11 +101,13 @@ def translate(
     if status == "NOT_FOUND" or (status == "UNAVAILABLE" and "model" in message.lower()):
         return ModelNotReadyError(f"model {model!r} is not served at {url}: {message}", status)
     if status == "UNAVAILABLE":
-        return ServerUnavailableError(
-            f"cannot reach Triton's gRPC endpoint at {url} ({message}); "
-            "is the server running (posetriton serve) and is this its gRPC port?",
-            status,
+        hint = (
+            "the TLS handshake failed: root_certificates must name the CA that signed the server's certificate"
+            if _TLS_FAILURE.search(message)
+            else "is the server running (posetriton serve), is this its gRPC port, and does the client's TLS "
+            "(ssl, and for mutual TLS private_key + certificate_chain) match the server's?"
         )
+        return ServerUnavailableError(f"cannot reach Triton's gRPC endpoint at {url} ({message}); {hint}", status)
     if status == "DEADLINE_EXCEEDED":
         return DeadlineExceededError(
             f"Triton at {url} did not answer within {timeout_s:g} s; raise the timeout or send smaller batches",
