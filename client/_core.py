@@ -25,6 +25,8 @@ DEFAULT_MODEL = "yolo11n_pose"
 # CPU inference of a full batch of large photos can take tens of seconds; health calls are quick.
 DEFAULT_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 30.0
+# Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
+DEFAULT_IN_FLIGHT = 4
 PIXELS_SUFFIX = "_pixels"
 # Model steps that are loaded with an ensemble but are not meant to be called directly.
 STEP_SUFFIXES = ("_preprocess", "_network", "_postprocess")

@@ -18,6 +18,7 @@ import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
 
 from ._core import (
+    DEFAULT_IN_FLIGHT,
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     ClientCore,
@@ -180,7 +181,7 @@ class AsyncPoseClient(ClientCore):
         self,
         frames: Iterable[Frame | ImageInput],
         *,
-        in_flight: int = 8,
+        in_flight: int = DEFAULT_IN_FLIGHT,
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,

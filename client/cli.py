@@ -21,6 +21,7 @@ import typer
 
 from posetriton.launcher import ServerOptions, ServerStartError, serve_forever
 
+from ._core import DEFAULT_IN_FLIGHT
 from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
 from .grpc_client import (
     DEFAULT_MODEL,
@@ -39,7 +40,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_IN_FLIGHT = 4
 _GLOB_CHARS = frozenset("*?[")
 # Formats Pillow writes that keep the input's extension; anything else is drawn as PNG.
 _DRAW_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

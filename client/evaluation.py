@@ -16,6 +16,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from ._core import DEFAULT_IN_FLIGHT
 from .grpc_client import PoseClient
 from .results import ImagePoses
 from .streaming import Frame
@@ -94,7 +95,7 @@ def evaluate(
     conf: float | None = EVAL_CONF,
     iou: float | None = None,
     max_det: int | None = None,
-    in_flight: int = 4,
+    in_flight: int = DEFAULT_IN_FLIGHT,
     progress: bool = False,
 ) -> EvalResult:
     """Predict every annotated image (``images_dir / file_name``) through ``client`` and evaluate the poses.

@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from ._core import (
+    DEFAULT_IN_FLIGHT,
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     HEALTH_TIMEOUT_S,
@@ -228,7 +229,7 @@ class PoseClient(ClientCore):
         self,
         frames: Iterable[Frame | ImageInput],
         *,
-        in_flight: int = 4,
+        in_flight: int = DEFAULT_IN_FLIGHT,
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
