@@ -15,6 +15,7 @@ needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not 
 from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy, image_bytes_input
 from .aio_client import AsyncPoseClient
 from .errors import (
+    AccessDeniedError,
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_URL",
     "NO_RETRY",
+    "AccessDeniedError",
     "AsyncPoseClient",
     "DeadlineExceededError",
     "FailedImage",

@@ -20,6 +20,9 @@ _REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request param
 # gRPC reports a certificate the client cannot verify as a failed TLS handshake.
 _TLS_FAILURE = re.compile(r"tls handshake|certificate_verify_failed|ssl_error", re.IGNORECASE)
 
+# Triton's refusal of a call without the header its --grpc-restricted-protocol names.
+_RESTRICTED = re.compile(r"protocol is restricted, expecting header '([^']+)'")
+
 # gRPC statuses worth another try: the server (or the path to it) is momentarily unavailable.
 TRANSIENT_STATUSES = frozenset({"UNAVAILABLE"})
 
@@ -41,6 +44,14 @@ class PoseClientError(Exception):
 
 class ServerUnavailableError(PoseClientError):
     """Nothing answers at the URL, or the server is not live."""
+
+
+class AccessDeniedError(PoseClientError):
+    """The server refused the call for a missing or wrong header (Triton's ``--grpc-restricted-protocol``)."""
+
+    @property
+    def transient(self) -> bool:
+        return False  # Triton reports it as UNAVAILABLE, but retrying with the same headers cannot help
 
 
 class ModelNotReadyError(PoseClientError):
@@ -98,6 +109,12 @@ def translate(
     message = str(exc.message() or exc)
     if status == "INVALID_ARGUMENT":
         return invalid_input(message, names, indices or range(len(names)), status)
+    restricted = _RESTRICTED.search(message)
+    if restricted:
+        return AccessDeniedError(
+            f"Triton at {url} refused the call: {message}; pass it with headers={{{restricted.group(1)!r}: ...}}",
+            status,
+        )
     if status == "NOT_FOUND" or (status == "UNAVAILABLE" and "model" in message.lower()):
         return ModelNotReadyError(f"model {model!r} is not served at {url}: {message}", status)
     if status == "UNAVAILABLE":

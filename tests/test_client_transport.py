@@ -1,4 +1,5 @@
-"""TLS between the SDK and a real Triton serving gRPC over mutual TLS (certificates made for the test)."""
+"""The SDK's transport options against a real Triton that serves gRPC over mutual TLS (certificates made
+for the test) and accepts inference only with an API-key header (``--grpc-restricted-protocol``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime
 import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -14,9 +16,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from posetriton.client import AsyncPoseClient, PoseClient, ServerUnavailableError
+from posetriton.client import AccessDeniedError, AsyncPoseClient, PoseClient, ServerUnavailableError
 from posetriton.launcher import ServerOptions, TritonServer
 from tests.conftest import UL_MODEL, free_port
+
+# Triton checks the header named by --grpc-restricted-protocol with its own prefix.
+API_KEY_SETTING, API_KEY = "posetriton-api-key", "test-key-3f9a"
+API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_SETTING}"
+
+
+def _tls(certificates: Path) -> dict[str, Any]:
+    c = certificates
+    return {
+        "ssl": True, "root_certificates": c / "ca.crt", "private_key": c / "client.key",
+        "certificate_chain": c / "client.crt",
+    }  # fmt: skip
 
 
 def _certificate(
@@ -75,6 +89,7 @@ def tls_url(model_repository: Path, certificates: Path) -> Iterator[str]:
         extra_args=[
             "--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={c / 'server.crt'}",
             f"--grpc-server-key={c / 'server.key'}", f"--grpc-root-cert={c / 'ca.crt'}",
+            f"--grpc-restricted-protocol=inference:{API_KEY_SETTING}={API_KEY}",
         ],
     )  # fmt: skip
     with TritonServer(options).start(timeout=180) as server:
@@ -84,11 +99,7 @@ def tls_url(model_repository: Path, certificates: Path) -> Iterator[str]:
 def test_mutual_tls_with_the_right_certificates_serves(
     tls_url: str, certificates: Path, photo_paths: list[Path]
 ) -> None:
-    c = certificates
-    tls = {
-        "ssl": True, "root_certificates": c / "ca.crt", "private_key": c / "client.key",
-        "certificate_chain": c / "client.crt",
-    }  # fmt: skip
+    tls = {**_tls(certificates), "headers": {API_KEY_HEADER: API_KEY}}
     zidane = next(p for p in photo_paths if p.name == "zidane.jpg")
     with PoseClient(tls_url, UL_MODEL, **tls) as client:
         assert client.is_server_ready()
@@ -129,3 +140,18 @@ def test_tls_refusals_are_clear_errors(
         assert "TLS handshake failed" in str(error.value) and "root_certificates" in str(error.value)
     else:  # the server closes the connection: the client cannot tell why, so the hint lists TLS too
         assert "TLS" in str(error.value)
+
+
+@pytest.mark.parametrize("headers", [None, {API_KEY_HEADER: "wrong"}, {API_KEY_SETTING: API_KEY}])
+def test_a_missing_or_wrong_api_key_header_is_refused_clearly(
+    tls_url: str, certificates: Path, photo_paths: list[Path], headers: dict[str, str] | None
+) -> None:
+    retries: list[int] = []
+    with PoseClient(
+        tls_url, UL_MODEL, headers=headers, retry=3, on_retry=lambda n, e, d: retries.append(n), **_tls(certificates)
+    ) as client:
+        assert client.is_server_ready(), "health is not restricted: only inference needs the header"
+        with pytest.raises(AccessDeniedError) as error:
+            client.predict(photo_paths[0])
+    assert not retries and not error.value.transient, "not retried: the same headers would be refused again"
+    assert f"headers={{'{API_KEY_HEADER}': ...}}" in str(error.value)
