@@ -282,7 +282,7 @@ def test_an_unreachable_server_is_retried_then_reported(photo_paths: list[Path])
     assert retries == pytest.approx([0.05, 0.1])
 
 
-# --- discovery, TLS, headers -----------------------------------------------------------------
+# --- discovery, TLS ---------------------------------------------------------------------------
 
 
 def test_models_are_discovered_from_the_repository_index_and_configs(served_url: str) -> None:
@@ -310,12 +310,6 @@ def test_tls_against_a_plaintext_server_is_unavailable(served_url: str, photo_pa
         pytest.raises(ServerUnavailableError),
     ):
         client.predict(photo_paths[0])
-
-
-def test_extra_headers_travel_with_each_call(served_url: str, photo_paths: list[Path]) -> None:
-    with PoseClient(served_url, UL_MODEL, headers={"x-request-source": "tests"}) as client:
-        assert len(client.predict(_photo(photo_paths, "zidane.jpg")).poses) == 2
-        client.check_ready()
 
 
 # --- shared memory ---------------------------------------------------------------------------
