@@ -2,7 +2,7 @@
 
 ``build`` and ``quantize`` run in the export environment (super-gradients, ultralytics, torch, ONNX Runtime);
 the serving environment never needs any of them. ``engines``, ``check-engines`` and ``gpu-entrypoint`` run on
-the GPU node that serves (TensorRT from requirements/gpu.txt; ``check-engines`` needs only this package).
+the GPU node that serves (requirements/gpu.txt: TensorRT and typer).
 """
 
 from __future__ import annotations

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the NGC Triton image runs Python 3.10
+    import tomli as tomllib
 
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
 

@@ -1,7 +1,7 @@
 """`make demo`: start Triton on the built repository, predict on sample photos with the CLI, stop.
 
-Writes ``demo_out/predictions.json`` (one entry per photo) and ``demo_out/drawn/`` (photos with
-boxes and skeletons), then prints where they are.
+Writes ``demo_out/MODEL.json`` (one entry per photo) and ``demo_out/drawn/MODEL/`` (photos with
+boxes and skeletons) for each model, then prints where they are.
 """
 
 from __future__ import annotations

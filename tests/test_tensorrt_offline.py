@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,33 @@ def test_tensorrt_builds_and_stamps_an_fp16_engine(model_repository: Path, tmp_p
     assert result.built and check_engine(network / "1" / "model.plan", device).precision == "fp16"
     again = ensure_engine(UL_MODEL, network, tmp_path / "cache", device, options, max_batch_size=32)
     assert not again.built
+
+
+def test_gpu_entrypoint_builds_checks_then_execs_the_watchdog_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The container command documented in docs/gpu.md: engines first, then the stub watchdog's own ``--``
+    reaches it intact. TensorRT and the GPU are replaced by recorders (no GPU here)."""
+    from typer.testing import CliRunner
+
+    import build_engines.__main__ as cli
+
+    calls: list[str] = []
+    device = types.SimpleNamespace(gpu_name="NVIDIA H100", compute_capability="9.0", tensorrt_version="10.5.0")
+    monkeypatch.setattr(cli, "_device", lambda *args: device)
+    monkeypatch.setattr(cli, "_engines", lambda *args: calls.append("engines"))
+    monkeypatch.setattr(cli, "_check_installed", lambda *args: calls.append("check"))
+    monkeypatch.setattr(cli.os, "execvp", lambda file, argv: calls.append(f"exec {argv}"))
+    triton = [
+        "python3", "-m", "posetriton.watchdog", "--", "/opt/tritonserver/bin/tritonserver",
+        "--model-repository=/models", "--model-control-mode=explicit", "--load-model=*",
+    ]  # fmt: skip
+    args = ["gpu-entrypoint", "--repository", str(tmp_path), "--cache", str(tmp_path / "cache"), "--", *triton]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == ["engines", "check", f"exec {triton}"]
+
+    calls.clear()
+    monkeypatch.setattr(cli, "_check_installed", lambda *args: (_ for _ in ()).throw(SystemExit(2)))
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2 and calls == ["engines"], "Triton never starts after a refused engine"

@@ -7,10 +7,10 @@ file ``gpu_model.py``). Needs torch + torchvision with CUDA (``requirements/gpu.
 Geometry is the shared numpy letterbox's (:func:`posetriton.processing.letterbox`): the same resized size
 (``round`` half-to-even of ``side * scale``, at least 1 px), the same pad placement (Ultralytics' centred
 ``round(d - 0.1)`` or bottom-right), pad value, channel order and ``/255``, and the same
-:class:`~posetriton.processing.LetterboxTransform`. The resize is ``torch.nn.functional.interpolate(bilinear,
-align_corners=False, antialias=False)`` in float32, rounded to uint8: the same half-pixel-centre sampling and
-edge clamping as ``cv2.resize(INTER_LINEAR)``, which however computes in 11-bit fixed point, so pixels can differ
-by 1 grey level (never more in the tests on real photos). JPEG decoding differs between nvJPEG and libjpeg
+:class:`~posetriton.processing.LetterboxTransform`. The resize is :func:`resize_linear_cv2`, which
+reproduces ``cv2.resize(INTER_LINEAR)`` exactly: the same half-pixel-centre sampling and edge clamping, and
+OpenCV's 11-bit fixed-point weights and rounding, in integer torch ops (a float ``interpolate`` would differ by
+1 grey level on about 10 % of pixels). JPEG decoding differs between nvJPEG and libjpeg
 (Pillow, the CPU path) by the IDCT's rounding, typically 1-2 grey levels. Everything that is not a JPEG
 Pillow/nvJPEG handles alike (PNG, WebP, BMP, GIF, CMYK JPEGs, anything nvJPEG rejects) takes the CPU path:
 :func:`posetriton.images.decode_image` + the numpy letterbox, so error messages are those of the CPU step.
