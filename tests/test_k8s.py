@@ -415,6 +415,11 @@ def test_cpu_overlay_selects_the_cpu_configuration_and_gpu_the_default(
     assert base == "nvcr.io/nvidia/tritonserver:24.10-py3"
     assert cpu["image"].split(":")[0] == gpu["image"].split(":")[0]
     assert cpu["command"] == gpu["command"] == ["python3", "-m", "posetriton.watchdog", "--", NGC_TRITONSERVER]
+    # `docker run` of the image alone starts Triton the same way, on the CPU configuration.
+    (entrypoint,) = [json.loads(args) for instr, args in _dockerfile() if instr == "ENTRYPOINT"]
+    (cmd,) = [json.loads(args) for instr, args in _dockerfile() if instr == "CMD"]
+    assert entrypoint == cpu["command"]
+    assert set(cmd) <= set(cpu["args"]), "the image's default arguments are a subset of the CPU overlay's"
 
 
 def test_dockerfile_installs_exactly_the_python_backend_dependencies() -> None:
