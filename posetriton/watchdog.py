@@ -131,7 +131,13 @@ class StubWatchdog(threading.Thread):
 
 
 def _flag_value(command: list[str], flag: str, default: str) -> str:
-    values = [arg.split("=", 1)[1] for arg in command if arg.startswith(f"{flag}=")]
+    """The last value of ``--flag=value`` or ``--flag value`` (Triton takes both), else ``default``."""
+    values = []
+    for arg, following in zip(command, [*command[1:], None], strict=True):
+        if arg.startswith(f"{flag}="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and following is not None:
+            values.append(following)
     return values[-1] if values else default
 
 
@@ -164,8 +170,10 @@ def supervise(command: list[str], interval: float = 2.0) -> int:
     )
     server = subprocess.Popen(command)
     watchdog: StubWatchdog | None = None
+    stopping = threading.Event()
 
     def shut_down(signum: int, _frame: object) -> None:
+        stopping.set()
         if watchdog is not None:  # stubs now exit on purpose: a reload would keep a model alive
             watchdog.stop(wait=False)
         server.send_signal(signum)
@@ -173,14 +181,17 @@ def supervise(command: list[str], interval: float = 2.0) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, shut_down)
     try:
-        while server.poll() is None and not _is_ready(http_url):
+        while server.poll() is None and not stopping.is_set() and not _is_ready(http_url):
             time.sleep(0.5)
-        if server.poll() is None:
+        if server.poll() is None and not stopping.is_set():
             watchdog = StubWatchdog(server.pid, http_url, interval)
             watchdog.start()
             stubs, models = len(watchdog.watched), len({model for _, model in watchdog.watched.values()})
             watchdog.report(f"stub watchdog: watching {stubs} Python-backend stubs of {models} models")
-        return server.wait()
+            if stopping.is_set():  # a signal between the two checks
+                watchdog.stop(wait=False)
+        code = server.wait()
+        return code if code >= 0 else 128 - code  # killed by signal N: exit 128 + N, as a shell reports it
     finally:
         if watchdog is not None:
             watchdog.stop()

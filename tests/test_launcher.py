@@ -66,3 +66,10 @@ def test_container_entry_point_refuses_a_triton_that_cannot_reload_models() -> N
         watchdog_main(["--", "/opt/tritonserver/bin/tritonserver", "--model-repository=/models"])
     with pytest.raises(SystemExit, match="usage"):
         watchdog_main(["--"])
+
+
+def test_container_entry_point_passes_on_tritons_exit_code() -> None:
+    # A stand-in for Triton that exits before it is ready: the entry point exits as a shell would report it.
+    explicit = ["--model-control-mode", "explicit"]  # Triton takes "--flag value" as well as "--flag=value"
+    assert watchdog_main(["--", "sh", "-c", "exit 3", *explicit]) == 3
+    assert watchdog_main(["--", "sh", "-c", "kill -9 $$", *explicit]) == 128 + 9
