@@ -197,7 +197,7 @@ class TritonServer:
                     f"tritonserver exited with code {self.process.returncode} while starting:\n"
                     f"{_failure_summary(self.log_text())}\n(full log: {self.log_path})"
                 )
-            if self.is_ready():
+            if self.is_ready() and self._metrics_listening():
                 return
             time.sleep(0.25)
         self.stop()
@@ -205,6 +205,16 @@ class TritonServer:
             f"tritonserver was not ready after {timeout:.0f} s:\n{_failure_summary(self.log_text())}\n"
             f"(full log: {self.log_path})"
         )
+
+    def _metrics_listening(self) -> bool:
+        """Triton opens the metrics port just after HTTP reports ready; "ready" includes it unless disabled."""
+        if "--allow-metrics=false" in self.options.extra_args:
+            return True
+        try:
+            with socket.create_connection((self.options.host, self.options.metrics_port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def is_ready(self) -> bool:
         try:
