@@ -354,14 +354,19 @@ def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, 
     with PoseClient(served_url, UL_MODEL) as plain:
         expected = plain.predict_batch(images)
     client = PoseClient(served_url, UL_MODEL, shared_memory=True)
+    sending, infer = threading.Event(), client._client.infer
+
+    def recorded_infer(*args: Any, **kwargs: Any) -> Any:
+        sending.set()
+        return infer(*args, **kwargs)
+
+    client._client.infer = recorded_infer
     outcome: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: outcome.update(result=client.predict_batch(images)))
     worker.start()
-    deadline = time.monotonic() + 30
-    while not _registered(served_url) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    assert sending.wait(30), "the request was sent"
+    time.sleep(0.2)  # on its way to the server, which then holds the region for the whole batch
     assert _registered(served_url), "the request registered its region"
-    time.sleep(0.1)  # registered, then sent: let the request reach the server
     keys = [r.key for r in client._regions._all]
     client.close()
     worker.join(timeout=60)
