@@ -53,11 +53,11 @@ def test_serve_runs_until_ctrl_c_and_frees_its_ports(model_repository: Path, tmp
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _http_ready(http):
+        while "Triton is ready" not in stdout.read_text():  # serve says so once Triton answers
             assert process.poll() is None, f"serve exited with {process.returncode}: {stderr.read_text()}"
             assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s; log:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
-        assert process.poll() is None
+        assert process.poll() is None and _http_ready(http)
         assert f"Triton is ready: gRPC 127.0.0.1:{grpc}, HTTP http://127.0.0.1:{http}" in stdout.read_text()
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", grpc)) == 0, "the gRPC port is served"
