@@ -18,14 +18,12 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from posetriton.watchdog import StubWatchdog
+from posetriton.watchdog import StubWatchdog, http_ready
 
 
 class ServerStartError(RuntimeError):
@@ -217,11 +215,7 @@ class TritonServer:
             return False
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(self.http_url)
 
     def log_text(self) -> str:
         try:

@@ -141,7 +141,8 @@ def _flag_value(command: list[str], flag: str, default: str) -> str:
     return values[-1] if values else default
 
 
-def _is_ready(http_url: str) -> bool:
+def http_ready(http_url: str) -> bool:
+    """Whether Triton at ``http_url`` answers its readiness endpoint (every model ready, with strict readiness)."""
     try:
         with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=2) as response:
             return bool(response.status == 200)
@@ -181,7 +182,7 @@ def supervise(command: list[str], interval: float = 2.0) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, shut_down)
     try:
-        while server.poll() is None and not stopping.is_set() and not _is_ready(http_url):
+        while server.poll() is None and not stopping.is_set() and not http_ready(http_url):
             time.sleep(0.5)
         if server.poll() is None and not stopping.is_set():
             watchdog = StubWatchdog(server.pid, http_url, interval)

@@ -7,10 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from posetriton.watchdog import http_ready
 from tests.conftest import UL_MODEL, free_port
 
 POSETRITON = Path(sys.executable).parent / "posetriton"
@@ -23,14 +22,6 @@ def _serve(repository: Path, http: int, grpc: int, metrics: int, *options: str) 
         str(POSETRITON), "serve", "--repository", str(repository), "--http-port", str(http),
         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model", f"{UL_MODEL}_postprocess", *options,
     ]  # fmt: skip
-
-
-def _http_ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
@@ -57,7 +48,7 @@ def test_serve_runs_until_ctrl_c_and_frees_its_ports(model_repository: Path, tmp
             assert process.poll() is None, f"serve exited with {process.returncode}: {stderr.read_text()}"
             assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s; log:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
-        assert process.poll() is None and _http_ready(http)
+        assert process.poll() is None and http_ready(f"http://127.0.0.1:{http}")
         assert f"Triton is ready: gRPC 127.0.0.1:{grpc}, HTTP http://127.0.0.1:{http}" in stdout.read_text()
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", grpc)) == 0, "the gRPC port is served"
@@ -71,7 +62,7 @@ def test_serve_runs_until_ctrl_c_and_frees_its_ports(model_repository: Path, tmp
     assert "Traceback" not in stderr.read_text()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", grpc))  # tritonserver is gone: the port is free again
-    assert not _http_ready(http)
+    assert not http_ready(f"http://127.0.0.1:{http}")
 
 
 def test_serve_on_a_busy_grpc_port_fails_in_one_line(model_repository: Path) -> None:

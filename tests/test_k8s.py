@@ -37,7 +37,7 @@ import pytest
 from posetriton.client import PoseClient, PoseClientError
 from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
 from posetriton.repository import CPU_CONFIGS, load_catalog
-from posetriton.watchdog import python_stubs
+from posetriton.watchdog import http_ready, python_stubs
 from tests.conftest import UL_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,7 +360,7 @@ def test_ports_are_the_launcher_defaults_everywhere(rendered: dict[str, list[dic
 
 
 def test_probes_use_the_health_endpoints_the_launcher_polls(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    launcher_paths = re.findall(r"/v2/health/\w+", inspect.getsource(TritonServer.is_ready))
+    launcher_paths = re.findall(r"/v2/health/\w+", inspect.getsource(http_ready))
     assert launcher_paths == ["/v2/health/ready"], "the launcher's readiness poll changed: update the probes"
     defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
     for variant, objects in rendered.items():
@@ -685,9 +685,8 @@ def _dead_stub_is_reloaded(server: ManifestTriton, photo: Path) -> None:
 
 
 def test_cpu_overlay_arguments_start_the_real_triton(
-    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton],
-
-) -> None:  # fmt: skip
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton]
+) -> None:
     """Triton 2.51 accepts the CPU overlay's command and arguments, loads the repository, answers every
     probe and exposes the series the prometheus-adapter rule reads; SIGTERM ends it within
     --exit-timeout-secs."""
