@@ -93,6 +93,9 @@ class LetterboxSpec(_Spec):
     per_axis_scale: bool = False
     # Decoded images above this many pixels are refused (decompression bombs, memory).
     max_pixels: int = 50_000_000
+    # Opt-in: decode large JPEGs at a reduced size with libjpeg's DCT scaling (1/2, 1/4, 1/8), never below
+    # the network input size. Faster on big photos, not pixel-identical (docs/benchmarks.md gives the deviation).
+    reduced_jpeg_decode: bool = False
 
     def __post_init__(self) -> None:
         if not 32 <= self.input_size <= 4096 or self.input_size % 32:

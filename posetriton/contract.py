@@ -1,0 +1,157 @@
+"""The wire contract: what crosses between the client, the ensemble's steps and the exported network.
+
+Standard library only, so the client, the Python-backend models, the repository generator and the export
+all import the same names and rules instead of repeating literals. A family with another input size,
+other strides or another keypoint count changes values here through its parameters, never code.
+
+Ensemble ``NAME`` (``NAME_pixels`` takes raw pixels instead of encoded bytes)::
+
+    IMAGE  BYTES [B, 1]  or  PIXELS UINT8 [B, H, W, 3] (RGB)
+      -> NAME_preprocess  -> canvas UINT8 [B, S, S, 3] (letterboxed, decoded RGB order), letterbox FP64 [B, 6]
+      -> NAME_network     -> candidates FP32 [B, k, 5 + 3K] (best k anchors by person score, sorted)
+      -> NAME_postprocess -> NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# ------------------------------------------------------------------------------------------ tensor names
+IMAGE = "IMAGE"  # ensemble input: encoded images, BYTES [B, 1]
+PIXELS = "PIXELS"  # NAME_pixels input: raw RGB pixels, UINT8 [B, H, W, 3]
+CANVAS = "canvas"  # preprocess -> network: letterboxed uint8 [B, S, S, 3], decoded RGB order
+LETTERBOX = "letterbox"  # preprocess -> postprocess: FP64 [B, LETTERBOX_WIDTH], see LetterboxTransform
+CANDIDATES = "candidates"  # network -> postprocess: FP32 [B, k, candidate_width(K)]
+
+NUM_DETECTIONS = "NUM_DETECTIONS"  # INT32 [B, 1]
+BOXES = "BOXES"  # FP32 [B, N, 4] xyxy, original-image pixels
+SCORES = "SCORES"  # FP32 [B, N]
+KEYPOINTS = "KEYPOINTS"  # FP32 [B, N, K, 3] (x, y, confidence)
+IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [B, 2] (width, height) of the upright original image
+OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE)
+
+# (x1, y1, x2, y2, person_score) precede the keypoints in a candidate row.
+BOX_SCORE_COLUMNS = 5
+SCORE_COLUMN = 4
+# scale_x, scale_y, pad_x, pad_y, width, height
+LETTERBOX_WIDTH = 6
+DEFAULT_STRIDES: tuple[int, ...] = (8, 16, 32)
+
+# ------------------------------------------------------------------------------------------- model names
+PIXELS_SUFFIX = "_pixels"
+PREPROCESS_SUFFIX = "_preprocess"
+NETWORK_SUFFIX = "_network"
+POSTPROCESS_SUFFIX = "_postprocess"
+# Steps load with an ensemble but are not meant to be called directly.
+STEP_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX)
+
+
+def candidate_width(num_keypoints: int) -> int:
+    """Columns of one candidate row: box, person score, then ``(x, y, conf)`` per keypoint."""
+    return BOX_SCORE_COLUMNS + 3 * num_keypoints
+
+
+def num_anchors(input_size: int, strides: tuple[int, ...] = DEFAULT_STRIDES) -> int:
+    """Anchor points of a one-stage head on a square input: 8400 for 640 with strides 8/16/32."""
+    for stride in strides:
+        if input_size % stride:
+            raise ContractError(f"input size {input_size} is not a multiple of stride {stride}")
+    return sum((input_size // stride) ** 2 for stride in strides)
+
+
+class ContractError(ValueError):
+    """A value does not follow the wire contract; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+THRESHOLD_NAMES = ("conf", "iou", "max_det")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-request ``conf``, ``iou`` and ``max_det``; ``None`` means the served model's default.
+
+    They travel as Triton request parameters (which, unlike optional inputs, do not split dynamic
+    batches). :meth:`check` is the one validation: the client calls it before sending, the
+    postprocess step after reading them back.
+    """
+
+    conf: float | None = None
+    iou: float | None = None
+    max_det: int | None = None
+
+    def check(self, max_det_limit: int | None = None) -> Thresholds:
+        """Return self, or raise :class:`ContractError` naming the first value out of range."""
+        if self.conf is not None and not 0.0 <= self.conf <= 1.0:
+            raise ContractError(f"conf must be in [0, 1], got {self.conf}")
+        if self.iou is not None and not 0.0 <= self.iou <= 1.0:
+            raise ContractError(f"iou must be in [0, 1], got {self.iou}")
+        if self.max_det is not None:
+            if max_det_limit is None and self.max_det < 1:
+                raise ContractError(f"max_det must be at least 1, got {self.max_det}")
+            if max_det_limit is not None and not 1 <= self.max_det <= max_det_limit:
+                raise ContractError(f"max_det must be in [1, {max_det_limit}], got {self.max_det}")
+        return self
+
+    def to_parameters(self) -> dict[str, float | int]:
+        """The request parameters to send: only the values that are set."""
+        return {name: value for name in THRESHOLD_NAMES if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> Thresholds:
+        """Read request parameters; unknown names and values of the wrong type are refused."""
+        unknown = sorted(set(parameters) - set(THRESHOLD_NAMES))
+        if unknown:
+            raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(THRESHOLD_NAMES)}")
+        values: dict[str, Any] = {}
+        for name in THRESHOLD_NAMES:
+            if name not in parameters:
+                continue
+            value = parameters[name]
+            integer = name == "max_det"
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or (integer and value != int(value)):
+                raise ContractError(
+                    f"request parameter {name} must be {'an integer' if integer else 'a number'}, got {value!r}"
+                )
+            values[name] = int(value) if integer else float(value)
+        return cls(**values)
+
+    def or_defaults(self, defaults: Thresholds) -> Thresholds:
+        """Fill unset values from ``defaults`` (the served model's)."""
+        return Thresholds(
+            *(getattr(defaults, n) if getattr(self, n) is None else getattr(self, n) for n in THRESHOLD_NAMES)
+        )
+
+
+# ------------------------------------------------------------------------------------------------ errors
+# Triton prefixes an error raised inside an ensemble step with the ensemble's name.
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
+
+
+def image_error(index: int, count: int, reason: str) -> str:
+    """The message for one refused image of a request: ``image I of N: reason`` (just ``reason`` when N is 1)."""
+    return f"image {index} of {count}: {reason}" if count > 1 else reason
+
+
+@dataclass(frozen=True)
+class ParsedError:
+    """A server error message taken apart: which image of the request (if it says), and the reason."""
+
+    reason: str
+    index: int | None = None
+    count: int | None = None
+
+
+def parse_error(message: str) -> ParsedError:
+    """Inverse of :func:`image_error`, after removing Triton's ensemble prefix."""
+    reason = _ENSEMBLE_PREFIX.sub("", message)
+    match = _IMAGE_INDEX.match(reason)
+    if match is None:
+        return ParsedError(reason)
+    return ParsedError(reason[match.end() :], int(match.group(1)), int(match.group(2)))
