@@ -261,6 +261,12 @@ def ready_ensembles(index: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> l
     )
 
 
+def loaded_models_index(statistics: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A repository index built from the statistics of every loaded model, for servers that restrict the
+    model-repository API to their own tooling (posetriton's do); statistics stay open to clients."""
+    return [{"name": str(s.get("name")), "state": "READY"} for s in statistics.get("model_stats", [])]
+
+
 def served_models_hint(names: Sequence[str] | None) -> str:
     if names is None:
         return "could not list the models it serves"

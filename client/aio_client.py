@@ -25,10 +25,17 @@ from ._core import (
     Request,
     RetryHook,
     RetryPolicy,
+    loaded_models_index,
     ready_ensembles,
     served_models_hint,
 )
-from .errors import InvalidInputError, ModelNotReadyError, PoseClientError, ServerUnavailableError
+from .errors import (
+    AccessDeniedError,
+    InvalidInputError,
+    ModelNotReadyError,
+    PoseClientError,
+    ServerUnavailableError,
+)
 from .inputs import DEFAULT_URL, ArrayEncoding, ImageInput, request_parameters
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
@@ -115,7 +122,11 @@ class AsyncPoseClient(ClientCore):
         return self._metadata_from(name, response)
 
     async def ready_models(self) -> list[str]:
-        index = await self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
+        try:
+            index = await self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
+        except AccessDeniedError:  # a restricted repository API: statistics list the loaded models too
+            stats = await self._call(lambda: self._client.get_inference_statistics(as_json=True, **self._health()))
+            index = loaded_models_index(stats)
         return ready_ensembles(index)
 
     async def list_models(self) -> list[ModelMetadata]:
@@ -305,7 +316,6 @@ class AsyncPoseClient(ClientCore):
 
     async def _served_models_hint(self) -> str:
         try:
-            index = await self._client.get_model_repository_index(as_json=True, **self._health())
-        except InferenceServerException:
+            return served_models_hint(await self.ready_models())
+        except PoseClientError:
             return served_models_hint(None)
-        return served_models_hint(ready_ensembles(index))

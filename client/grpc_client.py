@@ -26,10 +26,12 @@ from ._core import (
     Request,
     RetryHook,
     RetryPolicy,
+    loaded_models_index,
     ready_ensembles,
     served_models_hint,
 )
 from .errors import (
+    AccessDeniedError,
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,
@@ -157,7 +159,11 @@ class PoseClient(ClientCore):
 
     def ready_models(self) -> list[str]:
         """Names of the models ready on the server, without the steps of the ensembles."""
-        index = self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
+        try:
+            index = self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
+        except AccessDeniedError:  # a restricted repository API: statistics list the loaded models too
+            stats = self._call(lambda: self._client.get_inference_statistics(as_json=True, **self._health()))
+            index = loaded_models_index(stats)
         return ready_ensembles(index)
 
     def list_models(self) -> list[ModelMetadata]:
@@ -356,10 +362,9 @@ class PoseClient(ClientCore):
     def _served_models_hint(self) -> str:
         """Name the ready models, so a typo in --model is obvious; best effort only."""
         try:
-            index = self._client.get_model_repository_index(as_json=True, **self._health())
-        except InferenceServerException:
+            return served_models_hint(self.ready_models())
+        except PoseClientError:
             return served_models_hint(None)
-        return served_models_hint(ready_ensembles(index))
 
 
 def _path(value: str | PathLike[str] | None) -> str | None:

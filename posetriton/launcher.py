@@ -4,6 +4,10 @@ The wheel carries the server binary, the Python backend and one backend stub per
 version. The stub takes its interpreter from the first ``python3`` on PATH, so the server is
 started with this interpreter's environment first on PATH: the Python-backend models then
 import ``posetriton`` and its dependencies from here.
+
+The control APIs (model repository, shared memory, logging, trace) are restricted behind a key
+made for each server start (``TritonServer.admin_key``); clients keep inference, health, metadata
+and statistics. ``POSETRITON_TRITONSERVER`` names another ``tritonserver`` binary to run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from posetriton.watchdog import StubWatchdog, http_ready
+from posetriton.watchdog import (
+    EXIT_GAVE_UP,
+    KILL_GRACE_S,
+    TRITON_EXIT_TIMEOUT_S,
+    AdminKey,
+    StubWatchdog,
+    http_ready,
+    wait_or_kill,
+)
+
+BINARY_ENV = "POSETRITON_TRITONSERVER"
 
 
 class ServerStartError(RuntimeError):
@@ -44,6 +58,10 @@ class ServerOptions:
     log_verbose: int = 0
     # Reload a model whose Python-backend stub died (Triton itself does not); see posetriton.watchdog.
     stub_watchdog: bool = True
+    # Close the model-repository, shared-memory, logging and trace APIs to clients without the admin key.
+    restrict_control_apis: bool = True
+    # Triton's --exit-timeout-secs; the launcher kills Triton KILL_GRACE_S after it.
+    exit_timeout_s: int = TRITON_EXIT_TIMEOUT_S
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -113,6 +131,11 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="posetriton-")
+        # Made here, for this server only; written (mode 0600, in a private temporary folder) for clients on
+        # this host that register system shared memory.
+        self.admin_key = AdminKey.generate()
+        self.admin_key_file = Path(self._workdir.name) / "admin-key"
+        self.gave_up: str | None = None
         self.log_path = options.log_file or Path(self._workdir.name) / "tritonserver.log"
 
     @property
@@ -125,7 +148,7 @@ class TritonServer:
 
     def command(self, backend_dir: Path) -> list[str]:
         o = self.options
-        binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        binary = os.environ.get(BINARY_ENV) or _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
         args = [
             str(binary),
             f"--model-repository={o.repository.resolve()}",
@@ -140,8 +163,11 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--exit-timeout-secs={o.exit_timeout_s}",
             f"--log-verbose={o.log_verbose}",
         ]
+        if o.restrict_control_apis:
+            args += self.admin_key.triton_args()
         # Explicit control (all models unless some are named) lets the stub watchdog reload a model.
         args.append("--model-control-mode=explicit")
         args += [f"--load-model={name}" for name in (o.models if o.models is not None else ["*"])]
@@ -174,17 +200,33 @@ class TritonServer:
             _check_port_free(o.host, port, what, flag)
         root = _pytriton_root()
         backend_dir = _backend_directory(root, Path(self._workdir.name))
+        if o.restrict_control_apis:
+            self.admin_key.write(self.admin_key_file)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+        # Its own process group: a Triton that hangs on exit is killed together with its stubs.
         self.process = subprocess.Popen(
-            self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=self.environment(root)
-        )
+            self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=self.environment(root),
+            start_new_session=True,
+        )  # fmt: skip
         log.close()
         self._wait_ready(timeout)
         if o.stub_watchdog:
-            self.watchdog = StubWatchdog(self.process.pid, self.http_url)
+            headers = self.admin_key.http_headers if o.restrict_control_apis else None
+            self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=headers, give_up=self._give_up)
             self.watchdog.start()
         return self
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens the restricted APIs (e.g. ``PoseClient(..., headers=server.admin_headers)``)."""
+        return self.admin_key.grpc_headers
+
+    def _give_up(self, reason: str) -> None:
+        """The watchdog cannot heal this server: stop it, so that its owner sees it end (non-zero)."""
+        self.gave_up = reason
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None
@@ -223,8 +265,12 @@ class TritonServer:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout``."""
+    def stop_deadline(self) -> float:
+        """When a Triton asked to stop now must be gone: its exit timeout, plus a few seconds."""
+        return time.monotonic() + self.options.exit_timeout_s + KILL_GRACE_S
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests); SIGKILL, said on stderr, if it outlives its exit timeout."""
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
@@ -232,11 +278,7 @@ class TritonServer:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            wait_or_kill(self.process, self.stop_deadline(), _report)
         code = self.process.returncode
         self.process = None
         return code
@@ -253,14 +295,18 @@ class TritonServer:
         self._workdir.cleanup()
 
 
+def _report(message: str) -> None:
+    print(f"posetriton: {message}", file=sys.stderr, flush=True)
+
+
 def serve_forever(options: ServerOptions, timeout: float = 120.0) -> int:
-    """Run until Ctrl-C or SIGTERM; return Triton's exit code."""
+    """Run until Ctrl-C or SIGTERM; return Triton's exit code (EXIT_GAVE_UP when the watchdog gave up)."""
     server = TritonServer(options)
-    stopping = False
+    stop_by: list[float] = []
 
     def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        if not stop_by:
+            stop_by.append(server.stop_deadline())
         if server.watchdog is not None:  # stubs now exit on purpose: a reload would keep a model alive
             server.watchdog.stop(wait=False)
         if server.process is not None and server.process.poll() is None:
@@ -272,11 +318,27 @@ def serve_forever(options: ServerOptions, timeout: float = 120.0) -> int:
         print(
             f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
             f"metrics http://{options.host}:{options.metrics_port}/metrics (config '{options.config_name}'); "
-            f"log: {server.log_path}. Ctrl-C stops it.",
+            f"log: {server.log_path}. Ctrl-C stops it."
+            + (
+                f"\nControl APIs (model repository, shared memory, logging, trace) need the header "
+                f"'{server.admin_key.name}' (HTTP) / '{next(iter(server.admin_headers))}' (gRPC) with the key in "
+                f"{server.admin_key_file}."
+                if options.restrict_control_apis
+                else ""
+            ),
             flush=True,
         )
-        code = server.wait()
-        if not stopping:
+        process = server.process
+        assert process is not None
+        while process.poll() is None and not stop_by and not server.gave_up:
+            time.sleep(0.2)
+        if server.gave_up and not stop_by:
+            stop_by.append(server.stop_deadline())
+        code = wait_or_kill(process, stop_by[0], _report) if stop_by else process.wait()
+        if server.gave_up:
+            print(f"tritonserver stopped: {server.gave_up}; start it again", file=sys.stderr)
+            return EXIT_GAVE_UP
+        if not stop_by:
             print(f"tritonserver exited unexpectedly ({code}):\n{_failure_summary(server.log_text())}", file=sys.stderr)
         return code
     finally:

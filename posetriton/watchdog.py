@@ -6,6 +6,15 @@ probes never see it. The watchdog compares the stub processes of the server with
 the server says are ready, reports a missing one, and reloads its model (unload + load through
 the repository API, which starts fresh stubs).
 
+A reload that fails, or more than ``max_reloads`` reloads within ``window_s``, means the process
+cannot heal itself: the watchdog then gives up, and its owner stops Triton and exits non-zero so
+that whoever runs it (Kubernetes, systemd) starts a fresh one.
+
+The control APIs Triton exposes next to inference (model repository, shared memory, logging,
+trace) are closed to clients: Triton runs with ``--grpc-restricted-protocol`` and
+``--http-restricted-api`` behind a key made afresh at every start (``AdminKey.generate``); only
+the watchdog and the launcher, which reload models, send it.
+
 ``posetriton.launcher`` runs the watchdog beside the server it starts. In a container, where
 Triton is the entry point, ``python -m posetriton.watchdog -- tritonserver ARGS...`` runs Triton
 as a child with the watchdog beside it (see ``supervise``).
@@ -15,18 +24,72 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 STUB_BINARY = "triton_python_backend_stub"
+# The APIs only the server's own tooling may call: loading a model runs its Python code in the server,
+# and the shared-memory API maps memory by name. Inference, health, metadata, model configuration and
+# statistics stay open to clients.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_HEADER = "posetriton-admin-key"
+# Triton prefixes the key of --grpc-restricted-protocol with this in the gRPC metadata it expects.
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
+# Triton's own default for --exit-timeout-secs; we kill it this long after that if it has not exited.
+TRITON_EXIT_TIMEOUT_S = 30
+KILL_GRACE_S = 5
+# Exit status when the watchdog gave up (a reload failed, or too many reloads): restart me.
+EXIT_GAVE_UP = 70
+
+
+@dataclass(frozen=True)
+class AdminKey:
+    """The secret that opens the restricted control APIs of one server process, made at its start."""
+
+    value: str
+    name: str = ADMIN_HEADER
+
+    @classmethod
+    def generate(cls) -> AdminKey:
+        return cls(secrets.token_hex(32))
+
+    def triton_args(self) -> list[str]:
+        apis = ",".join(RESTRICTED_APIS)
+        return [
+            f"--grpc-restricted-protocol={apis}:{self.name}={self.value}",
+            f"--http-restricted-api={apis}:{self.name}={self.value}",
+        ]
+
+    def write(self, path: Path) -> None:
+        """The value alone, readable by this user only (for a client in the same pod or on the same host)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.value + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> AdminKey:
+        return cls(path.read_text().strip())
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {self.name: self.value}
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        """For tritonclient / PoseClient ``headers=``: e.g. to register system shared memory."""
+        return {f"{GRPC_RESTRICTED_PREFIX}{self.name}": self.value}
 
 
 @dataclass(frozen=True)
@@ -58,7 +121,12 @@ def python_stubs(server_pid: int) -> dict[str, tuple[int, str]]:
 
 
 class StubWatchdog(threading.Thread):
-    """Polls every ``interval`` seconds; a stub gone from a READY model triggers a report and a reload."""
+    """Polls every ``interval`` seconds; a stub gone from a READY model triggers a report and a reload.
+
+    ``headers`` go with every repository call (the admin key of a server with restricted APIs).
+    ``give_up(reason)`` is called once, and the watchdog stops, when a reload fails or when more than
+    ``max_reloads`` reloads happened within ``window_s``: a server whose stubs keep dying is not healing.
+    """
 
     def __init__(
         self,
@@ -66,12 +134,21 @@ class StubWatchdog(threading.Thread):
         http_url: str,
         interval: float = 2.0,
         report: Callable[[str], None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        give_up: Callable[[str], None] | None = None,
+        max_reloads: int = 3,
+        window_s: float = 600.0,
     ) -> None:
         super().__init__(name="posetriton-stub-watchdog", daemon=True)
         self.server_pid, self.http_url, self.interval = server_pid, http_url, interval
         self.report = report or (lambda message: print(f"posetriton: {message}", file=sys.stderr, flush=True))
+        self.headers = dict(headers or {})
+        self.give_up = give_up
+        self.max_reloads, self.window_s = max_reloads, window_s
+        self.gave_up: str | None = None
         self.failures: list[StubFailure] = []
         self.watched: dict[str, tuple[int, str]] = {}
+        self._reloads: deque[float] = deque()
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -86,7 +163,7 @@ class StubWatchdog(threading.Thread):
             self.join(timeout=10)
 
     def _post(self, path: str) -> Any:
-        request = urllib.request.Request(f"{self.http_url}{path}", data=b"{}", method="POST")
+        request = urllib.request.Request(f"{self.http_url}{path}", data=b"{}", method="POST", headers=self.headers)
         with urllib.request.urlopen(request, timeout=300) as response:
             body = response.read()
         return json.loads(body) if body else {}
@@ -114,6 +191,15 @@ class StubWatchdog(threading.Thread):
                 return
             dead = [(instance, pid) for instance, (pid, m) in lost.items() if m == model]
             started = time.monotonic()
+            while self._reloads and started - self._reloads[0] > self.window_s:
+                self._reloads.popleft()
+            if len(self._reloads) >= self.max_reloads:
+                self._give_up(
+                    f"stub(s) {dead} of model '{model}' died after {len(self._reloads)} reloads within "
+                    f"{self.window_s:.0f} s"
+                )
+                return
+            self._reloads.append(started)
             self.report(f"Python-backend stub(s) {dead} of model '{model}' died; reloading '{model}'")
             try:
                 self._post(f"/v2/repository/models/{model}/unload")
@@ -122,9 +208,29 @@ class StubWatchdog(threading.Thread):
                 self.report(f"model '{model}' reloaded in {recovered:.1f} s")
             except OSError as exc:
                 recovered = None
-                self.report(f"reloading model '{model}' failed: {exc}")
+                self.report(f"reloading model '{model}' failed: {_reason(exc)}")
             for instance, pid in dead:
                 self.failures.append(StubFailure(model, instance, pid, started, recovered))
+            if recovered is None:
+                self._give_up(f"model '{model}' could not be reloaded")
+                return
+
+    def _give_up(self, reason: str) -> None:
+        self.gave_up = reason
+        self._stopping.set()
+        self.report(f"stub watchdog gives up: {reason}; the server must be restarted")
+        if self.give_up is not None:
+            self.give_up(reason)
+
+
+def _reason(error: OSError) -> str:
+    """Triton's own words for a refused repository call (the JSON body of an HTTP error), else the error."""
+    if isinstance(error, urllib.error.HTTPError):
+        try:
+            return f"HTTP {error.code}: {json.loads(error.read())['error']}"
+        except (ValueError, KeyError, OSError):
+            return f"HTTP {error.code}"
+    return str(error)
 
 
 # --- in-container supervisor ------------------------------------------------------------------
@@ -150,16 +256,54 @@ def http_ready(http_url: str) -> bool:
         return False
 
 
-def supervise(command: list[str], interval: float = 2.0) -> int:
+def exit_timeout_s(command: list[str]) -> float:
+    """Triton's ``--exit-timeout-secs`` in a command line (its default when absent)."""
+    return float(_flag_value(command, "--exit-timeout-secs", str(TRITON_EXIT_TIMEOUT_S)))
+
+
+def wait_or_kill(
+    process: subprocess.Popen[bytes], deadline: float, report: Callable[[str], None], what: str = "tritonserver"
+) -> int:
+    """Wait for ``process`` until ``deadline`` (``time.monotonic()``); then SIGKILL its process group and say so.
+
+    Triton 2.51 was once seen logging "Exit timeout expired. Exiting immediately." and then hanging in a
+    futex wait: a shutdown must end anyway. The process group (started with ``start_new_session``) holds
+    Triton's Python-backend stubs too, so none is left behind.
+    """
+    try:
+        return process.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    report(f"{what} (pid {process.pid}) did not exit in time after it was asked to stop; killing it")
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    return process.wait()
+
+
+def _report(message: str) -> None:
+    print(f"posetriton: {message}", file=sys.stderr, flush=True)
+
+
+def supervise(
+    command: list[str], interval: float = 2.0, admin_key_file: Path | None = None, max_reloads: int = 3,
+    window_s: float = 600.0,
+) -> int:  # fmt: skip
     """Run ``tritonserver`` as a child with a stub watchdog beside it; return its exit code.
 
     For containers, where no launcher starts Triton: SIGTERM and SIGINT go to Triton unchanged
     (it drains in-flight requests), its output goes to ours, and we exit with its code. The
     watchdog reloads models through the repository API, so Triton must run with
     ``--model-control-mode=explicit`` (and ``--load-model=*`` to load everything at start).
+
+    The control APIs are restricted behind a key made here, at every start; it never appears in a
+    manifest or an image (``admin_key_file``, mode 0600, hands it to an operator in the pod).
+    Triton is killed when it has not exited ``KILL_GRACE_S`` after its own ``--exit-timeout-secs``.
+    When the watchdog gives up, Triton is stopped and we exit ``EXIT_GAVE_UP``.
     """
     if not command:
-        raise SystemExit("usage: python -m posetriton.watchdog [--interval S] -- tritonserver ARGS...")
+        raise SystemExit("usage: python -m posetriton.watchdog [--interval S] [--admin-key-file F] -- tritonserver ...")
     if _flag_value(command, "--model-control-mode", "none") != "explicit":
         raise SystemExit(
             "posetriton.watchdog: Triton must run with --model-control-mode=explicit (and --load-model=*): "
@@ -169,29 +313,48 @@ def supervise(command: list[str], interval: float = 2.0) -> int:
     http_url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:" + _flag_value(
         command, "--http-port", "8000"
     )
-    server = subprocess.Popen(command)
+    key = AdminKey.generate()
+    if admin_key_file is not None:
+        key.write(admin_key_file)
+    server = subprocess.Popen([*command, *key.triton_args()], start_new_session=True)
     watchdog: StubWatchdog | None = None
     stopping = threading.Event()
+    gave_up = threading.Event()
+    stop_by: list[float] = []
 
-    def shut_down(signum: int, _frame: object) -> None:
+    def shut_down(signum: int) -> None:
+        if not stop_by:
+            stop_by.append(time.monotonic() + exit_timeout_s(command) + KILL_GRACE_S)
         stopping.set()
         if watchdog is not None:  # stubs now exit on purpose: a reload would keep a model alive
             watchdog.stop(wait=False)
-        server.send_signal(signum)
+        if server.poll() is None:
+            server.send_signal(signum)
+
+    def give_up(reason: str) -> None:
+        gave_up.set()
+        shut_down(signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, shut_down)
+        signal.signal(sig, lambda signum, _frame: shut_down(signum))
     try:
         while server.poll() is None and not stopping.is_set() and not http_ready(http_url):
             time.sleep(0.5)
         if server.poll() is None and not stopping.is_set():
-            watchdog = StubWatchdog(server.pid, http_url, interval)
+            watchdog = StubWatchdog(
+                server.pid, http_url, interval, headers=key.http_headers, give_up=give_up, max_reloads=max_reloads,
+                window_s=window_s,
+            )  # fmt: skip
             watchdog.start()
             stubs, models = len(watchdog.watched), len({model for _, model in watchdog.watched.values()})
             watchdog.report(f"stub watchdog: watching {stubs} Python-backend stubs of {models} models")
             if stopping.is_set():  # a signal between the two checks
                 watchdog.stop(wait=False)
-        code = server.wait()
+        while server.poll() is None and not stop_by:
+            stopping.wait(0.5)
+        code = wait_or_kill(server, stop_by[0], _report) if stop_by else server.wait()
+        if gave_up.is_set():
+            return EXIT_GAVE_UP
         return code if code >= 0 else 128 - code  # killed by signal N: exit 128 + N, as a shell reports it
     finally:
         if watchdog is not None:
@@ -200,12 +363,16 @@ def supervise(command: list[str], interval: float = 2.0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    interval = 2.0
-    if args[:1] == ["--interval"]:
-        interval, args = float(args[1]), args[2:]
+    options: dict[str, str] = {}
+    while args and args[0] in ("--interval", "--admin-key-file", "--max-reloads", "--reload-window"):
+        options[args[0]], args = args[1], args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
-    return supervise(args, interval)
+    key_file = options.get("--admin-key-file")
+    return supervise(
+        args, float(options.get("--interval", 2.0)), Path(key_file) if key_file else None,
+        int(options.get("--max-reloads", 3)), float(options.get("--reload-window", 600.0)),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

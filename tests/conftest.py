@@ -141,7 +141,11 @@ def model_stats(url: str, model: str) -> tuple[int, int, int]:
     return previous
 
 
-def start_server(repository: Path, config_name: str = "cpu", models: list[str] | None = None) -> TritonServer:
+def start_server(
+    repository: Path, config_name: str = "cpu", models: list[str] | None = None, restrict_control_apis: bool = False
+) -> TritonServer:
+    # Unrestricted by default: the shared test servers serve tests that register shared memory and load
+    # models themselves; the launcher's restricted default is tested in tests/test_launcher.py.
     options = ServerOptions(
         repository=repository,
         config_name=config_name,
@@ -149,6 +153,7 @@ def start_server(repository: Path, config_name: str = "cpu", models: list[str] |
         grpc_port=free_port(),
         metrics_port=free_port(),
         models=models,
+        restrict_control_apis=restrict_control_apis,
     )
     return TritonServer(options).start(timeout=180)
 

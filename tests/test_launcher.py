@@ -1,15 +1,28 @@
-"""The launcher says plainly why Triton cannot start: busy port, missing repository, broken model, numpy 2."""
+"""The launcher says plainly why Triton cannot start (busy port, missing repository, broken model, numpy 2), closes
+the control APIs to clients, always ends a shutdown, and stops a server its watchdog cannot heal."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 from posetriton import launcher
+from posetriton.client import AccessDeniedError, PoseClient
 from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
+from posetriton.watchdog import ADMIN_HEADER, KILL_GRACE_S, http_ready, python_stubs
 from posetriton.watchdog import main as watchdog_main
 from tests.conftest import UL_MODEL, free_port, start_server
 
@@ -73,3 +86,153 @@ def test_container_entry_point_passes_on_tritons_exit_code() -> None:
     explicit = ["--model-control-mode", "explicit"]  # Triton takes "--flag value" as well as "--flag=value"
     assert watchdog_main(["--", "sh", "-c", "exit 3", *explicit]) == 3
     assert watchdog_main(["--", "sh", "-c", "kill -9 $$", *explicit]) == 128 + 9
+
+
+# --- shutdown always ends ---------------------------------------------------------------------
+
+STANDIN = Path(__file__).parent / "standins" / "tritonserver_ignoring_sigterm.py"
+
+
+def _one_model_repository(tmp_path: Path) -> Path:
+    (tmp_path / "repo" / "some_model").mkdir(parents=True)
+    (tmp_path / "repo" / "some_model" / "config.pbtxt").write_text('backend: "python"\n')
+    return tmp_path / "repo"
+
+
+def test_stop_kills_a_triton_that_ignores_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(launcher.BINARY_ENV, str(STANDIN))
+    options = ServerOptions(
+        repository=_one_model_repository(tmp_path), http_port=free_port(), grpc_port=free_port(),
+        metrics_port=free_port(), stub_watchdog=False, exit_timeout_s=1,
+    )  # fmt: skip
+    server = TritonServer(options).start(timeout=30)
+    assert server.process is not None
+    pid = server.process.pid
+    started = time.monotonic()
+    assert server.stop() == -signal.SIGKILL
+    elapsed = time.monotonic() - started
+    assert options.exit_timeout_s <= elapsed < options.exit_timeout_s + KILL_GRACE_S + 3, elapsed
+    assert f"tritonserver (pid {pid}) did not exit in time after it was asked to stop; killing it" in (
+        capsys.readouterr().err
+    )
+    assert "ignoring signal 15" in server.log_text(), "the stand-in really got SIGTERM and ignored it"
+
+
+def test_container_entry_point_kills_a_triton_that_ignores_sigterm(tmp_path: Path) -> None:
+    http = free_port()
+    command = [
+        sys.executable, "-m", "posetriton.watchdog", "--", str(STANDIN), "--model-control-mode=explicit",
+        "--exit-timeout-secs=1", f"--http-port={http}", f"--metrics-port={free_port()}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not http_ready(f"http://127.0.0.1:{http}"):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=1 + KILL_GRACE_S + 10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGKILL, stderr
+    assert time.monotonic() - started < 1 + KILL_GRACE_S + 3
+    assert "did not exit in time after it was asked to stop; killing it" in stderr
+    assert "ignoring signal 15" in stdout, "SIGTERM reached the stand-in, which ignored it"
+
+
+# --- control APIs closed to clients -----------------------------------------------------------
+
+
+def _http_post(url: str, headers: dict[str, str] | None = None, body: bytes = b"{}") -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()
+
+
+def test_control_apis_need_the_per_start_admin_key(model_repository: Path, photo_paths: list[Path]) -> None:
+    """Without the key a client can neither load, unload, register shared memory nor change logging or
+    tracing, and is told which header is missing; inference, health, metadata and statistics stay open."""
+    photo = photo_paths[0]
+    with start_server(model_repository, models=[UL_MODEL], restrict_control_apis=True) as server:
+        key_file = server.admin_key_file
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and key_file.read_text().strip() == server.admin_key.value
+        assert len(server.admin_key.value) == 64 and TritonServer(server.options).admin_key != server.admin_key
+        header = next(iter(server.admin_headers))
+        assert header == f"triton-grpc-protocol-{ADMIN_HEADER}"
+        refused = f"This protocol is restricted, expecting header '{header}'"
+        with grpcclient.InferenceServerClient(server.grpc_url) as triton:
+            calls = {
+                "load": lambda h: triton.load_model(UL_MODEL, headers=h),
+                "unload": lambda h: triton.unload_model(UL_MODEL, headers=h),
+                "repository index": lambda h: triton.get_model_repository_index(headers=h),
+                "register shared memory": lambda h: triton.register_system_shared_memory("x", "/x", 64, headers=h),
+                "shared memory status": lambda h: triton.get_system_shared_memory_status(headers=h),
+                "log settings": lambda h: triton.update_log_settings({"log_verbose_level": 1}, headers=h),
+                "trace settings": lambda h: triton.update_trace_settings(settings={"trace_rate": "2"}, headers=h),
+            }
+            for what, call in calls.items():
+                for headers in (None, {header: "wrong"}):
+                    with pytest.raises(grpcclient.InferenceServerException) as error:
+                        call(headers)
+                    assert error.value.message() == refused, what
+            # Open to clients: health, metadata, configuration, statistics.
+            assert triton.is_server_ready() and triton.is_model_ready(UL_MODEL)
+            assert triton.get_model_metadata(UL_MODEL).name == UL_MODEL
+            assert triton.get_inference_statistics(UL_MODEL).model_stats
+            assert triton.get_system_shared_memory_status(headers=server.admin_headers) is not None
+        for path in (f"/v2/repository/models/{UL_MODEL}/unload", "/v2/repository/index", "/v2/logging"):
+            status, body = _http_post(f"{server.http_url}{path}")
+            assert (status, json.loads(body)) == (
+                403,
+                {"error": f"This API is restricted, expecting header '{ADMIN_HEADER}'"},
+            )
+        # Inference needs no key, and model discovery falls back to the statistics.
+        with PoseClient(server.grpc_url, UL_MODEL) as client:
+            expected = client.predict(photo)
+            assert expected.poses and client.ready_models() == [UL_MODEL]
+        # System shared memory from the SDK: refused clearly without the key, the same results with it.
+        with (
+            PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, retry=3) as client,
+            pytest.raises(AccessDeniedError, match=f"pass it with headers={{'{header}': ...}}"),
+        ):
+            client.predict(photo)
+        with PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, headers=server.admin_headers) as client:
+            got = client.predict(photo)
+        assert [p.score for p in got.poses] == [p.score for p in expected.poses]
+        # The owner of the key can still use the repository API (the launcher's watchdog does).
+        status, _ = _http_post(f"{server.http_url}/v2/repository/index", server.admin_key.http_headers)
+        assert status == 200
+    assert not key_file.exists(), "the key file goes with the server's temporary folder"
+
+
+# --- a server that cannot heal ends -----------------------------------------------------------
+
+
+def test_a_failed_reload_stops_the_server_with_a_reason(model_repository: Path, tmp_path: Path) -> None:
+    """The preprocess stubs die and the model's files changed meanwhile so that it cannot load again:
+    the watchdog gives up and the server stops (Kubernetes would restart the container)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for model in model_repository.iterdir():  # the ensemble's folders, the network's large files linked
+        if model.name.startswith(UL_MODEL):
+            shutil.copytree(model, repo / model.name, copy_function=os.symlink)
+    config = repo / f"{UL_MODEL}_preprocess" / "config.pbtxt"
+    with start_server(repo, models=[UL_MODEL], restrict_control_apis=True) as server:
+        assert server.process is not None and server.watchdog is not None
+        text = config.read_text()
+        config.unlink()
+        config.write_text(text.replace('string_value: "114"', 'string_value: "999"'))
+        for pid, model in python_stubs(server.process.pid).values():
+            if model == f"{UL_MODEL}_preprocess":
+                os.kill(pid, signal.SIGKILL)
+        code = server.process.wait(timeout=server.watchdog.interval + 60 + server.options.exit_timeout_s + 10)
+        assert server.gave_up == f"model '{UL_MODEL}_preprocess' could not be reloaded"
+        assert code is not None
+        assert "pad_value must be in [0, 255]" in server.log_text(), "Triton's reason is in its log"
