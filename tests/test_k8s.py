@@ -35,9 +35,11 @@ from typing import Any
 import pytest
 
 from posetriton.client import PoseClient, PoseClientError
+from posetriton.contract import STEP_SUFFIXES
+from posetriton.cpu_limit import CPU_LIMIT_ENV, container_cpu_limit
 from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
 from posetriton.repository import CPU_CONFIGS, load_catalog
-from posetriton.watchdog import http_ready, python_stubs
+from posetriton.watchdog import EXIT_GAVE_UP, AdminKey, python_stubs
 from tests.conftest import UL_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,7 +341,8 @@ def test_ports_are_the_launcher_defaults_everywhere(rendered: dict[str, list[dic
         services = {s["metadata"]["name"]: s for s in objects if s["kind"] == "Service"}
         client_ports = {p["name"]: p for p in services["posetriton"]["spec"]["ports"]}
         metrics_ports = {p["name"]: p for p in services["posetriton-metrics"]["spec"]["ports"]}
-        assert set(client_ports) == {"http", "grpc"} and set(metrics_ports) == {"metrics"}, variant
+        # Clients get gRPC only (what the README promises); HTTP stays in the pod for the kubelet's probes.
+        assert set(client_ports) == {"grpc"} and set(metrics_ports) == {"metrics"}, variant
         for name, port in {**client_ports, **metrics_ports}.items():
             assert port["port"] == expected[name], f"{variant}: Service port {name}"
             assert _port_number(triton, port["targetPort"]) == expected[name], f"{variant}: targetPort {name}"
@@ -359,13 +362,20 @@ def test_ports_are_the_launcher_defaults_everywhere(rendered: dict[str, list[dic
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics", variant
 
 
-def test_probes_use_the_health_endpoints_the_launcher_polls(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    launcher_paths = re.findall(r"/v2/health/\w+", inspect.getsource(http_ready))
-    assert launcher_paths == ["/v2/health/ready"], "the launcher's readiness poll changed: update the probes"
+def _baked_models() -> list[str]:
+    """The ensembles `make models` exports into the image (the Makefile's DEMO_MODELS)."""
+    baked = re.search(r"^DEMO_MODELS\s*\?=\s*(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert baked, "Makefile's DEMO_MODELS (what `make models` exports into the image) not found"
+    return baked.group(1).split()
+
+
+def test_readiness_is_the_ensembles_own(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Ready when the ensemble clients call is ready, not merely the server; live when the server answers."""
     defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    ensemble = _baked_models()[0]
     for variant, objects in rendered.items():
         triton = _triton(objects)
-        expected = {"startupProbe": launcher_paths[0], "readinessProbe": launcher_paths[0],
+        expected = {"startupProbe": f"/v2/models/{ensemble}/ready", "readinessProbe": f"/v2/models/{ensemble}/ready",
                     "livenessProbe": "/v2/health/live"}  # fmt: skip
         for probe, path in expected.items():
             get = triton[probe]["httpGet"]
@@ -410,45 +420,142 @@ def test_cpu_overlay_selects_the_cpu_configuration_and_gpu_the_default(
     assert gpu["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
     assert "nvidia.com/gpu" not in cpu["resources"].get("requests", {})
-    # Both run the image built from k8s/Dockerfile, which is based on the NGC Triton 24.10 image.
-    (base,) = [args for instr, args in _dockerfile() if instr == "FROM"]
-    assert base == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    # Both run images built from k8s/Dockerfile (the GPU one its "gpu" target), based on NGC Triton 25.07.
+    assert _arg_default("TRITON_IMAGE") == "nvcr.io/nvidia/tritonserver:25.07-py3"
     assert cpu["image"].split(":")[0] == gpu["image"].split(":")[0]
-    assert cpu["command"] == gpu["command"] == ["python3", "-m", "posetriton.watchdog", "--", NGC_TRITONSERVER]
-    # `docker run` of the image alone starts Triton the same way, on the CPU configuration.
-    (entrypoint,) = [json.loads(args) for instr, args in _dockerfile() if instr == "ENTRYPOINT"]
-    (cmd,) = [json.loads(args) for instr, args in _dockerfile() if instr == "CMD"]
-    assert entrypoint == cpu["command"]
-    assert set(cmd) <= set(cpu["args"]), "the image's default arguments are a subset of the CPU overlay's"
+    assert cpu["command"] == gpu["command"], "one entry point for both overlays"
+    # `docker run` of the image alone starts Triton the same way, on the CPU configuration: the
+    # manifest's command is the image's ENTRYPOINT with the watchdog's options before the "--".
+    entrypoint, cmd = (
+        [json.loads(args) for instr, args in _dockerfile() if instr == name] for name in ("ENTRYPOINT", "CMD")
+    )
+    assert entrypoint[0][:3] == cpu["command"][:3] == ["python3", "-m", "posetriton.watchdog"]
+    assert entrypoint[0][3:] == cpu["command"][cpu["command"].index("--") :] == ["--", NGC_TRITONSERVER]
+    assert set(cmd[0]) <= set(cpu["args"]), "the image's default arguments are a subset of the CPU overlay's"
+    assert set(cmd[1]) <= set(gpu["args"]), "the GPU target's default arguments are a subset of the GPU overlay's"
 
 
-def test_dockerfile_installs_exactly_the_python_backend_dependencies() -> None:
+def _arg_default(name: str, dockerfile: str = "Dockerfile") -> str | None:
+    """The default of a Dockerfile ARG (None when it has none); the first declaration."""
+    for instr, args in _dockerfile(dockerfile):
+        if instr == "ARG" and args.split("=", 1)[0] == name:
+            return args.split("=", 1)[1] if "=" in args else None
+    raise AssertionError(f"{dockerfile} declares no ARG {name}")
+
+
+def _requirement_names(text: str) -> set[str]:
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    return {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
+
+
+def _lock(name: str) -> dict[str, tuple[str, list[str]]]:
+    """``package -> (version, hashes)`` of a hashed lock written by uv/pip-compile."""
+    text = re.sub(r"\\\n", " ", (ROOT / "requirements" / name).read_text())
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})*)", line)
+            assert match, f"{name}: not a hashed pin: {line}"
+            pins[match.group(1).lower()] = (match.group(2), re.findall(r"sha256:([0-9a-f]{64})", match.group(3)))
+    return pins
+
+
+def test_base_images_are_pinned_by_digest() -> None:
+    """Every FROM names a digest (a build argument without default: no digest, no build) or an earlier stage."""
+    for dockerfile in ("Dockerfile", "Dockerfile.models"):
+        stages: set[str] = set()
+        for instr, args in _dockerfile(dockerfile):
+            if instr != "FROM":
+                continue
+            words = args.split()
+            image = words[0]
+            if len(words) == 3 and words[1].upper() == "AS":
+                stages.add(words[2])
+            if image in stages:
+                continue
+            pinned = re.fullmatch(r"\$\{(\w+)\}@\$\{(\w+)\}", image) or re.fullmatch(r"\S+@sha256:[0-9a-f]{64}", image)
+            assert pinned, f"{dockerfile}: FROM {image} is not pinned by digest"
+            if pinned.re.groups == 2:
+                assert ":" in str(_arg_default(pinned.group(1), dockerfile)), f"{dockerfile}: the image names a tag"
+                assert _arg_default(pinned.group(2), dockerfile) is None, f"{dockerfile}: a default digest goes stale"
+
+
+def test_image_installs_a_hashed_lock_for_its_python() -> None:
+    """requirements/image.in is serve.txt without nvidia-pytriton; its lock pins every package with hashes,
+    for the Python the build checks; the GPU lock adds torch/torchvision (CUDA 12) and typer to the same pins."""
     instructions = _dockerfile()
     runs = " ".join(args for instr, args in instructions if instr == "RUN")
-    grep = re.search(r"grep -v -E '([^']+)' (\S+) > (\S+)", runs)
-    assert grep, "the Dockerfile must derive its requirements from requirements/serve.txt with one grep -v"
-    pattern, source, derived = grep.groups()
-    assert _copy_destination("Dockerfile", "requirements/serve.txt") + "/serve.txt" == source
-    assert f"-r {derived} /tmp/src" in runs, "pip must install the derived requirements and the posetriton package"
-    assert "-c /tmp/requirements/constraints.txt" in runs
-    kept = _run(["grep", "-v", "-E", pattern, str(ROOT / "requirements" / "serve.txt")]).stdout
-
-    def names(text: str) -> set[str]:
-        lines = [line.split("#")[0].strip() for line in text.splitlines()]
-        return {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in lines if line}
-
-    serve = names((ROOT / "requirements" / "serve.txt").read_text())
-    assert names(kept) == serve - {"nvidia-pytriton"}, "only nvidia-pytriton (a second tritonserver) is left out"
-    assert any(line.replace(" ", "").startswith("numpy") and "<2" in line for line in kept.splitlines())
+    serve = _requirement_names((ROOT / "requirements" / "serve.txt").read_text())
+    wanted = _requirement_names((ROOT / "requirements" / "image.in").read_text())
+    assert wanted - {"setuptools"} == serve - {"nvidia-pytriton"}, (
+        "only nvidia-pytriton (a second tritonserver) left out"
+    )
+    assert any(
+        re.fullmatch(r"numpy.*<2", line.strip().replace(" ", "")) for line in (ROOT / "requirements" / "image.in").open()
+    )
+    python = re.search(r"sys\.version_info\[:2\] == \((\d+), (\d+)\)", runs)
+    assert python, "the build checks the image's Python version against the lock's"
+    lock_name = f"image-py{python.group(1)}{python.group(2)}.lock"
+    assert _copy_destination("Dockerfile", f"requirements/{lock_name}") == "/tmp/requirements"
+    assert f"--require-hashes --only-binary=:all: -r /tmp/requirements/{lock_name}" in re.sub(r"\s+", " ", runs)
+    assert "--no-deps --no-build-isolation --no-index /tmp/src" in runs, "posetriton itself adds no dependency"
+    specifiers = _module("packaging.specifiers")
+    requirements = _module("packaging.requirements")
+    cpu, gpu = _lock(lock_name), _lock(f"image-gpu-py{python.group(1)}{python.group(2)}.lock")
+    for line in (ROOT / "requirements" / "image.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = requirements.Requirement(line)
+            assert requirement.name.lower() in cpu, f"{requirement.name} is not locked"
+            assert specifiers.SpecifierSet(str(requirement.specifier)).contains(cpu[requirement.name.lower()][0])
+    for lock in (cpu, gpu):
+        assert all(hashes for _, hashes in lock.values()), "every pin carries its hashes"
+        assert int(lock["numpy"][0].split(".")[0]) < 2
+    assert {name: version for name, (version, _) in cpu.items()}.items() <= {
+        name: version for name, (version, _) in gpu.items()
+    }.items(), "the GPU image keeps the CPU image's pins"
+    assert {"torch", "torchvision", "typer"} <= gpu.keys() and "torch" not in cpu
+    assert all(name.endswith("-cu12") for name in gpu if name.startswith("nvidia-")), "CUDA 12 builds, as the base"
+    gpu_runs = re.sub(r"\s+", " ", runs)
+    assert "import numpy, torch, torchvision, typer, build_engines.__main__" in gpu_runs
     # The posetriton package: everything its pyproject needs to build is copied.
     for path in ("pyproject.toml", "README.md", "posetriton", "client", "build_engines"):
         assert any(instr == "COPY" and path in args.split()[:-1] for instr, args in instructions), path
-    # Non-root, fixed identity, shared with the pod.
-    (user,) = [args for instr, args in instructions if instr == "USER"]
-    uid_arg = re.fullmatch(r"\$\{(\w+)\}:\$\{(\w+)\}", user)
-    assert uid_arg, "USER must be the numeric APP_UID:APP_GID"
+    # Non-root, fixed identity, shared with the pod; the image's last USER is that one.
+    users = [args for instr, args in instructions if instr == "USER"]
+    uid_arg = re.fullmatch(r"\$\{(\w+)\}:\$\{(\w+)\}", users[-1])
+    assert uid_arg and users[0] == users[-1], "USER must be the numeric APP_UID:APP_GID"
     values = dict(re.findall(r"(\w+)=(\d+)", " ".join(a for i, a in instructions if i == "ARG")))
     assert int(values[uid_arg.group(1)]) >= 10000 and int(values[uid_arg.group(2)]) >= 10000
+
+
+def test_image_build_refuses_an_empty_or_incomplete_model_repository(model_repository: Path, tmp_path: Path) -> None:
+    """The check the Dockerfile runs on /models after copying it, on the real repository and broken copies."""
+    runs = [args for instr, args in _dockerfile() if instr == "RUN"]
+    assert any(args.startswith("python3 -m posetriton.repository_check /models --config-name") for args in runs)
+    assert _arg_default("MODEL_CONFIG_NAME") == "cpu"
+
+    def check(repository: Path, *config: str) -> subprocess.CompletedProcess[str]:
+        return _run([sys.executable, "-m", "posetriton.repository_check", str(repository), *config])
+
+    assert check(model_repository, "--config-name", "cpu").returncode == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = check(empty, "--config-name", "cpu")
+    assert refused.returncode == 1 and "holds no ensemble model" in refused.stderr
+    broken = tmp_path / "broken"
+    for model in model_repository.iterdir():
+        if model.name.startswith(UL_MODEL):
+            shutil.copytree(model, broken / model.name, copy_function=os.symlink)
+    (broken / f"{UL_MODEL}_network" / "1" / "model.bin").unlink()
+    shutil.rmtree(broken / f"{UL_MODEL}_postprocess")
+    refused = check(broken, "--config-name", "cpu")
+    assert refused.returncode == 1
+    assert f"{UL_MODEL}_network: {UL_MODEL}_network/1/model.bin is missing or empty" in refused.stderr
+    assert f"{UL_MODEL}: step model {UL_MODEL}_postprocess is missing" in refused.stderr
+    # The GPU target checks the default configuration: a repository without TensorRT plans is refused.
+    refused = check(model_repository)
+    assert refused.returncode == 1 and f"{UL_MODEL}_network/1/model.plan is missing or empty" in refused.stderr
 
 
 def test_python_backend_shared_memory_fits_dev_shm(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -541,7 +648,7 @@ def test_secure_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
 
 def test_network_policy_admits_only_clients_and_monitoring(rendered: dict[str, list[dict[str, Any]]]) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
-    client_ports = {defaults["http_port"], defaults["grpc_port"]}
+    client_ports = {defaults["grpc_port"]}  # HTTP is for the kubelet's probes, which no policy filters
     for variant, objects in rendered.items():
         policy = _one(objects, "NetworkPolicy")["spec"]
         labels = _pod(objects)["metadata"]["labels"]
@@ -565,34 +672,167 @@ def test_network_policy_admits_only_clients_and_monitoring(rendered: dict[str, l
         ], variant
 
 
+STEPS_REGEX = ".+_(preprocess|network|postprocess)"
+
+
 def test_autoscaling_and_disruption_budget(rendered: dict[str, list[dict[str, Any]]]) -> None:
     rule = _adapter_rule()
     metric_name = rule["name"]["as"]
     assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     query = rule["metricsQuery"]
-    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
-        assert re.search(rf"\b{series}\{{<<\.LabelMatchers>>", query), f"{series} missing from the adapter query"
+    # Queue time of every step of the ensembles, per request into the ensembles.
+    assert f'nv_inference_queue_duration_us{{<<.LabelMatchers>>,model=~"{STEPS_REGEX}"}}' in query
+    assert f'nv_inference_request_success{{<<.LabelMatchers>>,model!~"{STEPS_REGEX}"}}' in query
+    assert all(re.fullmatch(STEPS_REGEX, f"m{suffix}") for suffix in STEP_SUFFIXES)
+    assert len(STEP_SUFFIXES) == 3
     for variant, objects in rendered.items():
         deployment = _one(objects, "Deployment")
+        assert "replicas" not in deployment["spec"], f"{variant}: the HPA owns the replica count"
         hpa = _one(objects, "HorizontalPodAutoscaler")
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "posetriton"}
         assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"], variant
-        (metric,) = hpa["spec"]["metrics"]
+        metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+        cpu = metrics["Resource"]["resource"]
+        assert cpu["name"] == "cpu" and 0 < cpu["target"]["averageUtilization"] <= 90, variant
+        assert _cpus(_triton(objects)["resources"]["requests"]["cpu"]) > 0, "utilization needs CPU requests"
         if variant == "cpu+hpa-cpu-utilization":
-            assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
-            assert 0 < metric["resource"]["target"]["averageUtilization"] <= 90
-            assert _cpus(_triton(objects)["resources"]["requests"]["cpu"]) > 0, "utilization needs CPU requests"
-        else:
-            assert metric["type"] == "Pods", variant
-            assert metric["pods"]["metric"]["name"] == metric_name, f"{variant}: HPA and adapter rule disagree"
-            assert metric["pods"]["target"]["type"] == "AverageValue"
+            assert set(metrics) == {"Resource"}, variant
+        else:  # the custom metric, with CPU beside it for when the metric is missing
+            assert set(metrics) == {"Pods", "Resource"}, variant
+            assert metrics["Pods"]["pods"]["metric"]["name"] == metric_name, f"{variant}: HPA and adapter rule disagree"
+            assert metrics["Pods"]["pods"]["target"]["type"] == "AverageValue"
         pdb = _one(objects, "PodDisruptionBudget")
         assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"], variant
         assert pdb["spec"]["maxUnavailable"] == 1 < hpa["spec"]["minReplicas"], variant
         strategy = deployment["spec"]["strategy"]["rollingUpdate"]
         assert strategy["maxUnavailable"] == 0, f"{variant}: rollouts must not drop serving capacity"
+
+
+def _recorded_series(index: int) -> dict[tuple[str, str], float]:
+    """(metric, model) -> value from a scrape of the real Triton in k8s/monitoring/testdata."""
+    text = (K8S / "monitoring" / "testdata" / f"triton-metrics-{index}.txt").read_text()
+    found = re.findall(r'^(\w+)\{model="([^"]+)",version="1"\} (\S+)$', text, re.MULTILINE)
+    return {(metric, model): float(value) for metric, model, value in found}
+
+
+def test_adapter_rule_evaluated_by_promtool_on_recorded_series(tmp_path: Path) -> None:
+    """The adapter's query, expanded as prometheus-adapter does for a pods request, runs in promtool on
+    series scraped from the real Triton: a busy pod reads its queue time per request summed over the steps,
+    an idle pod reads 0."""
+    promtool = _tool("promtool", "apt-get install prometheus (Debian's package ships promtool)")
+    rule = _adapter_rule()
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.GroupBy>>", "namespace,pod")
+        .replace("<<.LabelMatchers>>", 'namespace="posetriton",pod=~"busy|idle"')
+    )
+    yaml = _module("yaml")
+    (tmp_path / "rules.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "adapter", "rules": [{"record": rule["name"]["as"], "expr": query}]}]})
+    )
+    before, after = _recorded_series(0), _recorded_series(1)
+    series = []
+    for (metric, model), value in after.items():
+        # Busy: the two scrapes a minute apart, then a third like the second's; idle: nothing changes.
+        for pod, values in (("busy", [before[metric, model], value, value]), ("idle", [value, value, value])):
+            labels = f'{metric}{{namespace="posetriton",pod="{pod}",model="{model}",version="1"}}'
+            series.append({"series": labels, "values": " ".join(f"{v:.0f}" for v in values)})
+    steps = [m for (metric, m) in after if metric == "nv_inference_queue_duration_us" and m.endswith(STEP_SUFFIXES)]
+    ensembles = [
+        m for (metric, m) in after if metric == "nv_inference_request_success" and not m.endswith(STEP_SUFFIXES)
+    ]
+    assert steps and ensembles, "the recording holds the steps and the ensemble"
+    queued = sum(
+        after["nv_inference_queue_duration_us", m] - before["nv_inference_queue_duration_us", m] for m in steps
+    )
+    served = sum(
+        after["nv_inference_request_success", m] - before["nv_inference_request_success", m] for m in ensembles
+    )
+    expected = queued / served
+    assert expected > 1000, "the recording saw real queueing"
+    name = rule["name"]["as"]
+    tests = {
+        "rule_files": [str(tmp_path / "rules.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": name,
+                        "eval_time": "2m",
+                        "exp_samples": [
+                            {"labels": f'{name}{{namespace="posetriton",pod="busy"}}', "value": expected},
+                            {"labels": f'{name}{{namespace="posetriton",pod="idle"}}', "value": 0},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    proc = _run([promtool, "test", "rules", str(tmp_path / "tests.yaml")])
+    assert proc.returncode == 0, f"promtool test rules:\n{proc.stdout}\n{proc.stderr}"
+    # The same test fails when the expectation is wrong: promtool really compared the values.
+    tests["tests"][0]["promql_expr_test"][0]["exp_samples"][0]["value"] = expected * 1.5
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    assert _run([promtool, "test", "rules", str(tmp_path / "tests.yaml")]).returncode == 1
+
+
+def test_gpu_overlay_pins_the_gpu_checks_engines_and_sizes_the_cuda_pool(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = rendered["gpu"]
+    pod, triton = _pod(objects), _triton(objects)
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (expression,) = [e for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]]
+    assert expression["key"] == "nvidia.com/gpu.product" and expression["operator"] == "In" and expression["values"]
+    (init,) = pod["spec"]["initContainers"]
+    assert init["image"] == triton["image"], "check-engines runs in the GPU image it checks"
+    assert init["command"][:4] == ["python3", "-m", "build_engines", "check-engines"]
+    assert init["command"][init["command"].index("--repository") + 1] == _flag(triton, "model-repository")
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 1, "nvidia-smi needs the GPU to name it"
+    # The command exists in the CLI the image installs (typer's app, checked at build time in the gpu target).
+    build_engines_cli = importlib.import_module("build_engines.__main__")
+    commands = {c.name or c.callback.__name__ for c in build_engines_cli.app.registered_commands}
+    assert "check-engines" in commands
+    # The CUDA memory pool holds the largest batch crossing between steps, twice (two batches in flight).
+    device, size = _flag(triton, "cuda-memory-pool-byte-size").split(":")
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+    for name in _baked_models():
+        model = catalog[name]
+        batch, side = model.tuning.max_batch_size, model.letterbox.input_size
+        largest = batch * (3 * side * side * 4 + model.num_anchors * model.candidate_width * 4)
+        assert device == "0" and int(size) >= 2 * largest, (
+            f"{name}: {int(size) / MIB:.0f} MiB < 2 x {largest / MIB:.0f}"
+        )
+    assert "cuda-memory-pool-byte-size" not in _flags(_triton(rendered["cpu"]))
+
+
+def test_openvino_threads_follow_the_container_cpu_limit(
+    rendered: dict[str, list[dict[str, Any]]], model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The downward API hands the CPU limit to the network step, which compiles OpenVINO with that many threads."""
+    for variant, objects in rendered.items():
+        triton = _triton(objects)
+        (env,) = [e for e in triton["env"] if e["name"] == CPU_LIMIT_ENV]
+        field = env["valueFrom"]["resourceFieldRef"]
+        assert field == {"containerName": "triton", "resource": "limits.cpu", "divisor": "1"}, variant
+        assert _cpus(triton["resources"]["limits"]["cpu"]) >= 1, variant
+    source = (ROOT / "posetriton" / "serving" / "openvino_pose.py").read_text()  # imports Triton's backend utils
+    assert "num_threads=container_cpu_limit()" in source
+    runner_module = importlib.import_module("posetriton.openvino_runtime")
+    monkeypatch.setenv(CPU_LIMIT_ENV, "1")
+    runner = runner_module.OpenVinoRunner(
+        model_repository / f"{UL_MODEL}_network" / "1" / "model.xml", num_threads=container_cpu_limit()
+    )
+    assert int(runner.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    monkeypatch.setenv(CPU_LIMIT_ENV, "0.5")
+    with pytest.raises(ValueError, match="whole number of CPUs"):
+        container_cpu_limit()
 
 
 # ------------------------------------------------------------------------------- the real Triton
@@ -605,7 +845,9 @@ class ManifestTriton(TritonServer):
     """A manifest's container command and arguments, with the wheel's tritonserver for the NGC one,
     bound to loopback on free ports. ``drop`` removes flags (by name) the test cannot honour here."""
 
-    def __init__(self, container: dict[str, Any], repository: Path, drop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, container: dict[str, Any], repository: Path, drop: tuple[str, ...] = (), max_reloads: int | None = None
+    ) -> None:
         # The container's own command runs the stub watchdog: the launcher's would be a second one.
         super().__init__(
             ServerOptions(
@@ -615,6 +857,11 @@ class ManifestTriton(TritonServer):
         )  # fmt: skip
         self.manifest_command = list(container["command"]) + list(container["args"])
         self.drop = drop
+        self.key_file = Path(self._workdir.name) / "admin-key"
+        # The entry point's own options ("--option value", before "--"): the key file's path here.
+        self.entry_options = {"--admin-key-file": str(self.key_file)}
+        if max_reloads is not None:
+            self.entry_options["--max-reloads"] = str(max_reloads)
 
     def command(self, backend_dir: Path) -> list[str]:
         o = self.options
@@ -625,15 +872,18 @@ class ManifestTriton(TritonServer):
             "--metrics-port": str(o.metrics_port),
         }
         command, replaced = [], set()
-        for arg in self.manifest_command:
+        for previous, arg in zip([None, *self.manifest_command], self.manifest_command, strict=False):
             key = arg.split("=", 1)[0]
             if key in self.drop:
                 continue
             if key in replace:
                 replaced.add(key)
                 arg = f"{key}={replace[key]}"
+            if previous in self.entry_options:
+                replaced.add(previous)
+                arg = self.entry_options[previous]
             command.append(arg)
-        assert replaced == set(replace), f"the manifest lacks {set(replace) - replaced}"
+        assert replaced == set(replace) | set(self.entry_options), f"the manifest lacks {set(replace) - replaced}"
         assert command.count(NGC_TRITONSERVER) == 1, "the container runs the NGC image's tritonserver"
         command[command.index(NGC_TRITONSERVER)] = str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver")
         local = [f"--{what}-address=127.0.0.1" for what in ("http", "grpc", "metrics")]
@@ -697,6 +947,19 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         status, _ = _get(f"{server.http_url}{triton[probe]['httpGet']['path']}")
         assert status == 200, probe
+    # The control APIs are closed without the key the entry point made at this start; it hands the key,
+    # mode 0600, to whoever runs in the pod as the same user.
+    index = f"{server.http_url}/v2/repository/index"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(index, data=b"{}", method="POST"), timeout=10)
+    assert refused.value.code == 403
+    assert oct(server.key_file.stat().st_mode & 0o777) == "0o600"
+    key = AdminKey.read(server.key_file)
+    assert key.value not in json.dumps(triton), "the secret is never in the manifest"
+    with urllib.request.urlopen(
+        urllib.request.Request(index, data=b"{}", method="POST", headers=key.http_headers), timeout=10
+    ) as answer:
+        assert {m["name"] for m in json.loads(answer.read())} >= {UL_MODEL, f"{UL_MODEL}_preprocess"}
     _, metrics = _get(f"http://127.0.0.1:{server.options.metrics_port}/metrics")
     selector = re.search(r'model=~"([^"]+)"', _adapter_rule()["metricsQuery"])
     assert selector, "the adapter query selects models by a regular expression"
@@ -711,26 +974,32 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     assert time.monotonic() - started <= int(_flag(triton, "exit-timeout-secs"))
 
 
-def test_cpu_overlay_entry_point_brings_back_a_dead_stub(
+def test_cpu_overlay_entry_point_brings_back_a_dead_stub_then_gives_up(
     rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton],
     photo_paths: list[Path],
 ) -> None:  # fmt: skip
-    """The container's watchdog reloads a model whose stubs died, without a pod restart. Triton 2.51
-    cannot finish unloading the instance whose dead stubs received requests, so the next shutdown waits
-    out --exit-timeout-secs and exits 1: still inside the grace period, before any SIGKILL."""
+    """The container's watchdog reloads a model whose stubs died, without a pod restart; past its reload
+    budget (the manifest's --max-reloads, 1 here instead of 3 to keep the test short) it stops Triton and
+    the container exits EXIT_GAVE_UP for the kubelet to restart it. Triton 2.51 cannot finish unloading
+    the instance whose dead stubs received requests, so that shutdown waits out --exit-timeout-secs:
+    still inside the grace period, before any SIGKILL."""
     pod = _pod(rendered["cpu"])
     triton = _triton(rendered["cpu"])
-    server = ManifestTriton(triton, model_repository)
+    assert triton["command"][triton["command"].index("--max-reloads") + 1] == "3"
+    server = ManifestTriton(triton, model_repository, max_reloads=1)
     manifest_server.append(server)
     server.start(timeout=240)
     _dead_stub_is_reloaded(server, photo_paths[0])
     assert server.process is not None
+    for pid, model in python_stubs(server.triton_pid()).values():
+        if model == f"{UL_MODEL}_preprocess":
+            os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
     code = server.process.wait(timeout=int(pod["spec"]["terminationGracePeriodSeconds"]) - pre_stop)
-    assert code in (0, 1), server.log_text()[-3000:]
-    assert time.monotonic() - started <= int(_flag(triton, "exit-timeout-secs")) + 5
+    assert code == EXIT_GAVE_UP, server.log_text()[-3000:]
+    assert "stub watchdog gives up" in server.log_text()
+    assert time.monotonic() - started <= 2 + int(_flag(triton, "exit-timeout-secs")) + 5
 
 
 def test_gpu_overlay_arguments_are_accepted_by_triton(

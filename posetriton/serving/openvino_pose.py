@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from posetriton.cpu_limit import container_cpu_limit
 from posetriton.openvino_runtime import OpenVinoRunner
 from posetriton.serving.triton_utils import internal_error, model_parameters
 
@@ -29,6 +30,7 @@ class TritonPythonModel:
             precision=precision,  # type: ignore[arg-type]
             performance_hint=params.get("performance_hint", "LATENCY"),  # type: ignore[arg-type]
             num_streams=int(params["num_streams"]) if params.get("num_streams") else None,
+            num_threads=container_cpu_limit(),  # the container's CPU limit (k8s downward API), if any
         )
 
     def execute(self, requests: list) -> list:
