@@ -40,8 +40,11 @@ $(PERF_VENV)/bin/perf_analyzer:
 	  tritonclient==2.51.0 -d $(PERF_VENV)/wheels
 	$(PERF_VENV)/bin/pip install $(PIP_QUIET) --no-deps $(PERF_VENV)/wheels/tritonclient-2.51.0-*.whl
 
-# checkov (security scan of the rendered manifests) pins many packages: its own venv.
+# checkov (security scan of the rendered manifests) pins many packages: its own venv. promtool (the
+# prometheus-adapter rule's offline test) comes from Debian's prometheus package.
 k8s-tools: $(K8S_VENV)/.installed
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 $(K8S_VENV)/.installed: requirements/k8s-checkov.txt
 	$(PYTHON) -m venv $(K8S_VENV)
 	$(K8S_VENV)/bin/pip install $(PIP_QUIET) -r requirements/k8s-checkov.txt

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from posetriton.client.cli import EXIT_PARTIAL, app
 from posetriton.client.grpc_client import upright_size
+from tests.triton_requests import infer
 
 MODEL = "yolo11n_pose"
 
@@ -51,9 +52,16 @@ def test_predict_writes_json_and_drawings_and_names_the_bad_image(
 
 
 def test_thresholds_reach_the_server(served_url: str, photo_paths: list[Path], tmp_path: Path) -> None:
-    output = tmp_path / "results.json"
-    code, stderr = _predict(served_url, *map(str, photo_paths), "-o", str(output), "--conf", "0.1", "--max-det", "1")
+    """--max-det caps each photo at exactly one pose (every photo shows people); --conf 0.1 returns exactly
+    the poses the server finds at that conf, including some scoring between 0.1 and the default 0.25."""
+    capped, loose = tmp_path / "capped.json", tmp_path / "loose.json"
+    code, stderr = _predict(served_url, *map(str, photo_paths), "-o", str(capped), "--conf", "0.1", "--max-det", "1")
     assert code == 0, stderr
-    entries = json.loads(output.read_text())
-    assert all(len(entry["detections"]) <= 1 for entry in entries)
-    assert all(detection["score"] >= 0.1 for entry in entries for detection in entry["detections"])
+    assert [len(entry["detections"]) for entry in json.loads(capped.read_text())] == [1] * len(photo_paths)
+    code, stderr = _predict(served_url, *map(str, photo_paths), "-o", str(loose), "--conf", "0.1")
+    assert code == 0, stderr
+    scores = [[d["score"] for d in entry["detections"]] for entry in json.loads(loose.read_text())]
+    served = infer(served_url, MODEL, [p.read_bytes() for p in photo_paths], {"conf": 0.1})
+    assert [len(s) for s in scores] == [len(d.scores) for d in served]
+    assert all(score >= 0.1 for s in scores for score in s)
+    assert any(0.1 <= score < 0.25 for s in scores for score in s), "no pose between the two thresholds"

@@ -7,8 +7,10 @@ session server. The figures these tests print are recorded in docs/reliability.m
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,15 +124,29 @@ def test_soak_mixed_valid_and_invalid_at_concurrency_8(model_repository: Path, p
     assert late_growth < SOAK_PLATEAU_MB, f"server memory still growing after warm-up (MB): {readings}"
 
 
+def pending_requests(metrics_port: int, model: str) -> int:
+    """Requests Triton holds for ``model`` right now (queued or executing): its pending-request gauge."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(rf'^nv_inference_pending_request_count{{model="{model}",version="1"}} (\d+)', text, re.MULTILINE)
+    assert found, f"Triton exposes no pending-request count for {model}"
+    return int(found.group(1))
+
+
 def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_paths: list[Path]) -> None:
-    """Clients see clear UNAVAILABLE errors while Triton is down, nothing hangs, and retries recover."""
+    """Killed only once requests are really pending in Triton (its pending-request gauge, not a guess at
+    timing): clients see clear UNAVAILABLE errors while Triton is down, nothing hangs, and retries recover."""
     data = photo_paths[0].read_bytes()
     server = own_server(model_repository)
     options = server.options
     try:
         with ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(request, server.grpc_url, data, 30.0) for _ in range(8)]
-            time.sleep(0.3)
+            deadline, pending = time.monotonic() + 30, 0
+            while pending < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                pending = pending_requests(options.metrics_port, UL_MODEL)
+            assert pending >= 2, "the requests never reached the server"
             os.kill(server.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
             started = time.monotonic()
             outcomes = [future.result(timeout=40) for future in in_flight]
@@ -153,7 +169,8 @@ def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_pat
             recovery = time.monotonic() - restarted_at
             restarting.result(timeout=180)
         assert len(result.poses) >= 1 and retries, "the client should have needed retries"
-        print(f"\ncrash: {len(errors)}/{len(outcomes)} in-flight requests failed with {sorted(set(errors))}; "
+        print(f"\ncrash: killed with {pending} requests pending in Triton; {len(errors)}/{len(outcomes)} in-flight "
+              f"requests failed with {sorted(set(errors))}; "
               f"SDK client served {recovery:.1f} s after the restart began ({len(retries)} retries)")  # fmt: skip
     finally:
         server.stop()
