@@ -9,7 +9,7 @@ DEMO_MODELS ?= yolo11n_pose
 PIP_QUIET   ?= -q
 CONSTRAINT  := requirements/constraints.txt
 
-.PHONY: demo test setup export-env perf-tools k8s-tools models serve lint format bench loadtest clean
+.PHONY: soak demo test setup export-env perf-tools k8s-tools models serve lint format bench loadtest clean
 
 # Serving + client + test tools: light, numpy < 2, no torch.
 setup: $(VENV)/.installed
@@ -64,7 +64,11 @@ test: setup export-env perf-tools k8s-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy client
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra -m "not soak"
+
+# The long soak (tests/test_reliability.py, about 5,000 requests): memory growth per request, tightly bounded.
+soak: setup export-env
+	$(VENV)/bin/pytest -ra -s -m soak tests/test_reliability.py
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy client

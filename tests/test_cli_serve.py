@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -9,12 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from posetriton.watchdog import http_ready
+from posetriton.launcher import BINARY_ENV
+from posetriton.watchdog import KILL_GRACE_S, TRITON_EXIT_TIMEOUT_S, http_ready
 from tests.conftest import UL_MODEL, free_port
 
 POSETRITON = Path(sys.executable).parent / "posetriton"
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 60
+STANDIN = Path(__file__).parent / "standins" / "tritonserver_ignoring_sigterm.py"
 
 
 def _serve(repository: Path, http: int, grpc: int, metrics: int, *options: str) -> list[str]:
@@ -85,3 +88,35 @@ def test_serve_on_a_busy_grpc_port_fails_in_one_line(model_repository: Path) -> 
     )
     assert "Traceback" not in result.stdout and not result.stdout.strip()
     assert elapsed < 30, f"took {elapsed:.1f} s to refuse the port"
+
+
+def test_serve_kills_a_triton_that_does_not_exit(tmp_path: Path) -> None:
+    """A tritonserver that ignores SIGTERM (a stand-in: Triton 2.51 once hung in a futex wait after its exit
+    timeout): `posetriton serve` kills it a few seconds after Triton's own exit timeout, says so, and ends."""
+    (tmp_path / "repo" / "some_model").mkdir(parents=True)
+    (tmp_path / "repo" / "some_model" / "config.pbtxt").write_text('backend: "python"\n')
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    command = _serve(tmp_path / "repo", http, grpc, metrics)
+    environment = {**os.environ, BINARY_ENV: str(STANDIN)}
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=environment)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "Triton is ready" not in stdout.read_text():
+            assert process.poll() is None, f"serve exited with {process.returncode}: {stderr.read_text()}"
+            assert time.monotonic() < deadline, "the stand-in never became ready"
+            time.sleep(0.2)
+        standin = int(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()[0])
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(TRITON_EXIT_TIMEOUT_S + KILL_GRACE_S + 15)
+        elapsed = time.monotonic() - started
+    finally:
+        _stop(process)
+    assert TRITON_EXIT_TIMEOUT_S <= elapsed < TRITON_EXIT_TIMEOUT_S + KILL_GRACE_S + 5, elapsed
+    assert code == 128 + signal.SIGKILL, stderr.read_text()
+    assert f"tritonserver (pid {standin}) did not exit in time after it was asked to stop; killing it" in (
+        stderr.read_text()
+    )
+    assert not Path(f"/proc/{standin}").exists(), "the stand-in is gone"

@@ -6,6 +6,7 @@ ports it is given, and ignores SIGTERM and SIGINT, as Triton 2.51 was once seen 
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -37,7 +38,8 @@ def main() -> None:
         server = ThreadingHTTPServer((host, int(flag(f"{what}-port", port))), Healthy)
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print("stand-in tritonserver: ready", flush=True)
-    threading.Event().wait()
+    while True:  # the main thread runs Python handlers only between bytecodes, whichever thread got the signal
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
