@@ -137,6 +137,13 @@ def _infer(url: str, data: bytes) -> Detections | str:
             return str(exc.status()).removeprefix("StatusCode.")
 
 
+def _executions(url: str) -> tuple[int, int]:
+    """(images, executions) of the preprocess step so far: fewer executions means batched requests."""
+    with grpcclient.InferenceServerClient(url) as client:
+        (stats,) = client.get_inference_statistics(f"{UL_MODEL}_preprocess", as_json=True)["model_stats"]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
 def test_mutated_real_images_through_the_server(server: TritonServer, photo_paths: list[Path]) -> None:
     """Mutated real JPEG, PNG and WebP bytes sent to the running ensemble, four at a time beside four valid
     requests (so that dynamic batching mixes them): every answer is a result or INVALID_ARGUMENT, never
@@ -149,7 +156,8 @@ def test_mutated_real_images_through_the_server(server: TritonServer, photo_path
     valid = photos["bus.jpg"].read_bytes()
     expected = _infer(server.grpc_url, valid)
     assert isinstance(expected, Detections) and len(expected.scores) >= 1
-    before = model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")
+    model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")  # settled: earlier tests' requests all counted
+    before = _executions(server.grpc_url)
     outcomes: Counter[str] = Counter()
     with ThreadPoolExecutor(8) as pool:
         for first in range(0, len(cases), 4):
@@ -166,12 +174,13 @@ def test_mutated_real_images_through_the_server(server: TritonServer, photo_path
                 assert isinstance(answer, Detections), f"a valid request beside mutated ones failed: {answer}"
                 assert len(answer.scores) == len(expected.scores)
                 np.testing.assert_allclose(answer.keypoints, expected.keypoints, atol=1e-3)
-    after = model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")
+    model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")
+    after = _executions(server.grpc_url)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert client.is_server_ready() and client.is_model_ready(UL_MODEL)
-    executions = after[0] + after[1] - before[0] - before[1]
-    images = after[2] - before[2]
+    images, executions = after[0] - before[0], after[1] - before[1]
     print(f"\nfuzz through the server: {len(cases)} mutated inputs, {dict(sorted(outcomes.items()))}; "
-          f"{images} images in {executions} preprocess requests")  # fmt: skip
+          f"the preprocess step ran {images} images in {executions} executions")  # fmt: skip
+    assert executions < images, "dynamic batching put several requests in one execution"
     assert outcomes["INVALID_ARGUMENT"] >= len(seeds), "at least the huge declared sizes are refused"
     assert outcomes["result"] + outcomes["INVALID_ARGUMENT"] == len(cases)
