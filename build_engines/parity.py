@@ -18,16 +18,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
-from build_engines.onnx_graph import FLOAT_INPUT_NAME, OUTPUT_NAME
-from build_engines.openvino_ir import compile_f32, convert_to_openvino
-from posetriton.contract import BOX_SCORE_COLUMNS, CANVAS, SCORE_COLUMN
+import numpy as np
+
+from posetriton.contract import BOX_SCORE_COLUMNS, CANDIDATES, CANVAS, SCORE_COLUMN
 from posetriton.images import decode_image
 from posetriton.processing import letterbox, to_network_input
 from posetriton.spec import LetterboxSpec
+
+if TYPE_CHECKING:  # the comparisons below are numpy-only, so the tests import them without the export tools
+    import onnx
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +104,22 @@ def verify_export(
     OpenVINO is held to PyTorch rather than to ONNX Runtime: two independent float32 implementations differ by
     the sum of their errors. Raises :class:`ParityError` on any miss.
     """
+    import onnxruntime as ort
+
+    from build_engines.onnx_graph import FLOAT_INPUT_NAME
+    from build_engines.openvino_ir import compile_f32, convert_to_openvino
+
     limits = tolerances(tolerance_overrides)
     floats = [to_network_input(batch, spec) for batch in canvases]
     expected_all = [reference(batch) for batch in floats]
 
     unified_session = ort.InferenceSession(unified.SerializeToString(), providers=["CPUExecutionProvider"])
-    unified_out = [unified_session.run([OUTPUT_NAME], {FLOAT_INPUT_NAME: batch})[0] for batch in floats]
+    unified_out = [unified_session.run([CANDIDATES], {FLOAT_INPUT_NAME: batch})[0] for batch in floats]
     unified_parity = candidate_differences(expected_all, unified_out, num_keypoints, PARITY_SCORE_FLOOR)
     enforce("unified ONNX (every anchor) vs PyTorch", unified_parity, limits)
 
     session = ort.InferenceSession(str(served_path), providers=["CPUExecutionProvider"])
-    served_out = [session.run([OUTPUT_NAME], {CANVAS: batch})[0] for batch in canvases]
+    served_out = [session.run([CANDIDATES], {CANVAS: batch})[0] for batch in canvases]
     k = served_out[0].shape[1]
     expected = [top_k_rows(batch, k) for batch in expected_all]
     parity = top_k_differences(expected, served_out, num_keypoints, limits["scores"])
@@ -223,6 +230,8 @@ def enforce(what: str, differences: Mapping[str, float], limits: Mapping[str, fl
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
+    import onnxruntime as ort
+
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
