@@ -803,7 +803,7 @@ def test_gpu_overlay_pins_the_gpu_checks_engines_and_sizes_the_cuda_pool(
     for name in _baked_models():
         model = catalog[name]
         batch, side = model.tuning.max_batch_size, model.letterbox.input_size
-        largest = batch * (3 * side * side * 4 + model.num_anchors * model.candidate_width * 4)
+        largest = batch * (side * side * 3 + model.num_candidates * model.candidate_width * 4)  # uint8 canvas, fp32
         assert device == "0" and int(size) >= 2 * largest, (
             f"{name}: {int(size) / MIB:.0f} MiB < 2 x {largest / MIB:.0f}"
         )
