@@ -821,13 +821,14 @@ def test_openvino_threads_follow_the_container_cpu_limit(
         assert field == {"containerName": "triton", "resource": "limits.cpu", "divisor": "1"}, variant
         assert _cpus(triton["resources"]["limits"]["cpu"]) >= 1, variant
     source = (ROOT / "posetriton" / "serving" / "openvino_pose.py").read_text()  # imports Triton's backend utils
-    assert "num_threads=container_cpu_limit()" in source
+    assert 'num_threads=int(params["num_threads"]) if params.get("num_threads") else container_cpu_limit()' in source
     runner_module = importlib.import_module("posetriton.openvino_runtime")
     monkeypatch.setenv(CPU_LIMIT_ENV, "1")
     runner = runner_module.OpenVinoRunner(
-        model_repository / f"{UL_MODEL}_network" / "1" / "model.xml", num_threads=container_cpu_limit()
-    )
-    assert int(runner.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        model_repository / f"{UL_MODEL}_network" / "1" / "model.xml", performance_hint="LATENCY",
+        num_threads=container_cpu_limit(),
+    )  # fmt: skip
+    assert int(runner.latency.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
     monkeypatch.setenv(CPU_LIMIT_ENV, "0.5")
     with pytest.raises(ValueError, match="whole number of CPUs"):
         container_cpu_limit()
