@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from posetriton.client.cli import EXIT_PARTIAL, app
-from tests.triton_requests import infer
 
 MODEL = "yolo11n_pose"
 
@@ -51,17 +51,28 @@ def test_predict_writes_json_and_drawings_and_names_the_bad_image(
     assert not (drawings / bad.name).exists()
 
 
-def test_thresholds_reach_the_server(served_url: str, photo_paths: list[Path], tmp_path: Path) -> None:
-    """--max-det caps each photo at exactly one pose (every photo shows people); --conf 0.1 returns exactly
-    the poses the server finds at that conf, including some scoring between 0.1 and the default 0.25."""
-    capped, loose = tmp_path / "capped.json", tmp_path / "loose.json"
+def test_thresholds_reach_the_server(
+    served_url: str, photo_paths: list[Path], references: dict, tmp_path: Path
+) -> None:
+    """--max-det caps each photo at exactly one pose (every photo shows people). On bus.jpg, Ultralytics'
+    own predict() finds three people above 0.8 and one at about 0.45: the default conf (0.25) returns all
+    four, --conf 0.6 exactly the three, so the pose scoring between the two thresholds is the one dropped."""
+    capped = tmp_path / "capped.json"
     code, stderr = _predict(served_url, *map(str, photo_paths), "-o", str(capped), "--conf", "0.1", "--max-det", "1")
     assert code == 0, stderr
     assert [len(entry["detections"]) for entry in json.loads(capped.read_text())] == [1] * len(photo_paths)
-    code, stderr = _predict(served_url, *map(str, photo_paths), "-o", str(loose), "--conf", "0.1")
-    assert code == 0, stderr
-    scores = [[d["score"] for d in entry["detections"]] for entry in json.loads(loose.read_text())]
-    served = infer(served_url, MODEL, [p.read_bytes() for p in photo_paths], {"conf": 0.1})
-    assert [len(s) for s in scores] == [len(d.scores) for d in served]
-    assert all(score >= 0.1 for s in scores for score in s)
-    assert any(0.1 <= score < 0.25 for s in scores for score in s), "no pose between the two thresholds"
+    bus = next(p for p in photo_paths if p.name == "bus.jpg")
+    upstream = references["detections"]["ultralytics"]["bus.jpg"]["scores"]
+    between = [score for score in upstream if 0.25 <= score < 0.6]
+    assert len(between) == 1 and all(abs(score - 0.6) > 0.01 for score in upstream), "the reference changed"
+    scores = {}
+    for conf in ("0.25", "0.6"):
+        output = tmp_path / f"conf{conf}.json"
+        code, stderr = _predict(served_url, str(bus), "-o", str(output), "--conf", conf)
+        assert code == 0, stderr
+        (entry,) = json.loads(output.read_text())
+        scores[conf] = sorted(d["score"] for d in entry["detections"])
+    assert len(scores["0.25"]) == len(upstream) and len(scores["0.6"]) == len(upstream) - 1
+    dropped = [score for score in scores["0.25"] if score < 0.6]
+    assert len(dropped) == 1 and 0.25 <= dropped[0] < 0.6 and abs(dropped[0] - between[0]) < 1e-2
+    assert scores["0.6"] == pytest.approx(scores["0.25"][1:], abs=1e-6)
