@@ -1,10 +1,10 @@
 """Decode untrusted image bytes (or check raw pixels) into HWC uint8 RGB, or say exactly what is wrong.
 
-Pillow parses every header (format, size, EXIF orientation), so the pixel limit is enforced before any
-decoder runs. Baseline and progressive JPEGs in colour or grey are then decoded by OpenCV, which gives the
-same pixels as Pillow (both are libjpeg-turbo; ``benchmarks/decode.py`` and ``tests/test_images.py`` check
-it) with less copying; every other format and mode, and any JPEG OpenCV refuses, goes through Pillow, which
-also writes every error message.
+Pillow parses every header (format, size, mode, EXIF orientation), so the pixel limit is enforced before
+any decoder runs. JPEG, PNG and still WebP images in the modes listed below are then decoded by OpenCV, which
+gives the same pixels as Pillow (the same libjpeg-turbo and libwebp; ``tests/test_images.py`` checks every
+listed mode, ``benchmarks/decode.py`` measures the gain) in less time. Everything else, and any image OpenCV
+refuses, goes through Pillow, which also writes every error message.
 """
 
 from __future__ import annotations
@@ -23,8 +23,16 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Pillow's own bomb check must never fire before ours; we enforce the limit from the header.
 Image.MAX_IMAGE_PIXELS = None
 
-# JPEG modes whose OpenCV decode equals Pillow's pixel for pixel (CMYK does not: OpenCV inverts Adobe CMYK).
-_OPENCV_JPEG_MODES = frozenset({"RGB", "L"})
+# Format -> Pillow modes whose OpenCV decode equals Pillow's, pixel for pixel. Left to Pillow: CMYK JPEG (OpenCV
+# converts Adobe CMYK differently), GIF (OpenCV cannot read it), BMP (its many variants are not verified),
+# animated WebP and interlaced PNG (not verified).
+_OPENCV_MODES = {
+    "JPEG": frozenset({"RGB", "L"}),
+    "PNG": frozenset({"RGB", "RGBA", "L", "LA", "P", "1", "I;16"}),
+    "WEBP": frozenset({"RGB", "RGBA"}),
+}
+# Where Pillow may find a PNG's orientation, possibly after the pixel data; a PNG naming none has none.
+_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
 # OpenCV >= 4.11 converts to RGB inside libjpeg-turbo; older builds decode BGR and swap afterwards.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 # libjpeg's DCT scaling factors, largest first.
@@ -62,9 +70,9 @@ def decode_image_reduced(data: bytes, max_pixels: int, min_side: int) -> tuple[n
     opened = _open(data, max_pixels)
     width, height = opened.size
     scale = next((s for s in _REDUCED_FLAGS if max(width, height) >= s * min_side), 1)
-    reduced = _decode_jpeg_with_opencv(data, opened, scale) if scale > 1 else None
+    reduced = _decode_with_opencv(data, opened, scale) if scale > 1 and opened.format == "JPEG" else None
     if reduced is not None:
-        return reduced, (height, width) if _orientation(opened) in {5, 6, 7, 8} else (width, height)
+        return reduced, (height, width) if _orientation(data, opened) in {5, 6, 7, 8} else (width, height)
     pixels = _decode(data, opened)  # not a colour or grey JPEG, or too small: decoded as decode_image does
     return pixels, (pixels.shape[1], pixels.shape[0])
 
@@ -100,23 +108,27 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _decode(data: bytes, opened: Image.Image) -> npt.NDArray[np.uint8]:
-    pixels = _decode_jpeg_with_opencv(data, opened, scale=1)
+    pixels = _decode_with_opencv(data, opened, scale=1)
     return pixels if pixels is not None else _decode_with_pillow(data, opened)
 
 
-def _orientation(opened: Image.Image) -> int | None:
-    """EXIF orientation as ImageOps.exif_transpose reads it (EXIF, else XMP); None when unreadable."""
+def _orientation(data: bytes, opened: Image.Image) -> int | None:
+    """EXIF orientation as ImageOps.exif_transpose reads it (EXIF, else XMP); None when only Pillow can tell."""
+    if opened.format == "PNG":
+        return None if any(source in data for source in _PNG_ORIENTATION_SOURCES) else 1
     try:
         return int(opened.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # malformed EXIF: the Pillow path decides what to say about it
         return None
 
 
-def _decode_jpeg_with_opencv(data: bytes, opened: Image.Image, scale: int) -> npt.NDArray[np.uint8] | None:
-    """OpenCV's decode of a colour or grey JPEG (at 1/scale), upright; None where Pillow must decide."""
-    if opened.format != "JPEG" or opened.mode not in _OPENCV_JPEG_MODES:
+def _decode_with_opencv(data: bytes, opened: Image.Image, scale: int) -> npt.NDArray[np.uint8] | None:
+    """OpenCV's decode (a JPEG at 1/scale), upright; None where Pillow must decode or explain."""
+    if opened.mode not in _OPENCV_MODES.get(opened.format or "", ()):
         return None
-    orientation = _orientation(opened)
+    if opened.info.get("interlace") or getattr(opened, "n_frames", 1) != 1:
+        return None
+    orientation = _orientation(data, opened)
     if orientation is None:
         return None
     flags = _REDUCED_FLAGS.get(scale, cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
@@ -138,8 +150,8 @@ def _decode_jpeg_with_opencv(data: bytes, opened: Image.Image, scale: int) -> np
 
 
 def _decode_with_pillow(data: bytes, opened: Image.Image) -> npt.NDArray[np.uint8]:
-    if opened.format == "JPEG":
-        opened = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # untouched by the OpenCV attempt
+    if opened.format in _OPENCV_MODES:
+        opened = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # as it was before the OpenCV attempt
     width, height = opened.size
     try:
         opened.load()
