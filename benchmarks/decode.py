@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import platform
@@ -31,13 +30,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import openvino as ov
 from PIL import Image
 
 from posetriton import images
 from posetriton.images import decode_image, decode_image_reduced
 from posetriton.openvino_runtime import OpenVinoRunner
-from posetriton.processing import LetterboxTransform, Poses, letterbox, postprocess, to_network_input
+from posetriton.processing import Poses, letterbox, postprocess, to_network_input
 from posetriton.repository import ServedModel, load_catalog
 from posetriton.spec import LetterboxSpec
 
@@ -156,22 +154,13 @@ def decoder_table(photos: list[Sample], min_side: int, repeats: int) -> list[dic
 
 def run_network(runner: OpenVinoRunner, canvas: np.ndarray, spec: LetterboxSpec) -> np.ndarray:
     """One canvas through the IR, whichever input it declares: uint8 NHWC canvas, or float32 NCHW in [0, 1]."""
-    uint8_input = runner.compiled.inputs[0].get_element_type() == ov.Type.u8
-    return runner.infer(canvas[None] if uint8_input else to_network_input(canvas[None], spec))[0]
+    return runner.infer(canvas[None] if runner.input_dtype == np.uint8 else to_network_input(canvas[None], spec))[0]
 
 
 def poses(runner: OpenVinoRunner, pixels: np.ndarray, original: tuple[int, int], model: ServedModel) -> Poses:
     """Poses in the pixels of the full-size photo, whatever size the pixels were decoded at."""
     canvas, transform = letterbox(pixels, model.letterbox)
-    width, height = original
-    to_photo = dataclasses.replace(
-        transform,
-        scale_x=transform.scale_x * transform.width / width,
-        scale_y=transform.scale_y * transform.height / height,
-        width=width,
-        height=height,
-    )
-    assert isinstance(to_photo, LetterboxTransform)
+    to_photo = transform.for_original(*original)
     return postprocess(run_network(runner, canvas, model.letterbox), to_photo, model.postprocess)
 
 
