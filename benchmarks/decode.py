@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -243,11 +244,19 @@ def markdown(rows: list[dict], deviation: dict[str, dict]) -> str:
             ("reduced_vs_source", "reduced decode vs source photo"),
         ):
             e, first = d[key]["keypoint_error_px"], key == "reduced_vs_full"
-            photos = f"{group} ({len(d['photos'])} photos)" if first else ""
+            count = len(d["photos"])
+            photos = f"{group}: {count} photo{'s' if count > 1 else ''}" if first else ""
             detections = f"{d['detections_full']} / {d['detections_reduced']}" if first else ""
             quantiles = " | ".join(f"{e.get(q, 0):.1f} px" for q in ("p50", "p95", "max"))
             lines.append(f"| {photos} | {detections} | {label} | {d[key]['keypoints_compared']} | {quantiles} |")
     return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = models[0] if models else platform.processor()
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
 def main() -> None:
@@ -259,13 +268,16 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="also print the tables for docs/benchmarks.md")
     args = parser.parse_args()
     model = load_catalog(ROOT / "build_engines" / "models.toml")[args.model]
+    load_before = os.getloadavg()[0]
     photos = samples(args.photos or default_photos())
     rows = decoder_table(photos, model.letterbox.input_size, args.repeats)
     xml = args.repository / f"{args.model}_network" / "1" / "model.xml"
     deviation = deviation_table(photos, xml, model)
     report = {
         "date": date.today().isoformat(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "opencv": cv2.__version__},
+        "machine": machine(),
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+        "opencv": cv2.__version__,
         "pillow": Image.__version__,
         "model": args.model,
         "decoders": rows,
