@@ -38,7 +38,7 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 # libjpeg's DCT scaling factors, largest first.
 _REDUCED_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 # EXIF orientation -> the transposition that makes the stored pixels upright, as ImageOps.exif_transpose
-# (tests/test_images.py checks all eight); OpenCV's copies are several times faster than numpy's strided ones.
+# (tests/test_images.py checks all eight).
 _UPRIGHT = {
     2: lambda a: cv2.flip(a, 1),
     3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
