@@ -277,25 +277,47 @@ def network_gpu_config(model: ServedModel) -> str:
 
 def _warmup(model: ServedModel) -> str:
     """Batch 1 then the largest batch at load, so ORT-TRT builds its engine for the whole range before serving."""
+    from posetriton.contract import CANVAS
+
     s = model.letterbox.input_size
     entries = []
     for batch in sorted({1, model.tuning.max_batch_size}):
         entries.append(
-            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "images" value: '
-            f"{{ data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] zero_data: true }} }} }}"
+            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "{CANVAS}" value: '
+            f"{{ data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] zero_data: true }} }} }}"
         )
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
 
 
-def network_ort_trt_config(model: ServedModel) -> str:
-    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step."""
+def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -> str:
+    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step.
+
+    ONNX Runtime names its cached engines after the model file and the graph, not the weights, so a re-export
+    with new weights would be served by the old engine: the cache folder is per model and per ONNX sha256
+    (``CACHE/NAME/onnx-SHA12``; ``unhashed`` when the ONNX is not known, e.g. a config rendered without its
+    files). One explicit optimization profile (batch 1 / max_batch_size // 2 / max_batch_size over the uint8
+    canvas) makes ONNX Runtime build one engine for every batch the dynamic batcher forms, at the warmup.
+    """
+    from posetriton.contract import CANVAS
+
     t = model.tuning
+    s = model.letterbox.input_size
+    cache = f"{t.ort_trt_engine_cache_path.rstrip('/')}/{model.name}/" + (
+        f"onnx-{onnx_sha256[:12]}" if onnx_sha256 else "unhashed"
+    )
+
+    def shape(batch: int) -> str:
+        return f"{CANVAS}:{batch}x{s}x{s}x3"
+
     accelerator = _parameters_inline(
         {
             "precision_mode": t.ort_trt_precision,
             "max_workspace_size_bytes": str(t.ort_trt_workspace_bytes),
             "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": t.ort_trt_engine_cache_path,
+            "trt_engine_cache_path": cache,
+            "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(max(1, t.max_batch_size // 2)),
+            "trt_profile_max_shapes": shape(t.max_batch_size),
         }
     )
     return "\n".join(

@@ -552,6 +552,15 @@ def test_gpu_configurations_parse_and_keep_the_ensemble_interface(name: str, con
         assert accelerator.parameters["precision_mode"] == "FP16"
         assert int(accelerator.parameters["max_workspace_size_bytes"]) >= 1 << 30
         assert [w.batch_size for w in network.model_warmup] == [1, network.max_batch_size]
+        for warmup in network.model_warmup:  # the warmup feeds exactly the network's input
+            assert [(k, v.data_type, list(v.dims)) for k, v in warmup.inputs.items()] == [
+                (t.name, t.data_type, list(t.dims)) for t in network.input
+            ]
+        size, top = CATALOG[name].letterbox.input_size, network.max_batch_size
+        assert accelerator.parameters["trt_profile_min_shapes"] == f"{CANVAS}:1x{size}x{size}x3"
+        assert accelerator.parameters["trt_profile_opt_shapes"] == f"{CANVAS}:{top // 2}x{size}x{size}x3"
+        assert accelerator.parameters["trt_profile_max_shapes"] == f"{CANVAS}:{top}x{size}x{size}x3"
+        assert accelerator.parameters["trt_engine_cache_path"].endswith(f"/{name}/unhashed")
     assert network.instance_group[0].kind == kind_gpu and network.dynamic_batching is not None
     if preprocess_variant == "nvjpeg":
         assert preprocess.instance_group[0].kind == kind_gpu
@@ -571,6 +580,21 @@ def test_gpu_configurations_parse_and_keep_the_ensemble_interface(name: str, con
         ]
         assert config.max_batch_size == default[step].max_batch_size
     assert configs[name] == default[name] and configs[f"{name}_pixels"] == default[f"{name}_pixels"]
+
+
+def test_ort_trt_engine_cache_is_per_model_and_per_onnx_hash() -> None:
+    """ONNX Runtime keys its engine cache by file name and graph, not weights: a re-export gets a new folder."""
+    from posetriton.repository import network_ort_trt_config
+
+    def cache_path(name: str, sha: str) -> str:
+        config = parse(network_ort_trt_config(CATALOG[name], sha))
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        return accelerator.parameters["trt_engine_cache_path"]
+
+    first, second = cache_path(UL_MODEL, "ab" * 32), cache_path(UL_MODEL, "cd" * 32)
+    assert first.endswith(f"/{UL_MODEL}/onnx-abababababab") and second.endswith(f"/{UL_MODEL}/onnx-cdcdcdcdcdcd")
+    other = next(name for name in CATALOG if name != UL_MODEL)
+    assert cache_path(other, "ab" * 32).endswith(f"/{other}/onnx-abababababab")
 
 
 # ------------------------------------------------------------------------------------------ TensorRT-friendly
