@@ -28,9 +28,13 @@ SG_MODEL = "yolo_nas_pose_n"
 UL_MODEL = "yolo11n_pose"
 SEED = 0
 # Code whose change invalidates the cached exports and references.
-EXPORT_CODE = ["__main__.py", "export.py", "onnx_graph.py", "openvino_ir.py", "photos.py"]
+EXPORT_CODE = [
+    "__main__.py", "export.py", "onnx_graph.py", "openvino_ir.py", "parity.py", "photos.py", "registry.py",
+    "ultralytics_pose.py", "yolo_nas_pose.py",
+]  # fmt: skip
 CACHE_INPUTS = [
     *(ROOT / "build_engines" / name for name in EXPORT_CODE),
+    ROOT / "posetriton" / "contract.py",
     ROOT / "posetriton" / "processing.py",
     ROOT / "posetriton" / "images.py",
     ROOT / "build_engines" / "models.toml",
