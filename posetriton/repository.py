@@ -306,8 +306,6 @@ def network_gpu_config(model: ServedModel) -> str:
 
 def _warmup(model: ServedModel) -> str:
     """Batch 1 then the largest batch at load, so ORT-TRT builds its engine for the whole range before serving."""
-    from posetriton.contract import CANVAS
-
     s = model.letterbox.input_size
     entries = []
     for batch in sorted({1, model.tuning.max_batch_size}):
@@ -327,8 +325,6 @@ def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -
     files). One explicit optimization profile (batch 1 / max_batch_size // 2 / max_batch_size over the uint8
     canvas) makes ONNX Runtime build one engine for every batch the dynamic batcher forms, at the warmup.
     """
-    from posetriton.contract import CANVAS
-
     t = model.tuning
     s = model.letterbox.input_size
     cache = f"{t.ort_trt_engine_cache_path.rstrip('/')}/{model.name}/" + (

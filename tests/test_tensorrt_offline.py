@@ -631,8 +631,53 @@ def test_exported_graphs_use_only_tensorrt_ops_and_keep_a_dynamic_batch(model_re
         assert not unsupported, f"{path}: ops outside TensorRT 10's ONNX support: {unsupported}"
         assert summary["domains"] == [""], f"{path}: custom-domain ops need TensorRT plugins"
         assert summary["opset"][""] == 17
-        assert summary["inputs"] == {"images": ["batch", 3, 640, 640]}
-        assert summary["outputs"] == {"candidates": ["batch", 8400, 56]}
+        model = CATALOG[Path(path).parent.parent.name.removesuffix("_network")]
+        assert summary["inputs"] == {CANVAS: ["batch", 640, 640, 3]}
+        assert summary["outputs"] == {"candidates": ["batch", model.num_candidates, 56]}
+
+
+TAIL_SCRIPT = """
+import json, sys, onnx
+from build_engines.tensorrt_engine import decode_tail, onnx_graph_nodes
+out = {}
+for path in sys.argv[1:]:
+    model = onnx.load(path, load_external_data=False)
+    nodes = onnx_graph_nodes(model)
+    out[path] = {
+        "nodes": [[n.name, n.op, list(n.inputs), list(n.outputs), n.spatial] for n in nodes],
+        "tail": decode_tail(nodes),
+        "output_producer": next(n.name for n in nodes if model.graph.output[0].name in n.outputs),
+        "input_consumers": [n.name for n in nodes if model.graph.input[0].name in n.inputs],
+    }
+print(json.dumps(out))
+"""
+
+
+def test_decode_tail_of_the_exported_graphs(model_repository: Path) -> None:
+    """On both exported families: the tail is the heads' pointwise predictions and the decode, never the input
+    side or a spatial conv, and the TensorRT-network reading of the same graph selects the same layers."""
+    paths = sorted(model_repository.glob("*_network/1/model.onnx"))
+    graphs = json.loads(run_export_python("-c", TAIL_SCRIPT, *map(str, paths)).splitlines()[-1])
+    assert len(graphs) == 2
+    for path, graph in graphs.items():
+        nodes = [GraphNode(name, op, tuple(i), tuple(o), spatial) for name, op, i, o, spatial in graph["nodes"]]
+        by_name = {node.name: node for node in nodes}
+        tail = graph["tail"]
+        assert graph["output_producer"] in tail, path
+        assert sum(by_name[name].op == "TopK" for name in tail) == 1, path
+        assert not set(graph["input_consumers"]) & set(tail), path
+        assert all(not by_name[name].spatial for name in tail), path
+        assert 9 <= sum(by_name[name].op == CONVOLUTION for name in tail) <= 16, path  # 3 levels x the heads' 1x1
+        assert len(tail) < 0.3 * len(nodes), path
+        layers = [
+            FakeLayer(
+                n.name, "CONVOLUTION" if n.op == CONVOLUTION else n.op, [FakeTensor(i) for i in n.inputs],
+                [FakeTensor(o) for o in n.outputs], (3, 3) if n.spatial else (1, 1),
+            )
+            for n in nodes
+        ]  # fmt: skip
+        trt_nodes = tensorrt_engine.tensorrt_graph_nodes(FakeNetwork(layers), fake_tensorrt([], {}))
+        assert decode_tail(trt_nodes) == tail, path
 
 
 @pytest.mark.skipif(not (HAS_GPU and HAS_TENSORRT), reason="needs an NVIDIA GPU and the tensorrt package")
