@@ -722,3 +722,16 @@ def test_gpu_entrypoint_builds_checks_then_execs_the_watchdog_command(
     monkeypatch.setattr(cli, "_check_installed", lambda *args: (_ for _ in ()).throw(SystemExit(2)))
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2 and calls == ["engines"], "Triton never starts after a refused engine"
+
+
+def test_gpu_requirements_pin_a_cuda12_torch_pair_numpy_1_and_typer() -> None:
+    """The GPU image's extra (requirements/gpu.txt): exact torch/torchvision pair of one CUDA 12 build, numpy < 2
+    for the Python backend, typer for the engine CLI, TensorRT of the 24.10 image."""
+    from packaging.requirements import Requirement
+
+    lines = (ROOT / "requirements" / "gpu.txt").read_text().splitlines()
+    pins = {r.name: r for r in (Requirement(line) for line in lines if line.strip() and not line.startswith("#"))}
+    assert str(pins["torch"].specifier) == "==2.5.1" and str(pins["torchvision"].specifier) == "==0.20.1"
+    assert not pins["numpy"].specifier.contains("2.0.0") and pins["numpy"].specifier.contains("1.26.4")
+    assert "typer" in pins
+    assert str(pins["tensorrt-cu12"].specifier) == "==10.5.0"
