@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - tests and the device check import the 
     pb_utils = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"  # EOI; nvJPEG may decode a truncated file that Pillow (the CPU step) refuses
 EXIF_ORIENTATION_TAG = 0x0112
 # Pillow modes of JPEGs nvJPEG decodes to RGB exactly as Pillow does; CMYK/YCCK go to the CPU path.
 GPU_JPEG_MODES = ("RGB", "L")
@@ -158,8 +159,8 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     Reads only the header (Pillow, lazy), so the decompression-bomb limit is enforced before any decoding, as
     on the CPU path.
     """
-    if not data.startswith(JPEG_MAGIC):
-        return None
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\x00").endswith(JPEG_END):
+        return None  # not a JPEG, or one without its end marker (truncated): the CPU path decides
     from PIL import Image
 
     try:
