@@ -141,12 +141,14 @@ def encoded(*blobs):
 decode_calls = []
 def counting_decode(blobs, device):
     decode_calls.append(len(blobs))
+    if fault["decoder_raises"]:
+        raise RuntimeError("nvjpeg internal error")
     out = gp.decode_jpegs(blobs, device)
     if fault["float_at"] is not None:  # a decoder result the GPU letterbox cannot use: an internal failure
         out[fault["float_at"]] = out[fault["float_at"]].float()
     return out
 
-fault = {"float_at": None, "usable": True}
+fault = {"float_at": None, "usable": True, "decoder_raises": False}
 real = gp.preprocess_requests
 def patched(requests, spec, device, **kwargs):
     return real(requests, spec, device, torch_decode=True, decode=counting_decode,
@@ -190,6 +192,13 @@ out["normal_decode_calls"] = list(decode_calls)
 first = {t.name: t.value for t in responses[4].output_tensors}[CANVAS]
 difference = first.numpy().astype(int) - cpu_canvases([jpegs[2], jpegs[0]]).astype(int)
 out["normal_last_max_diff"] = int(np.abs(difference).max())
+
+fault["decoder_raises"] = True  # the batched decode itself fails: every JPEG of the call takes the CPU decode
+responses = model.execute(requests)
+out["decoder_failed"] = summary(responses)
+redone = {t.name: t.value for t in responses[4].output_tensors}[CANVAS]
+out["decoder_failed_equal_cpu"] = bool((redone.numpy() == cpu_canvases([jpegs[2], jpegs[0]])).all())
+fault["decoder_raises"] = False
 
 decode_calls.clear()
 fault["float_at"] = 0  # the first JPEG of the call (request 0) breaks the GPU letterbox: request 0 falls back
@@ -266,6 +275,13 @@ def test_a_gpu_path_failure_falls_back_to_the_cpu_for_that_request_only(executed
     assert executed["fallback_equal_cpu"], "the fallback is the CPU step's decode and letterbox"
     assert [rows[i]["canvas_kind"] for i in (2, 4)] == ["torch.Tensor", "torch.Tensor"]
     assert rows[1]["code"] == "INVALID_ARG" and rows[3]["code"] == "INVALID_ARG"
+
+
+def test_a_failing_decoder_sends_the_jpegs_to_the_cpu_decode(executed: dict) -> None:
+    rows = executed["decoder_failed"]
+    assert [rows[i]["shape"] for i in (0, 2, 4)] == [[2, 640, 640, 3], [1, 640, 640, 3], [2, 640, 640, 3]]
+    assert executed["decoder_failed_equal_cpu"]
+    assert rows[1]["code"] == "INVALID_ARG"
 
 
 def test_a_sticky_cuda_error_exits_the_stub(executed: dict) -> None:

@@ -273,13 +273,18 @@ def preprocess_requests(
     try:
         decoded = decode([plans[r][i][1][0] for r, i in jpeg_slots], device)
     except Exception:
-        _raise_if_fault(device, context_usable)
         decoded = [None] * len(jpeg_slots)  # every JPEG takes the CPU decode
+    if any(d is None for d in decoded):  # nvJPEG refused something: make sure it was not the context dying
+        _raise_if_fault(device, context_usable)
     decoded_at = dict(zip(jpeg_slots, decoded, strict=True))
     # 3. letterbox into one batch tensor; each request owns a slice of it
     total = sum(len(plan) for r, plan in enumerate(plans) if results[r] is None)
     size = spec.input_size
-    batch = torch.empty((total, size, size, 3), dtype=torch.uint8, device=device) if total else None
+    try:
+        batch = torch.empty((total, size, size, 3), dtype=torch.uint8, device=device) if total else None
+    except Exception:  # out of device memory for the batch: every request takes the CPU path
+        _raise_if_fault(device, context_usable)
+        batch = None
     start = 0
     for r, plan in enumerate(plans):
         if results[r] is not None:
@@ -287,6 +292,8 @@ def preprocess_requests(
         rows = batch[start : start + len(plan)] if batch is not None else None
         start += len(plan)
         try:
+            if rows is None:
+                raise RuntimeError("no device batch")
             results[r] = _letterbox_request(plan, rows, spec, {i: decoded_at.get((r, i)) for i in range(len(plan))})
         except InvalidImageError as exc:
             results[r] = exc
@@ -403,7 +410,14 @@ class TritonPythonModel:
                 items.append(exc)
         valid = [entry for entry in items if not isinstance(entry, Exception)]
         try:
-            prepared = iter(preprocess_requests(valid, self.spec, self.device))
+            try:
+                prepared = iter(preprocess_requests(valid, self.spec, self.device))
+            except CudaFault:
+                raise
+            except Exception as exc:  # unforeseen: fail this call's requests, and the stub if CUDA is gone
+                if not cuda_context_usable(self.device):
+                    raise CudaFault(f"the CUDA context on {self.device} is unusable after: {exc}") from exc
+                return [internal_error(f"preprocess failed: {exc}") for _ in requests]
         except CudaFault as exc:
             print(f"posetriton gpu_preprocess: {exc}; exiting so a fresh process takes over", file=sys.stderr)
             sys.stderr.flush()
