@@ -20,6 +20,7 @@ ensembles are the same for every configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -387,8 +388,11 @@ def _shim(module: str) -> str:
     )
 
 
-def render(model: ServedModel) -> dict[str, str]:
-    """Every text file of the model's repository entries, by path relative to the repository root."""
+def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]:
+    """Every text file of the model's repository entries, by path relative to the repository root.
+
+    ``onnx_sha256`` (of the network's model.onnx) keys the ONNX Runtime-TensorRT engine cache, so re-exported
+    weights never reuse a stale engine."""
     network = model.step("network")
     files = {
         f"{model.name}/config.pbtxt": ensemble_config(model, pixels=False),
@@ -406,7 +410,7 @@ def render(model: ServedModel) -> dict[str, str]:
         files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
     for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
         if network_variant == "ort_trt":
-            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model)
+            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
         if preprocess_variant == "nvjpeg":
             files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
     return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
@@ -417,7 +421,9 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
     for stale in (model.name, *(model.step(r) for r in ("pixels", "preprocess", "network", "postprocess"))):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []
-    for relative, text in render(model).items():
+    onnx_file = network_files.get("model.onnx")
+    onnx_sha256 = hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest() if onnx_file else None
+    for relative, text in render(model, onnx_sha256).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
