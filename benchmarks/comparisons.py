@@ -53,6 +53,11 @@ EXPORT_PYTHON = ROOT / ".venv-export" / "bin" / "python"
 Call = Callable[[grpcclient.InferenceServerClient, int], object]
 
 
+def log(message: str) -> None:
+    """Progress on stderr (stdout is the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def native_bf16() -> bool:
     """Whether the CPU has bf16 instructions (without them bf16 is emulated or falls back to f32)."""
     try:
@@ -65,7 +70,7 @@ def native_bf16() -> bool:
 def openvino_precision(xml: Path, precision: str) -> str:
     """The inference precision OpenVINO's CPU plugin actually uses for a requested hint."""
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": precision})
-    return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
 
 def drive(url: str, call: Call, in_flight: int, seconds: float, warmup: int = 2) -> dict[str, float]:
@@ -180,14 +185,109 @@ def reference_predict(model: ServedModel, weights: Path, photos: list[Path], arg
                "--precision", *CPU_CONFIGS.values()]  # fmt: skip
     if kind == "super_gradients":
         command += ["--variant", model.source["variant"]]
+    log(f"reference: {kind} predict() in the export environment (bf16 without native support is slow)")
     done = subprocess.run([*command, *map(str, photos)], capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"reference predict() failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _kb(value: float) -> str:
+    return f"{value / 1000:,.0f} KB"
+
+
+def _rate(entry: dict | None) -> str:
+    return f"{entry['images_per_s']:.1f} img/s, p50 {entry['p50_ms']:.0f} ms" if entry else "–"
+
+
+def render_markdown(runs: list[dict]) -> str:
+    """The docs tables from one or more ``--json`` outputs (one per model), so no number is copied by hand."""
+    header = "| | " + " | ".join(r["model"] for r in runs) + " |\n|---|" + "---|" * len(runs)
+    first = runs[0]
+    ran = ", ".join(f"{hint} hint ran {actual}" for hint, actual in first["openvino_precision"].items())
+    lines = [
+        f"`{first['command']}` (and the same per model), {first['date']}, {first['machine']}; OpenVINO: {ran}.",
+        "",
+        "Served vs the library's own `predict()` (images/s; N in flight: served = N client threads, one photo per "
+        "request; predict() = one call on a list of N photos):",
+        "",
+        header,
+    ]
+    for key in first.get("served_vs_reference", {}):
+        precision, n = key.split("_in_flight_")
+        cells = []
+        for run in runs:
+            row = run.get("served_vs_reference", {}).get(key)
+            if not row:
+                cells.append("–")
+            elif row.get("reference_error"):
+                cells.append(f"served {row['served_images_per_s']:.1f}; predict() failed: {row['reference_error']}")
+            else:
+                cells.append(
+                    f"{row['served_images_per_s']:.1f} vs {row['reference_images_per_s']:.2f} "
+                    f"(**{row['served_over_reference']:.1f}x**)"
+                )
+        native = "" if precision == "f32" or first["bf16_native"] else " (CPU without bf16: not bf16 speed)"
+        lines.append(f"| {precision}{native}, {n} in flight | " + " | ".join(cells) + " |")
+    reference_names = {"super_gradients": "super-gradients", "ultralytics": "Ultralytics"}
+    lines.append(
+        "| reference | "
+        + " | ".join(
+            reference_names.get(r.get("reference_predict", {}).get("library", ""), "–") + " `predict()`" for r in runs
+        )
+        + " |"
+    )
+    lines += [
+        "",
+        "Bytes per one-image request (input tensor; gRPC adds about 100 bytes):",
+        "",
+        "| image | size | encoded (`NAME`) | uint8 pixels (`NAME_pixels`) | uint8 canvas (`NAME_network`) "
+        "| float32 tensor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in first["payload_bytes_per_request"].items():
+        lines.append(
+            f"| {name} | {entry['size']} | {_kb(entry['encoded'])} | {_kb(entry['pixels_uint8'])} | "
+            f"{_kb(entry['canvas_uint8'])} | {_kb(entry['tensor_float32'])} |"
+        )
+    lines += [
+        "",
+        "Client-side preprocessing (decode, letterbox, NMS on the client; uint8 canvas to `NAME_network`), f32:",
+        "",
+        header,
+    ]
+    for key in [k for k in first["client_side_preprocessing"] if k.startswith("in_flight_")]:
+        cells = [
+            f"{_rate(r['client_side_preprocessing'][key])} (served ensemble "
+            f"{r['client_side_preprocessing'][key]['served_ensemble_images_per_s']:.1f} img/s)"
+            for r in runs
+        ]
+        lines.append(f"| {key.removeprefix('in_flight_')} in flight | " + " | ".join(cells) + " |")
+    cells = []
+    for run in runs:
+        side = run["client_side_preprocessing"]
+        cells.append(
+            f"sends {_kb(side['request_bytes']['canvas_uint8'])} (float32: {_kb(side['request_bytes']['if_float32'])}),"
+            f" receives {_kb(side['response_bytes']['candidates'])} (ensemble: "
+            f"{side['response_bytes']['served_ensemble_mean'] / 1000:,.1f} KB)"
+        )
+    lines.append("| bytes per request | " + " | ".join(cells) + " |")
+    lines += ["", "Cost vs input resolution (one request at a time, f32):", "", header]
+    for label in first["resolution"]:
+        size = _kb(first["resolution"][label]["bytes"])
+        lines.append(f"| {label} ({size} JPEG) | " + " | ".join(_rate(r["resolution"][label]) for r in runs) + " |")
+    lines += ["", "Cost vs people per image (real photos tiled, 640 px tiles; one request at a time, f32):", "", header]
+    for label in first["people_per_image"]:
+        cells = [
+            f"{r['people_per_image'][label]['people']} people, {_rate(r['people_per_image'][label])}" for r in runs
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render", type=Path, nargs="+", help="only print the markdown tables of these --json files")
     parser.add_argument("--model", default="yolo_nas_pose_n")
     parser.add_argument("--repository", type=Path, default=ROOT / "triton_models")
     parser.add_argument(
@@ -202,6 +302,9 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="no predict() comparison")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.render:
+        print(render_markdown([json.loads(path.read_text()) for path in args.render]), end="")
+        return
 
     model = load_catalog(ROOT / "build_engines" / "models.toml")[args.model]
     photos = args.photos or default_photos()
@@ -247,6 +350,7 @@ def main() -> None:
     for config, precision in CPU_CONFIGS.items():
         options = ServerOptions(repository=args.repository, config_name=config, http_port=free_port(),
                                 grpc_port=free_port(), metrics_port=free_port(), models=[args.model])  # fmt: skip
+        log(f"served: starting Triton with --model-config-name {config}")
         with TritonServer(options) as server:
             url = server.grpc_url
             served[precision] = {
@@ -259,6 +363,7 @@ def main() -> None:
             }
             if config != "cpu":
                 continue
+            log("client-side preprocessing, then cost vs resolution and vs people")
             size = model.letterbox.input_size
             results["client_side_preprocessing"] = {
                 "request_bytes": {"canvas_uint8": size * size * 3, "if_float32": size * size * 3 * 4},

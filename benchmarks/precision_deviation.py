@@ -117,7 +117,12 @@ def main() -> None:
             else {},
             "score_error_max": float(scores.max()) if scores.size else 0.0,
         }
-    ran = {p: str(r.latency.compiled.get_property("INFERENCE_PRECISION_HINT")) for p, r in runners.items() if r.latency}
+    # What OpenVINO actually ran for each hint (a CPU without bf16 runs f32 for both).
+    ran = {
+        p: r.latency.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        for p, r in runners.items()
+        if r.latency
+    }
     text = json.dumps(
         {
             "model": args.model,
