@@ -186,7 +186,7 @@ def reference_predict(model: ServedModel, weights: Path, photos: list[Path], arg
     if kind == "super_gradients":
         command += ["--variant", model.source["variant"]]
     log(f"reference: {kind} predict() in the export environment (bf16 without native support is slow)")
-    done = subprocess.run([*command, *map(str, photos)], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([*command, "--", *map(str, photos)], capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"reference predict() failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
