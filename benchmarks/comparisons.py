@@ -33,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import openvino as ov
 import tritonclient.grpc as grpcclient
 from PIL import Image
@@ -41,7 +42,7 @@ from posetriton.client import image_bytes_input
 from posetriton.contract import CANDIDATES, CANVAS, NUM_DETECTIONS, OUTPUTS
 from posetriton.images import decode_image
 from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.processing import letterbox, postprocess
+from posetriton.processing import LetterboxTransform, letterbox, postprocess
 from posetriton.repository import CPU_CONFIGS, ServedModel, load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,16 +107,21 @@ def served_call(model: str, photos: list[bytes]) -> Call:
     return call
 
 
+def network_candidates(
+    client: grpcclient.InferenceServerClient, model: ServedModel, data: bytes
+) -> tuple[np.ndarray, LetterboxTransform]:
+    """Decode and letterbox on the client, send the uint8 canvas to NAME_network; its candidates come back."""
+    canvas, transform = letterbox(decode_image(data, model.letterbox.max_pixels), model.letterbox)
+    tensor = grpcclient.InferInput(CANVAS, [1, *canvas.shape], "UINT8")
+    tensor.set_data_from_numpy(canvas[None])
+    return client.infer(model.step("network"), [tensor]).as_numpy(CANDIDATES), transform
+
+
 def client_side_call(model: ServedModel, photos: list[bytes]) -> Call:
-    """Decode, letterbox and NMS on the client; only the uint8 canvas crosses the wire, to NAME_network."""
-    size = model.letterbox.input_size
+    """The Ultralytics-guide pattern: preprocessing and NMS on the client, only the network on the server."""
 
     def call(client: grpcclient.InferenceServerClient, i: int) -> object:
-        image = decode_image(photos[i % len(photos)], model.letterbox.max_pixels)
-        canvas, transform = letterbox(image, model.letterbox)
-        tensor = grpcclient.InferInput(CANVAS, [1, size, size, 3], "UINT8")
-        tensor.set_data_from_numpy(canvas[None])
-        candidates = client.infer(model.step("network"), [tensor]).as_numpy(CANDIDATES)
+        candidates, transform = network_candidates(client, model, photos[i % len(photos)])
         return postprocess(candidates[0], transform, model.postprocess)
 
     return call
@@ -230,13 +236,10 @@ def render_markdown(runs: list[dict]) -> str:
         native = "" if precision == "f32" or first["bf16_native"] else " (CPU without bf16: not bf16 speed)"
         lines.append(f"| {precision}{native}, {n} in flight | " + " | ".join(cells) + " |")
     reference_names = {"super_gradients": "super-gradients", "ultralytics": "Ultralytics"}
-    lines.append(
-        "| reference | "
-        + " | ".join(
-            reference_names.get(r.get("reference_predict", {}).get("library", ""), "–") + " `predict()`" for r in runs
-        )
-        + " |"
-    )
+    cells = [reference_names.get(r.get("reference_predict", {}).get("library", ""), "–") + " `predict()`" for r in runs]
+    lines.append("| reference | " + " | ".join(cells) + " |")
+    cells = [{True: "yes", False: "**no**", None: "–"}[r.get("people_same_as_reference")] for r in runs]
+    lines.append("| same people per photo as the reference (f32) | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Bytes per one-image request (input tensor; gRPC adds about 100 bytes):",
@@ -279,7 +282,7 @@ def render_markdown(runs: list[dict]) -> str:
     lines += ["", "Cost vs people per image (real photos tiled, 640 px tiles; one request at a time, f32):", "", header]
     for label in first["people_per_image"]:
         cells = [
-            f"{r['people_per_image'][label]['people']} people, {_rate(r['people_per_image'][label])}" for r in runs
+            f"{_rate(r['people_per_image'][label])} ({r['people_per_image'][label]['people']} found)" for r in runs
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -365,10 +368,13 @@ def main() -> None:
                 continue
             log("client-side preprocessing, then cost vs resolution and vs people")
             size = model.letterbox.input_size
+            with grpcclient.InferenceServerClient(url) as client:
+                candidates = network_candidates(client, model, encoded[0])[0]
             results["client_side_preprocessing"] = {
                 "request_bytes": {"canvas_uint8": size * size * 3, "if_float32": size * size * 3 * 4},
                 "response_bytes": {
-                    "candidates": model.num_candidates * model.candidate_width * 4,
+                    "candidates": candidates.nbytes,
+                    "candidates_shape": list(candidates.shape),
                     "served_ensemble_mean": response_bytes(url, args.model, encoded),
                 },
                 **{
@@ -410,6 +416,9 @@ def main() -> None:
                     **({"bf16_native": bf16_native} if precision == "bf16" else {}),
                 }
         results["served_vs_reference"] = ratios
+        # Sanity check: both sides see the same people (with the same weights and default thresholds).
+        counted = reference.get("f32_in_flight_1", {}).get("people")  # counted at one photo per call
+        results["people_same_as_reference"] = None if counted is None else served["f32"]["people"] == counted
 
     text = json.dumps(results, indent=2)
     print(text)
