@@ -172,6 +172,47 @@ async def served_single_ms(url: str, model: str, data: bytes, rounds: int) -> fl
     return 1000 * statistics.median(times)
 
 
+def step_times(url: str, model: str) -> dict[str, dict[str, int]]:
+    """Cumulative (count, ns) per phase of each step, from Triton's own statistics."""
+    import tritonclient.grpc as grpcclient
+
+    phases = ("queue", "compute_input", "compute_infer", "compute_output")
+    totals = {}
+    with grpcclient.InferenceServerClient(url) as client:
+        for role in ("preprocess", "network", "postprocess"):
+            (stats,) = client.get_inference_statistics(f"{model}_{role}", as_json=True)["model_stats"]
+            inference = stats["inference_stats"]
+            totals[role] = {
+                "requests": int(inference["success"].get("count", 0)),
+                "executions": int(stats.get("execution_count", 0)),
+                **{phase: int(inference[phase].get("ns", 0)) for phase in phases},
+            }
+    return totals
+
+
+def step_profile(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Mean ms per request of each phase of each step between two :func:`step_times` readings."""
+    profile = {}
+    for role, totals in after.items():
+        requests = max(totals["requests"] - before[role]["requests"], 1)
+        profile[role] = {
+            phase: (value - before[role][phase]) / requests / 1e6
+            for phase, value in totals.items()
+            if phase not in ("requests", "executions")
+        }
+        profile[role]["images_per_execution"] = requests / max(totals["executions"] - before[role]["executions"], 1)
+    return profile
+
+
+def network_single_ms(pipeline: InProcessPipeline, canvases: list[np.ndarray], rounds: int) -> float:
+    times = []
+    for i in range(rounds * len(canvases)):
+        start = time.perf_counter()
+        pipeline.compiled({0: canvases[i % len(canvases)]})
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def single_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
     pipeline.single(data)
     times = []
@@ -217,7 +258,9 @@ def main() -> None:
     results["in_process"] = {
         "optimal_requests": throughput.optimal,
         **{f"in_flight_{n}": throughput.throughput(encoded, n, args.seconds) for n in args.in_flight},
-        "single_p50_ms": {p.name: single_ms(latency, d, args.rounds) for p, d in zip(photo_paths, encoded, strict=True)},
+        "single_p50_ms": {
+            p.name: single_ms(latency, d, args.rounds) for p, d in zip(photo_paths, encoded, strict=True)
+        },
     }
     del throughput, latency
     results["raw_network_images_per_s"] = raw_network_throughput(xml, precision, canvases, args.seconds)
@@ -226,14 +269,19 @@ def main() -> None:
                             grpc_port=free_port(), metrics_port=free_port(), models=[args.model])  # fmt: skip
     served: dict = {}
     with TritonServer(options) as server:
+        before = step_times(server.grpc_url, args.model)
         served["single_p50_ms"] = {
             p.name: asyncio.run(served_single_ms(server.grpc_url, args.model, d, args.rounds))
             for p, d in zip(photo_paths, encoded, strict=True)
         }
+        after = step_times(server.grpc_url, args.model)
+        served["profile_c1_ms"] = step_profile(before, after)
         for n in args.in_flight:
             served[f"in_flight_{n}"] = asyncio.run(
                 served_throughput(server.grpc_url, args.model, encoded, n, args.seconds)
             )
+            before, after = after, step_times(server.grpc_url, args.model)
+            served[f"in_flight_{n}"]["profile_ms"] = step_profile(before, after)
     results["served"] = served
     inproc = results["in_process"]
     results["summary"] = {

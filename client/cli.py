@@ -316,7 +316,6 @@ def _thresholds(conf: float | None, iou: float | None, max_det: int | None, limi
         return Thresholds(conf, iou, max_det).check(limit)
     except ContractError as exc:
         _fail(f"{exc} (--conf, --iou, --max-det)", EXIT_USAGE)
-        raise  # unreachable: _fail exits
 
 
 def _print_summary(results: Sequence[ImageResult], keypoint_names: Sequence[str]) -> None:
