@@ -236,7 +236,8 @@ def render_markdown(runs: list[dict]) -> str:
         native = "" if precision == "f32" or first["bf16_native"] else " (CPU without bf16: not bf16 speed)"
         lines.append(f"| {precision}{native}, {n} in flight | " + " | ".join(cells) + " |")
     reference_names = {"super_gradients": "super-gradients", "ultralytics": "Ultralytics"}
-    cells = [reference_names.get(r.get("reference_predict", {}).get("library", ""), "–") + " `predict()`" for r in runs]
+    libraries = [r.get("reference_predict", {}).get("library") for r in runs]
+    cells = [f"{reference_names[lib]} `predict()`" if lib in reference_names else "–" for lib in libraries]
     lines.append("| reference | " + " | ".join(cells) + " |")
     cells = [{True: "yes", False: "**no**", None: "–"}[r.get("people_same_as_reference")] for r in runs]
     lines.append("| same people per photo as the reference (f32) | " + " | ".join(cells) + " |")
