@@ -20,6 +20,7 @@ ensembles are the same for every configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -316,15 +317,33 @@ def _warmup(model: ServedModel) -> str:
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
 
 
-def network_ort_trt_config(model: ServedModel) -> str:
-    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step."""
+def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -> str:
+    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step.
+
+    ONNX Runtime names its cached engines after the model file and the graph, not the weights, so a re-export
+    with new weights would be served by the old engine: the cache folder is per model and per ONNX sha256
+    (``CACHE/NAME/onnx-SHA12``; ``unhashed`` when the ONNX is not known, e.g. a config rendered without its
+    files). One explicit optimization profile (batch 1 / max_batch_size // 2 / max_batch_size over the uint8
+    canvas) makes ONNX Runtime build one engine for every batch the dynamic batcher forms, at the warmup.
+    """
     t = model.tuning
+    s = model.letterbox.input_size
+    cache = f"{t.ort_trt_engine_cache_path.rstrip('/')}/{model.name}/" + (
+        f"onnx-{onnx_sha256[:12]}" if onnx_sha256 else "unhashed"
+    )
+
+    def shape(batch: int) -> str:
+        return f"{CANVAS}:{batch}x{s}x{s}x3"
+
     accelerator = _parameters_inline(
         {
             "precision_mode": t.ort_trt_precision,
             "max_workspace_size_bytes": str(t.ort_trt_workspace_bytes),
             "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": t.ort_trt_engine_cache_path,
+            "trt_engine_cache_path": cache,
+            "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(max(1, t.max_batch_size // 2)),
+            "trt_profile_max_shapes": shape(t.max_batch_size),
         }
     )
     return "\n".join(
@@ -369,8 +388,11 @@ def _shim(module: str) -> str:
     )
 
 
-def render(model: ServedModel) -> dict[str, str]:
-    """Every text file of the model's repository entries, by path relative to the repository root."""
+def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]:
+    """Every text file of the model's repository entries, by path relative to the repository root.
+
+    ``onnx_sha256`` (of the network's model.onnx) keys the ONNX Runtime-TensorRT engine cache, so re-exported
+    weights never reuse a stale engine."""
     network = model.step("network")
     files = {
         f"{model.name}/config.pbtxt": ensemble_config(model, pixels=False),
@@ -388,7 +410,7 @@ def render(model: ServedModel) -> dict[str, str]:
         files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
     for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
         if network_variant == "ort_trt":
-            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model)
+            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
         if preprocess_variant == "nvjpeg":
             files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
     return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
@@ -399,7 +421,9 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
     for stale in (model.name, *(model.step(r) for r in ("pixels", "preprocess", "network", "postprocess"))):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []
-    for relative, text in render(model).items():
+    onnx_file = network_files.get("model.onnx")
+    onnx_sha256 = hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest() if onnx_file else None
+    for relative, text in render(model, onnx_sha256).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
