@@ -153,6 +153,7 @@ def test_soak_mixed_valid_and_invalid_at_concurrency_8(
 
 @pytest.mark.slow
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_long_soak_memory_slope(
     model_repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
