@@ -584,3 +584,35 @@ def serve(
         _fail(str(exc))
     # A process killed by a signal reports -N; shells expect 128 + N.
     raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+@app.command()
+def ui(
+    url: UrlOption = DEFAULT_URL,
+    model: Annotated[str, typer.Option("--model", "-m", help="The model the page opens with.")] = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="Address the page listens on; other than loopback, anyone who reaches it can use it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the page.")] = 8080,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.01, help="Largest photo or camera frame accepted, in MiB (checked before decoding).")
+    ] = 20.0,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """A web page to see the poses: drop photos or start a camera, and watch the skeletons drawn.
+
+    Serves on http://HOST:PORT/ until Ctrl-C and talks to Triton at --url through the SDK. Needs
+    the `ui` extra (pip install "posetriton[ui]").
+    """
+    try:
+        from posetriton.ui import UiSettings, serve
+        from posetriton.ui.app import exposure_warning
+    except ImportError as exc:
+        _fail(f"posetriton ui needs the 'ui' extra (pip install \"posetriton[ui]\"): {exc}")
+    warning = exposure_warning(host)
+    if warning:
+        typer.echo(warning, err=True)
+    settings = UiSettings(url=url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"posetriton ui: http://{shown}:{port}/ (Triton at {url}, model {model}); Ctrl-C stops it", err=True)
+    serve(settings, host=host, port=port)
