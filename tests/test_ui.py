@@ -8,6 +8,7 @@ server; every expectation is what the SDK gets from the same server for the same
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import struct
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import cv2
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from posetriton.client import InvalidInputError, PoseClient
 from posetriton.launcher import free_port
@@ -330,3 +334,150 @@ def test_the_page_says_so_when_triton_is_unreachable(playwright: Playwright) -> 
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+# ------------------------------------------------------------------------------------------------ camera
+
+
+def write_y4m(path: Path, frames_bgr: list[np.ndarray], fps: int = 15) -> None:
+    """The clip Chromium's fake camera plays (and loops): 4:2:0 frames after a YUV4MPEG2 header."""
+    height, width = frames_bgr[0].shape[:2]
+    with path.open("wb") as clip:
+        clip.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames_bgr:
+            clip.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
+
+
+def panning_clip(photo: Path, steps: int = 16, size: tuple[int, int] = (640, 360)) -> list[np.ndarray]:
+    """A camera panning across the photo and back (so the looped clip has no jump): people move, not vanish."""
+    image = cv2.imread(str(photo))
+    height, width = image.shape[:2]
+    crop_w, crop_h = int(width * 0.8), int(height * 0.8)
+    offsets = [round(i * (width - crop_w) / (steps - 1)) for i in range(steps)]
+    frames = [
+        cv2.resize(image[(height - crop_h) // 2 : (height + crop_h) // 2, x : x + crop_w], size)
+        for x in offsets + offsets[::-1]
+    ]
+    return frames
+
+
+def _camera_samples(page: Page, count: int) -> list[dict[str, str]]:
+    """The camera panel's state after each of the next ``count`` frames it drew."""
+    panel = page.locator("#camera")
+    samples: list[dict[str, str]] = []
+    seen = -1
+    deadline = time.monotonic() + 90
+    while len(samples) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"only {len(samples)} camera frames drawn in 90 s; message: {page.inner_text('#camera-message')}"
+            )
+        frames = int(panel.get_attribute("data-frames") or 0)
+        if frames != seen:
+            seen = frames
+            if frames:
+                samples.append(
+                    {
+                        "frames": str(frames),
+                        "people": panel.get_attribute("data-people") or "",
+                        "track_ids": panel.get_attribute("data-track-ids") or "",
+                        "fps": page.inner_text("#stat-fps"),
+                        "latency": page.inner_text("#stat-latency"),
+                        "dropped": page.inner_text("#stat-dropped"),
+                    }
+                )
+        time.sleep(0.03)
+    return samples
+
+
+def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
+    playwright: Playwright, ui_url: str, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    clip = tmp_path / "camera.y4m"
+    write_y4m(clip, panning_clip(_photo(photo_paths, "zidane.jpg")))
+    chromium = launch(playwright, "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={clip}")
+    try:
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(ui_url)
+        page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
+        page.click("#tab-camera")
+        page.click("#camera-start")
+        samples = _camera_samples(page, 20)
+        tracking = page.get_attribute("#camera", "data-tracking")
+        page.click("#camera-stop")
+    finally:
+        chromium.close()
+    assert tracking in ("true", "false")
+    with_people = [s for s in samples if int(s["people"]) >= 1]
+    assert len(with_people) >= 0.8 * len(samples), samples
+    assert float(samples[-1]["fps"]) > 0
+    latencies = [int(s["latency"].removesuffix(" ms")) for s in samples if s["latency"].endswith(" ms")]
+    assert len(latencies) >= 0.8 * len(samples)
+    # Frames are dropped, not queued: latency stays at its start level instead of growing with time.
+    early, late = np.median(latencies[: len(latencies) // 2]), np.median(latencies[len(latencies) // 2 :])
+    assert late < 2 * early + 250, latencies
+    assert all(s["dropped"].isdigit() for s in samples)
+    if tracking == "true":
+        _assert_stable_track_ids(samples)
+
+
+def _assert_stable_track_ids(samples: list[dict[str, str]]) -> None:
+    """The two people of the clip keep their IDs: the same ID pair in most frames after the tracks start."""
+    ids = [tuple(sorted(int(i) for i in s["track_ids"].split(",") if i)) for s in samples]
+    assert all(ids), f"frames without track IDs: {ids}"
+    settled = ids[len(ids) // 4 :]
+    most_common = max(set(settled), key=settled.count)
+    assert len(most_common) >= 2, ids
+    assert settled.count(most_common) >= 0.8 * len(settled), ids
+
+
+def test_camera_socket_drops_frames_it_cannot_keep_up_with_newest_wins(
+    ui_url: str, served_url: str, photo_paths: list[Path]
+) -> None:
+    """A client that sends faster than the server answers: older unsent frames are dropped, the newest is answered."""
+    photo = _photo(photo_paths, "bus.jpg")
+    jpeg = photo.read_bytes()
+    socket_url = ui_url.replace("http://", "ws://") + f"/api/camera?model={UL_MODEL}"
+    with connect(socket_url, max_size=2**24, open_timeout=30) as camera:
+        ready = json.loads(camera.recv(timeout=30))
+        assert ready["type"] == "ready" and ready["model"] == UL_MODEL
+
+        camera.send(json.dumps({"conf": 0.85}))
+        assert json.loads(camera.recv(timeout=30)) == {"type": "settings", "conf": 0.85}
+        camera.send(jpeg)
+        single = json.loads(camera.recv(timeout=60))
+        assert single["type"] == "result" and single["seq"] == 0
+        served = _served(served_url, photo, conf=0.85)
+        assert len(single["detections"]) == len(served.poses)
+
+        sent = 30
+        for _ in range(sent):
+            camera.send(jpeg)
+        answers = []
+        while not answers or answers[-1]["seq"] < sent:
+            answers.append(json.loads(camera.recv(timeout=60)))
+    assert all(answer["type"] == "result" for answer in answers), answers
+    seqs = [answer["seq"] for answer in answers]
+    assert seqs == sorted(seqs) and seqs[-1] == sent, "the newest frame is always answered"
+    dropped = answers[-1]["dropped"]
+    assert dropped > 0, "30 frames sent at once cannot all be analysed in the time they took to arrive"
+    assert len(seqs) + dropped == sent, "every frame is either answered or counted as dropped"
+    # The last frame waited for at most the one in flight when it arrived, not for a queue of 30.
+    assert answers[-1]["latency_ms"] < 3 * single["latency_ms"] + 500, (single, answers[-1])
+
+
+def test_camera_socket_refuses_other_origins_and_bad_frames(ui_url: str) -> None:
+    socket_url = ui_url.replace("http://", "ws://") + "/api/camera"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(socket_url, origin="http://elsewhere.example", open_timeout=30)  # type: ignore[arg-type]
+    assert refused.value.response.status_code == 403
+    with connect(socket_url, open_timeout=30, origin=ui_url) as camera:  # type: ignore[arg-type]
+        assert json.loads(camera.recv(timeout=30))["type"] == "ready"
+        camera.send(b"GIF8 not really")
+        error = json.loads(camera.recv(timeout=30))
+        assert error["type"] == "error" and error["seq"] == 0 and "not an image" in error["error"]
+        camera.send(json.dumps({"conf": 3}))
+        assert json.loads(camera.recv(timeout=30)) == {
+            "type": "settings_error",
+            "error": "conf must be in [0, 1], got 3.0",
+        }
