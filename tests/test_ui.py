@@ -183,12 +183,11 @@ def test_photo_skeletons_are_drawn_where_the_served_keypoints_are(
             missed.append((x, y))
     assert not missed, f"no drawing at served keypoints {missed}"
 
-    # Away from every person (its box grown by the line width, and the score label above it) nothing is drawn.
+    # Away from every person (its box grown by a line width, and the score label above it) nothing is drawn.
     outside = np.ones_like(changed)
     for pose in expected.poses:
-        x1, y1, x2, y2 = pose.box
-        top, bottom = max(0, int((y1 - 40) * scale)), int((y2 + 12) * scale) + 1
-        outside[top:bottom, max(0, int((x1 - 12) * scale)) : int((x2 + 12) * scale) + 1] = False
+        x1, y1, x2, y2 = (round(v * scale) for v in pose.box)
+        outside[max(0, y1 - 24) : y2 + 6, max(0, x1 - 6) : x2 + 6] = False
     assert outside.sum() > 0.1 * outside.size
     assert not changed[outside].any(), "pixels drawn away from the detected people"
 
@@ -404,6 +403,9 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
         page.click("#camera-start")
         samples = _camera_samples(page, 20)
         tracking = page.get_attribute("#camera", "data-tracking")
+        screenshot = os.environ.get("POSETRITON_UI_SCREENSHOT")
+        if screenshot:
+            page.screenshot(path=str(Path(screenshot).with_suffix(".camera.png")))
         page.click("#camera-stop")
     finally:
         chromium.close()
@@ -411,12 +413,15 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
     with_people = [s for s in samples if int(s["people"]) >= 1]
     assert len(with_people) >= 0.8 * len(samples), samples
     assert float(samples[-1]["fps"]) > 0
-    latencies = [int(s["latency"].removesuffix(" ms")) for s in samples if s["latency"].endswith(" ms")]
-    assert len(latencies) >= 0.8 * len(samples)
-    # Frames are dropped, not queued: latency stays at its start level instead of growing with time.
-    early, late = np.median(latencies[: len(latencies) // 2]), np.median(latencies[len(latencies) // 2 :])
-    assert late < 2 * early + 250, latencies
-    assert all(s["dropped"].isdigit() for s in samples)
+    timed = [s for s in samples if s["latency"].endswith(" ms")]
+    assert len(timed) >= 0.8 * len(samples)
+    # Frames are dropped, not queued. By Little's law, frames in flight = throughput x latency: the page keeps
+    # at most 2 unanswered (plus one being encoded), so fps x latency stays near 2 however slow the server is;
+    # a queue would make it grow by the capture rate (15 fps) for every second the test runs.
+    in_flight = [float(s["fps"]) * int(s["latency"].removesuffix(" ms")) / 1000 for s in timed[len(timed) // 2 :]]
+    assert np.median(in_flight) <= 4, timed
+    if float(samples[-1]["fps"]) < 10:  # slower than the 15 fps camera: frames must have been dropped
+        assert int(samples[-1]["dropped"]) > 0, samples[-1]
     if tracking == "true":
         _assert_stable_track_ids(samples)
 

@@ -19,19 +19,21 @@ function personColour(index) {
 }
 
 // Draw boxes, skeletons and labels for `detections` on `canvas`, sized to the image the server saw.
+// Line widths and text are set in screen pixels, so a 4K photo and a thumbnail look alike.
 function drawPoses(canvas, width, height, detections, skeleton, label) {
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, width, height);
-  const line = Math.max(2, Math.round(Math.min(width, height) / 180));
+  const px = width / (canvas.getBoundingClientRect().width || width); // image pixels per screen pixel
+  const line = 2.5 * px;
   ctx.lineJoin = "round";
   ctx.lineCap = "round";
   detections.forEach((det, i) => {
     const colour = personColour(det.track_id ?? i);
     const [x1, y1, x2, y2] = det.box;
     ctx.strokeStyle = colour;
-    ctx.lineWidth = Math.max(1, line / 2);
+    ctx.lineWidth = 1.5 * px;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     const kp = det.keypoints;
     ctx.lineWidth = line;
@@ -46,17 +48,17 @@ function drawPoses(canvas, width, height, detections, skeleton, label) {
     for (const [x, y, c] of kp) {
       if (c < KPT_THRESHOLD) continue;
       ctx.beginPath();
-      ctx.arc(x, y, line * 1.6, 0, 2 * Math.PI);
+      ctx.arc(x, y, 3.5 * px, 0, 2 * Math.PI);
       ctx.fill();
     }
     const text = label(det, i);
-    const size = Math.max(12, line * 6);
+    const size = 13 * px;
     ctx.font = `600 ${size}px system-ui, sans-serif`;
     const textWidth = ctx.measureText(text).width;
-    const top = Math.max(0, y1 - size - 4);
-    ctx.fillRect(x1, top, textWidth + 8, size + 4);
+    const top = Math.max(0, y1 - size - 4 * px);
+    ctx.fillRect(x1, top, textWidth + 6 * px, size + 4 * px);
     ctx.fillStyle = "#000";
-    ctx.fillText(text, x1 + 4, top + size);
+    ctx.fillText(text, x1 + 3 * px, top + size);
   });
 }
 
