@@ -312,6 +312,13 @@ def test_uploads_are_limited_before_they_are_read(ui_url: str) -> None:
         assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
 
 
+def test_host_names_other_than_loopback_are_refused(ui_url: str) -> None:
+    """A page elsewhere that rebinds its own name to 127.0.0.1 still sends that name as Host: refused."""
+    assert httpx.get(f"{ui_url}/", timeout=30).status_code == 200
+    assert httpx.get(f"{ui_url}/", headers={"Host": "rebound.example"}, timeout=30).status_code == 400
+    assert httpx.get(f"{ui_url}/api/models", headers={"Host": "rebound.example"}, timeout=30).status_code == 400
+
+
 def test_the_page_says_so_when_triton_is_unreachable(playwright: Playwright) -> None:
     port = free_port()
     command = [str(POSETRITON), "ui", "--url", f"127.0.0.1:{free_port()}",

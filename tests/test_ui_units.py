@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from posetriton.contract import ContractError, Thresholds
+from posetriton.ui.app import allowed_hosts
 from posetriton.ui.camera import CameraFrame, LatestFrame
 from posetriton.ui.limits import UploadRefused, check_image, image_type, thresholds_from_query
 from tests.test_ui import _png_header_only
@@ -63,3 +64,10 @@ def test_thresholds_come_from_the_query_checked() -> None:
             thresholds_from_query(query)
     with pytest.raises(ContractError, match="max_det must be in"):
         thresholds_from_query({"max_det": "500"}, max_det_limit=300)
+
+
+def test_loopback_binds_answer_loopback_host_names_only() -> None:
+    assert allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost")
+    assert allowed_hosts("localhost") == ("127.0.0.1", "localhost")
+    assert allowed_hosts("0.0.0.0") == ("*",)  # reachable by names this app cannot know
+    assert allowed_hosts("::1") == ("*",)  # Starlette's check cannot parse IPv6 literals

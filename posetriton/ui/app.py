@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import time
@@ -31,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -88,6 +91,8 @@ class UiSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     # Camera frames of one connection in flight to Triton at once (per-frame mode).
     camera_in_flight: int = 1
+    # Host headers answered; others get 400, so a DNS-rebinding page cannot reach a loopback app ("*": any).
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -102,6 +107,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def allowed_hosts(host: str) -> tuple[str, ...]:
+    """The Host headers to answer when listening on ``host``: loopback names only when it is loopback.
+
+    Starlette compares the part before the first ':', which cannot name an IPv6 literal: those allow any.
+    """
+    if ":" in host or not is_loopback(host):
+        return ("*",)
+    return tuple(dict.fromkeys(("127.0.0.1", "localhost", host)))
 
 
 def exposure_warning(host: str) -> str | None:
@@ -288,6 +303,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))],
     )
 
 
@@ -367,6 +383,7 @@ def serve(settings: UiSettings, host: str = "127.0.0.1", port: int = 8080, log_l
     """Run the app with uvicorn until Ctrl-C (WebSocket messages capped at the upload limit)."""
     import uvicorn
 
+    settings = dataclasses.replace(settings, allowed_hosts=allowed_hosts(host))
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level=log_level, access_log=False,
         ws_max_size=settings.max_upload_bytes + 1024,
