@@ -64,7 +64,7 @@ from .limits import (
 )
 
 TRACK_SUFFIX = "_track"
-# A frame refused by the server costs little; the page must hear about it quickly either way.
+# A large photo on a busy CPU server takes seconds; a page should not hang for the SDK's default (minutes).
 DEFAULT_TIMEOUT_S = 30.0
 # A closed camera connection waits this long for the frame in flight before cancelling it.
 ENGINE_STOP_S = 5.0
@@ -178,6 +178,9 @@ class TritonGateway:
     async def metadata(self, model: str) -> ModelMetadata:
         meta = self._metadata.get(model)
         if meta is None:
+            if model.endswith(TRACK_SUFFIX):  # a tracking ensemble takes frames of a sequence, not single photos
+                base = model.removesuffix(TRACK_SUFFIX)
+                raise ModelNotReadyError(f"model {model!r} is a tracking ensemble; choose {base!r}")
             meta = await self._discovery.model_metadata(model)
             if not meta.is_pose_model or meta.input_name != IMAGE:
                 raise ModelNotReadyError(f"model {model!r} is not a pose ensemble that takes encoded images")
