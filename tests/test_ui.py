@@ -33,7 +33,7 @@ from websockets.sync.client import connect
 
 from posetriton.client import InvalidInputError, PoseClient
 from posetriton.launcher import free_port
-from tests.conftest import UL_MODEL
+from tests.conftest import SG_MODEL, UL_MODEL
 
 POSETRITON = Path(sys.executable).parent / "posetriton"
 CHROMIUM = Path(os.environ.get("POSETRITON_CHROMIUM", "/usr/bin/chromium"))
@@ -260,12 +260,28 @@ def test_refused_files_show_a_readable_message_on_that_photo(
     assert page.locator("#banner").is_hidden(), "one refused photo never breaks the page"
 
 
-def test_the_model_picker_lists_the_served_pose_ensembles(page: Page, served_url: str) -> None:
+def test_the_model_picker_lists_the_served_pose_ensembles_and_switches_model(
+    page: Page, served_url: str, photo_paths: list[Path]
+) -> None:
     with PoseClient(served_url) as client:
-        expected = sorted(m.name for m in client.list_models() if m.input_name == "IMAGE")
+        served = client.list_models()
+    expected = sorted(m.name for m in served if m.input_name == "IMAGE" and not m.name.endswith("_track"))
+    assert SG_MODEL in expected
     options = page.locator("#model option").evaluate_all("options => options.map(o => o.value)")
     assert sorted(options) == expected
     assert page.input_value("#model") == UL_MODEL
+
+    photo = _photo(photo_paths, "zidane.jpg")
+    page.set_input_files("#files", str(photo))
+    page.locator(".card[data-state=done]").wait_for(timeout=WAIT_MS)
+    page.select_option("#model", SG_MODEL)
+    page.locator(".card[data-state=done]", has_text=SG_MODEL).wait_for(timeout=WAIT_MS)
+    thresholds = _thresholds(page)
+    defaults = next(m for m in served if m.name == SG_MODEL).parameters
+    assert thresholds["conf"] == float(defaults["default.conf"]), "the sliders take the chosen model's defaults"
+    with PoseClient(served_url, model=SG_MODEL) as client:
+        count = len(client.predict(photo, **thresholds).poses)
+    assert page.get_attribute(".card", "data-people") == str(count)
 
 
 def test_non_loopback_addresses_are_warned_about() -> None:
