@@ -16,6 +16,8 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES
+
 from .errors import PoseClientError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
 from .results import OUTPUT_NAMES, ImagePoses, ModelMetadata, poses_from_batch
@@ -27,9 +29,6 @@ DEFAULT_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 30.0
 # Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
 DEFAULT_IN_FLIGHT = 4
-PIXELS_SUFFIX = "_pixels"
-# Model steps that are loaded with an ensemble but are not meant to be called directly.
-STEP_SUFFIXES = ("_preprocess", "_network", "_postprocess")
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -80,7 +79,7 @@ class Request:
 
     @property
     def input_name(self) -> str:
-        return "PIXELS" if self.raw else "IMAGE"
+        return PIXELS if self.raw else IMAGE
 
     @property
     def names(self) -> list[str]:
@@ -97,7 +96,7 @@ class Request:
             first = self.images[0].pixels
             assert first is not None
             shape = [len(self.images), *first.shape]
-            tensor = grpcclient.InferInput("PIXELS", shape, "UINT8")
+            tensor = grpcclient.InferInput(PIXELS, shape, "UINT8")
             pixels = [image.pixels for image in self.images if image.pixels is not None]
             if region is None:
                 tensor.set_data_from_numpy(np.stack(pixels))
@@ -108,14 +107,14 @@ class Request:
         data = [image.data or b"" for image in self.images]
         if region is None:
             return image_bytes_input(data)
-        tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+        tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
         tensor.set_shared_memory(region.name, region.write_bytes_tensor(data))
         return tensor
 
 
 def image_bytes_input(data: Sequence[bytes]) -> grpcclient.InferInput:
     """The ``IMAGE`` input of a pose ensemble: encoded images as a BYTES tensor ``[B, 1]``."""
-    tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+    tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
     batch = np.empty((len(data), 1), dtype=object)
     batch[:, 0] = list(data)
     tensor.set_data_from_numpy(batch)
@@ -234,7 +233,7 @@ class ClientCore:
         for request, outputs in answered:
             meta = self._metadata.get(request.model) or self._metadata.get(self.model)
             names = meta.keypoint_names if meta is not None else ()
-            found = poses_from_batch([(i.name, i.width, i.height) for i in request.images], outputs, names)
+            found = poses_from_batch(request.names, outputs, names)
             for index, poses in zip(request.indices, found, strict=True):
                 results[index] = poses
         assert all(result is not None for result in results)
