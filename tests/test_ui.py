@@ -31,7 +31,7 @@ from playwright.sync_api import Error as PlaywrightError
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from posetriton.client import InvalidInputError, PoseClient
+from posetriton.client import AsyncPoseClient, InvalidInputError, PoseClient
 from posetriton.launcher import free_port
 from tests.conftest import SG_MODEL, UL_MODEL
 
@@ -370,11 +370,15 @@ def write_y4m(path: Path, frames_bgr: list[np.ndarray], fps: int = 15) -> None:
             clip.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
 
 
-def panning_clip(photo: Path, steps: int = 16, size: tuple[int, int] = (640, 360)) -> list[np.ndarray]:
-    """A camera panning across the photo and back (so the looped clip has no jump): people move, not vanish."""
+def panning_clip(photo: Path, steps: int = 48, size: tuple[int, int] = (640, 360)) -> list[np.ndarray]:
+    """A camera panning slowly across the photo and back (the looped clip has no jump): people move, never vanish.
+
+    About 2 px per frame at 640 px: a server that analyses one frame in ten still sees each person move
+    by less than a tenth of their width between the frames it gets.
+    """
     image = cv2.imread(str(photo))
     height, width = image.shape[:2]
-    crop_w, crop_h = int(width * 0.8), int(height * 0.8)
+    crop_w, crop_h = int(width * 0.85), int(height * 0.85)
     offsets = [round(i * (width - crop_w) / (steps - 1)) for i in range(steps)]
     frames = [
         cv2.resize(image[(height - crop_h) // 2 : (height + crop_h) // 2, x : x + crop_w], size)
@@ -413,8 +417,9 @@ def _camera_samples(page: Page, count: int) -> list[dict[str, str]]:
 
 
 def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
-    playwright: Playwright, ui_url: str, photo_paths: list[Path], tmp_path: Path
+    playwright: Playwright, ui_url: str, served_url: str, photo_paths: list[Path], tmp_path: Path
 ) -> None:
+    """With the server-side tracker (when served), track IDs appear and stay with each person across frames."""
     clip = tmp_path / "camera.y4m"
     write_y4m(clip, panning_clip(_photo(photo_paths, "zidane.jpg")))
     chromium = launch(playwright, "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={clip}")
@@ -432,7 +437,7 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
         page.click("#camera-stop")
     finally:
         chromium.close()
-    assert tracking in ("true", "false")
+    assert tracking == str(_tracking_served(served_url)).lower(), "the tracker is used exactly when it is served"
     with_people = [s for s in samples if int(s["people"]) >= 1]
     assert len(with_people) >= 0.8 * len(samples), samples
     assert float(samples[-1]["fps"]) > 0
@@ -449,6 +454,12 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
         _assert_stable_track_ids(samples)
 
 
+def _tracking_served(url: str) -> bool:
+    """Whether the SDK can stream to the server-side tracker and the server has yolo11n_pose_track ready."""
+    with PoseClient(url) as client:
+        return hasattr(AsyncPoseClient, "track") and f"{UL_MODEL}_track" in client.ready_models()
+
+
 def _assert_stable_track_ids(samples: list[dict[str, str]]) -> None:
     """The two people of the clip keep their IDs: the same ID pair in most frames after the tracks start."""
     ids = [tuple(sorted(int(i) for i in s["track_ids"].split(",") if i)) for s in samples]
@@ -459,16 +470,21 @@ def _assert_stable_track_ids(samples: list[dict[str, str]]) -> None:
     assert settled.count(most_common) >= 0.8 * len(settled), ids
 
 
+@pytest.mark.parametrize("mode", ["track", "frames"])
 def test_camera_socket_drops_frames_it_cannot_keep_up_with_newest_wins(
-    ui_url: str, served_url: str, photo_paths: list[Path]
+    ui_url: str, served_url: str, photo_paths: list[Path], mode: str
 ) -> None:
-    """A client that sends faster than the server answers: older unsent frames are dropped, the newest is answered."""
+    """A client that sends faster than the server answers: older unsent frames are dropped, the newest is answered.
+
+    Both engines: the server-side tracker (asked for by default; used when served) and one request per frame.
+    """
+    tracking = mode == "track" and _tracking_served(served_url)
     photo = _photo(photo_paths, "bus.jpg")
     jpeg = photo.read_bytes()
-    socket_url = ui_url.replace("http://", "ws://") + f"/api/camera?model={UL_MODEL}"
+    socket_url = ui_url.replace("http://", "ws://") + f"/api/camera?model={UL_MODEL}&mode={mode}"
     with connect(socket_url, max_size=2**24, open_timeout=30) as camera:
         ready = json.loads(camera.recv(timeout=30))
-        assert ready["type"] == "ready" and ready["model"] == UL_MODEL
+        assert ready == {"type": "ready", "model": UL_MODEL, "tracking": tracking}
 
         camera.send(json.dumps({"conf": 0.85}))
         assert json.loads(camera.recv(timeout=30)) == {"type": "settings", "conf": 0.85}
@@ -477,6 +493,7 @@ def test_camera_socket_drops_frames_it_cannot_keep_up_with_newest_wins(
         assert single["type"] == "result" and single["seq"] == 0
         served = _served(served_url, photo, conf=0.85)
         assert len(single["detections"]) == len(served.poses)
+        assert all(("track_id" in d) == tracking for d in single["detections"])
 
         sent = 30
         for _ in range(sent):

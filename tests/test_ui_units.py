@@ -43,12 +43,21 @@ def test_latest_frame_keeps_only_the_newest_and_counts_the_rest() -> None:
         second = await waiter
         assert second is not None
         taken.append(second.seq)
+        mailbox.put(CameraFrame(6, b"", 0.0))
+        mailbox.put_back(second)  # a newer frame waits: the returned one is dropped
+        third = await mailbox.get()
+        assert third is not None
+        taken.append(third.seq)
+        mailbox.put_back(third)  # nothing waits: it is kept
+        fourth = await mailbox.get()
+        assert fourth is not None
+        taken.append(fourth.seq)
         mailbox.close()
         return taken, mailbox.dropped, await mailbox.get()
 
     taken, dropped, after_close = asyncio.run(scenario())
-    assert taken == [4, 5]
-    assert dropped == 4
+    assert taken == [4, 5, 6, 6]
+    assert dropped == 5
     assert after_close is None
 
 

@@ -9,8 +9,10 @@ Routes:
   answer is the SDK's JSON result (``ImagePoses.to_dict``) plus ``latency_ms``, or
   ``{"error": message}`` with a status that says why (400 refused by the server, 413 too large,
   415 not an image, 404 no such model, 503 Triton unreachable, 504 deadline);
-* ``WS /api/camera?model=...`` binary messages are encoded frames, text messages JSON thresholds;
-  each finished frame is answered with a JSON message (see :mod:`posetriton.ui.camera`).
+* ``WS /api/camera?model=&conf=&iou=&max_det=&mode=`` binary messages are encoded frames, text
+  messages JSON thresholds; each finished frame is answered with a JSON message (see
+  :mod:`posetriton.ui.camera`). ``mode=frames`` asks for one request per frame even when the
+  model has a tracker.
 
 Uploads are held in memory only, limited in size before they are read and in type before they are
 decoded. WebSockets from another origin are refused, so a web page elsewhere cannot drive the
@@ -53,7 +55,7 @@ from posetriton.client import (
 )
 from posetriton.contract import IMAGE, THRESHOLD_NAMES, ContractError, Thresholds
 
-from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, error_message
+from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, TrackingEngine, error_message
 from .limits import (
     ACCEPTED_TYPES,
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -63,6 +65,7 @@ from .limits import (
     thresholds_from_query,
 )
 
+# The tracking ensemble of model NAME (the server-side tracker's; the SDK's track() streams to it).
 TRACK_SUFFIX = "_track"
 # A large photo on a busy CPU server takes seconds; a page should not hang for the SDK's default (minutes).
 DEFAULT_TIMEOUT_S = 30.0
@@ -89,7 +92,8 @@ class UiSettings:
     model: str = DEFAULT_MODEL
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
-    # Camera frames of one connection in flight to Triton at once (per-frame mode).
+    # Camera frames of one connection in flight to Triton at once in per-frame mode (answers stay in order);
+    # the tracker pipelines its own (TrackingEngine), in order too.
     camera_in_flight: int = 1
     # Host headers answered; others get 400, so a DNS-rebinding page cannot reach a loopback app ("*": any).
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -193,12 +197,17 @@ class TritonGateway:
             self._clients[model] = AsyncPoseClient(self.settings.url, model, self.settings.timeout_s)
         return self._clients[model]
 
-    def tracking_available(self, model: str, ready: set[str]) -> bool:
-        """Whether live mode can use the server-side tracker: the SDK has it and the server serves NAME_track."""
-        return False
+    @staticmethod
+    def tracking_available(model: str, ready: set[str]) -> bool:
+        """Whether live mode can use the server-side tracker: the SDK can stream to it and NAME_track is ready."""
+        return hasattr(AsyncPoseClient, "track") and model + TRACK_SUFFIX in ready
 
-    async def camera_engine(self, model: str) -> CameraEngine:
-        return PerFrameEngine(await self.client(model), self.settings.camera_in_flight)
+    async def camera_engine(self, model: str, track: bool = True) -> CameraEngine:
+        """The tracker when asked for and the server has it for this model, else one request per frame."""
+        client = await self.client(model)
+        if track and self.tracking_available(model, set(await self._discovery.ready_models())):
+            return TrackingEngine(client)
+        return PerFrameEngine(client, self.settings.camera_in_flight)
 
 
 def _number(text: str | None) -> float | int | None:
@@ -289,7 +298,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
         try:
             meta = await gateway.metadata(model)
             thresholds = thresholds_from_query(websocket.query_params, meta.max_det_limit)
-            engine = await gateway.camera_engine(model)
+            engine = await gateway.camera_engine(model, track=websocket.query_params.get("mode") != "frames")
         except (PoseClientError, ContractError) as exc:
             await websocket.send_json({"type": "fatal", "error": str(exc)})
             await websocket.close()

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from posetriton.client import AsyncPoseClient, InvalidInputError, PoseClientError
+from posetriton.client import AsyncPoseClient, Frame, InvalidInputError, PoseClientError
 from posetriton.contract import Thresholds
 
 Message = dict[str, Any]
+# Before a new tracking sequence after the server failed one (a restart, an unreachable server).
+RESTART_PAUSE_S = 0.5
 Emit = Callable[[Message], Awaitable[None]]
 
 
@@ -60,9 +62,21 @@ class LatestFrame:
         frame, self._frame = self._frame, None
         return frame
 
+    def put_back(self, frame: CameraFrame) -> None:
+        """Return a taken frame unused (for the next sequence); a newer one already waiting wins over it."""
+        if self._frame is None:
+            self._frame = frame
+            self._changed.set()
+        else:
+            self.dropped += 1
+
     def close(self) -> None:
         self._closed = True
         self._changed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 class CameraEngine(Protocol):
@@ -116,3 +130,56 @@ class PerFrameEngine:
                 continue
             detections = [pose.to_dict() for pose in poses.poses]
             await emit(result_message(frame, detections, poses.width, poses.height, frames.dropped))
+
+
+class TrackingEngine:
+    """Frames stream to the server-side tracker (the ``NAME_track`` ensemble) as one sequence; poses carry ``track_id``.
+
+    The SDK's ``track(..., live=True)`` keeps ``in_flight`` frames on the stream and replaces a frame
+    still unsent by a newer one (its drops add to the mailbox's). Thresholds belong to a sequence:
+    when the page changes them, the sequence ends and a new one starts (track IDs start over). A
+    sequence the server lost (restart, idle timeout) is reported and a new one started the same way.
+    """
+
+    tracking = True
+
+    def __init__(self, client: AsyncPoseClient, in_flight: int = 2) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+        self.client = client
+        self.in_flight = in_flight
+
+    async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
+        while not frames.closed:
+            limits = thresholds()
+            received: dict[int, CameraFrame] = {}
+            results = self.client.track(
+                self._sequence(frames, thresholds, limits, received), live=True, max_in_flight=self.in_flight,
+                conf=limits.conf, iou=limits.iou, max_det=limits.max_det,
+            )  # fmt: skip
+            try:
+                async for result in results:
+                    frame = received.pop(int(result.name), None)
+                    if frame is None:
+                        continue
+                    dropped = frames.dropped + result.dropped
+                    if result.error is not None:
+                        await emit(error_message(frame, result.error, dropped))
+                        continue
+                    detections = [pose.to_dict() for pose in result.poses]
+                    await emit(result_message(frame, detections, result.width or 0, result.height or 0, dropped))
+            except PoseClientError as exc:  # the server lost the sequence, or is gone: say so, start a new one
+                await emit({"type": "notice", "error": f"{exc}; tracking starts over"})
+                await asyncio.sleep(RESTART_PAUSE_S)
+
+    @staticmethod
+    async def _sequence(
+        frames: LatestFrame, thresholds: Callable[[], Thresholds], limits: Thresholds, received: dict[int, CameraFrame]
+    ) -> AsyncIterator[Frame]:
+        """The frames of one sequence: until the connection closes or the thresholds change."""
+        while (frame := await frames.get()) is not None:
+            if thresholds() != limits:  # changed while waiting: this frame opens the next sequence
+                frames.put_back(frame)
+                return
+            received[frame.seq] = frame
+            yield Frame(image=frame.data, name=str(frame.seq), index=frame.seq)

@@ -86,6 +86,8 @@ async function readError(response) {
 }
 
 function applyDefaults(model) {
+  $("camera-track").disabled = !(model && model.tracking);
+  $("camera-track").checked = Boolean(model && model.tracking);
   const defaults = (model && model.defaults) || {};
   for (const name of ["conf", "iou", "max_det"]) {
     const slider = $(name);
@@ -224,7 +226,7 @@ function onCameraMessage(event) {
     $("camera").dataset.tracking = String(message.tracking);
     return;
   }
-  if (message.type === "fatal" || message.type === "settings_error") {
+  if (message.type === "fatal" || message.type === "settings_error" || message.type === "notice") {
     $("camera-message").textContent = message.error;
     return;
   }
@@ -296,7 +298,8 @@ async function startCamera() {
   Object.assign(camera, { sent: 0, encoding: 0, answered: 0, droppedHere: 0, droppedServer: 0, frames: 0, shown: [] });
   camera.sentAt.clear();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const query = new URLSearchParams({ model: model.name, ...thresholds() });
+  const mode = $("camera-track").checked ? "track" : "frames";
+  const query = new URLSearchParams({ model: model.name, mode, ...thresholds() });
   camera.socket = new WebSocket(`${scheme}://${location.host}/api/camera?${query}`);
   camera.socket.addEventListener("message", onCameraMessage);
   camera.socket.addEventListener("close", () => {
@@ -382,6 +385,12 @@ function init() {
   $("tab-camera").addEventListener("click", () => showTab("camera"));
   $("camera-start").addEventListener("click", startCamera);
   $("camera-stop").addEventListener("click", stopCamera);
+  $("camera-track").addEventListener("change", () => {
+    if (camera.socket) {
+      stopCamera();
+      startCamera();
+    }
+  });
   loadModels();
 }
 
