@@ -3,6 +3,7 @@
 Routes:
 
 * ``GET /`` the page, ``GET /static/...`` its script and style (package data, no build step);
+* ``GET /api/config`` where Triton is, the default model and the upload limit;
 * ``GET /api/models`` the pose ensembles the server has ready, with skeleton, keypoint names and
   default thresholds (what the page draws with and sets its sliders to);
 * ``POST /api/predict?model=&conf=&iou=&max_det=`` the body is one image file as it is; the

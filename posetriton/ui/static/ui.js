@@ -100,6 +100,7 @@ function applyDefaults(model) {
 async function loadModels() {
   let response;
   try {
+    state.config = await (await fetch("/api/config")).json();
     response = await fetch("/api/models");
   } catch (error) {
     showBanner(`cannot reach the posetriton ui app: ${error}`);
@@ -149,6 +150,13 @@ async function runPhoto(photo) {
   photo.controller = new AbortController();
   const { card } = photo;
   card.dataset.state = "pending";
+  const limit = state.config && state.config.max_upload_bytes;
+  if (limit && photo.file.size > limit) {
+    // The app refuses it from its Content-Length anyway; saying so here saves sending it.
+    const size = (photo.file.size / 2 ** 20).toFixed(1);
+    showPhotoError(photo, `the upload is too large (${size} MiB); the limit is ${limit / 2 ** 20} MiB`);
+    return;
+  }
   const query = new URLSearchParams({ model: model.name, ...thresholds() });
   const started = performance.now();
   let response;
