@@ -7,8 +7,8 @@ finished. The browser keeps at most a couple of frames unanswered, so the mailbo
 overflows; it is what bounds latency when a client sends faster than that.
 
 Two engines share this interface: :class:`PerFrameEngine` sends each frame as its own request
-(poses without identities); a tracking engine streams frames to the server-side tracker when
-the served model has a ``NAME_track`` ensemble (poses with ``track_id``).
+(poses without identities); :class:`TrackingEngine` streams frames to the server-side tracker
+when the served model has a ``NAME_track`` ensemble (poses with ``track_id``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from posetriton.client import AsyncPoseClient, Frame, InvalidInputError, PoseCli
 from posetriton.contract import Thresholds
 
 Message = dict[str, Any]
+Emit = Callable[[Message], Awaitable[None]]
 # Before a new tracking sequence after the server failed one (a restart, an unreachable server).
 RESTART_PAUSE_S = 0.5
-Emit = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,7 @@ class TrackingEngine:
         self.in_flight = in_flight
 
     async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
+        dropped_before = 0  # by the SDK in earlier sequences of this connection
         while not frames.closed:
             limits = thresholds()
             received: dict[int, CameraFrame] = {}
@@ -157,12 +158,17 @@ class TrackingEngine:
                 self._sequence(frames, thresholds, limits, received), live=True, max_in_flight=self.in_flight,
                 conf=limits.conf, iou=limits.iou, max_det=limits.max_det,
             )  # fmt: skip
+            dropped_here = 0
             try:
                 async for result in results:
-                    frame = received.pop(int(result.name), None)
+                    seq = int(result.name)
+                    frame = received.pop(seq, None)
+                    for older in [s for s in received if s < seq]:  # results come in frame order: these were dropped
+                        del received[older]
                     if frame is None:
                         continue
-                    dropped = frames.dropped + result.dropped
+                    dropped_here = result.dropped
+                    dropped = frames.dropped + dropped_before + dropped_here
                     if result.error is not None:
                         await emit(error_message(frame, result.error, dropped))
                         continue
@@ -171,6 +177,8 @@ class TrackingEngine:
             except PoseClientError as exc:  # the server lost the sequence, or is gone: say so, start a new one
                 await emit({"type": "notice", "error": f"{exc}; tracking starts over"})
                 await asyncio.sleep(RESTART_PAUSE_S)
+            finally:
+                dropped_before += dropped_here
 
     @staticmethod
     async def _sequence(
