@@ -35,6 +35,7 @@ from .results import (
     to_coco_results,
 )
 from .streaming import Frame, StreamItem, directory_images, frames_from, video_frames
+from .tracking import TimedFrame, TrackedFrame, TrackedPose, TrackingStreamError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -60,6 +61,10 @@ __all__ = [
     "RetryPolicy",
     "ServerUnavailableError",
     "StreamItem",
+    "TimedFrame",
+    "TrackedFrame",
+    "TrackedPose",
+    "TrackingStreamError",
     "directory_images",
     "frames_from",
     "image_bytes_input",
