@@ -313,7 +313,10 @@ class TrackSession:
 
     def stream_failed(self, exc: InferenceServerException) -> TrackingStreamError:
         status = grpc_status(exc)
-        return self.lost(str(exc.message() or exc), status or None)
+        reason = str(exc.message() or exc)
+        if status == "UNAVAILABLE":
+            reason = f"the connection to the server was lost, it stopped or restarted ({reason})"
+        return self.lost(reason, status or None)
 
 
 def _payload(image: ImageInput) -> ImageInput:

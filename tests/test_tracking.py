@@ -32,7 +32,8 @@ from posetriton.tracking import FRAME_INDEX, PoseTracker, SequenceStore, Tracker
 from tests.conftest import ROOT, UL_MODEL, start_server
 
 TRACKER = UL_MODEL + "_tracker"
-SHORT_IDLE_S = 2.0
+# Longer than a frame can take through the steps before the tracker (the idle clock runs meanwhile).
+SHORT_IDLE_S = 8.0
 
 
 # ------------------------------------------------------------------------------------------- no server
@@ -273,7 +274,7 @@ def _unary_frame(triton: Any, data: bytes, index: int, *, start: bool, end: bool
 # ------------------------------------------------------------------- own server: short idle limit, restarts
 @pytest.fixture(scope="module")
 def short_idle_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """yolo11n_pose_track with a 2 s idle limit, on its own server (so it can be stopped and started)."""
+    """yolo11n_pose_track with a short idle limit, on its own server (so it can be stopped and started)."""
     repository = tmp_path_factory.mktemp("short_idle")
     for entry in model_repository.iterdir():
         if entry.name.startswith(UL_MODEL):
@@ -298,8 +299,7 @@ def test_idle_sequence_is_freed_and_cannot_come_back(short_idle_server: TritonSe
     frames = _frames(clip)
     with PoseClient(short_idle_server.grpc_url, model=UL_MODEL) as client:
         stream = client.track(frames, max_in_flight=1)
-        first = [next(stream) for _ in range(3)]
-        assert [r.index for r in first] == [0, 1, 2]
+        assert next(stream).index == 0
         assert open_sequences(short_idle_server) == 1
         # The caller stops reading: no frame, no END. The idle limit frees the state.
         freed_after = _poll(lambda: open_sequences(short_idle_server) == 0, SHORT_IDLE_S + 10)
@@ -308,7 +308,7 @@ def test_idle_sequence_is_freed_and_cannot_come_back(short_idle_server: TritonSe
         # Going on would need the lost state: refused, with a message that says to start again.
         with pytest.raises(TrackingStreamError, match="call track\\(\\) again") as lost:
             list(stream)
-        assert lost.value.frames_done >= 3
+        assert lost.value.frames_done in (1, 2)  # frame 1 was already on its way when the caller paused
         again = list(client.track(frames[3:6]))
         assert [r.ok for r in again] == [True] * 3 and again[0].track_ids
 
@@ -325,10 +325,13 @@ def test_server_restart_mid_stream_is_a_clear_error_and_track_resumes(
         with pytest.raises(TrackingStreamError, match="call track\\(\\) again") as lost:
             done += list(stream)
         print(f"\nrestart: {lost.value}")
-        short_idle_server.start(timeout=180)
-        resumed = list(client.track(frames[len(done) :]))
-        assert resumed and all(r.ok for r in resumed) and resumed[0].track_ids
-        assert _poll(lambda: open_sequences(short_idle_server) == 0, 10) < 10
+        restarted = TritonServer(short_idle_server.options).start(timeout=180)  # same ports
+        try:
+            resumed = list(client.track(frames[len(done) :]))
+            assert resumed and all(r.ok for r in resumed) and resumed[0].track_ids
+            assert _poll(lambda: open_sequences(restarted) == 0, 10) < 10
+        finally:
+            restarted.stop()
 
 
 def test_box_iou_matches_hand_computed() -> None:

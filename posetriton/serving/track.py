@@ -111,4 +111,3 @@ def _input(request: Any, name: str) -> np.ndarray:
 
 def _scalar(request: Any, name: str) -> Any:
     return _input(request, name).reshape(-1)[0]
-
