@@ -16,6 +16,8 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from posetriton.tracking import TRACK_SUFFIX, TRACKER_SUFFIX
+
 from .errors import PoseClientError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
 from .results import OUTPUT_NAMES, ImagePoses, ModelMetadata, poses_from_batch
@@ -30,6 +32,8 @@ DEFAULT_IN_FLIGHT = 4
 PIXELS_SUFFIX = "_pixels"
 # Model steps that are loaded with an ensemble but are not meant to be called directly.
 STEP_SUFFIXES = ("_preprocess", "_network", "_postprocess")
+# NAME_track and its step take video streams (PoseClient.track), not predict(): not listed among the models.
+TRACKING_SUFFIXES = (TRACK_SUFFIX, TRACKER_SUFFIX)
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -257,7 +261,7 @@ def ready_ensembles(index: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> l
     return sorted(
         str(entry.get("name"))
         for entry in entries
-        if entry.get("state") == "READY" and not str(entry.get("name")).endswith(STEP_SUFFIXES)
+        if entry.get("state") == "READY" and not str(entry.get("name")).endswith(STEP_SUFFIXES + TRACKING_SUFFIXES)
     )
 
 

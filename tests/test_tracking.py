@@ -9,6 +9,7 @@ from the one matched before) and printed; run with ``-s`` to see them.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -338,3 +340,59 @@ def test_box_iou_matches_hand_computed() -> None:
     a = np.array([[0, 0, 10, 10]], float)
     b = np.array([[5, 0, 15, 10], [20, 20, 30, 30]], float)
     assert np.allclose(box_iou(a, b), [[50 / 150, 0.0]])
+
+
+def test_live_source_drops_old_frames_and_counts_them(served_url: str, people: dict) -> None:
+    clip, _ = _clips(people)["crossing"]
+    frames = [frame.rgb for frame in clip] * 2  # 50 frames offered at 50 fps: faster than this server answers
+
+    def camera() -> Iterator[np.ndarray]:
+        for frame in frames:
+            time.sleep(0.02)
+            yield frame
+
+    results = _track(served_url, camera(), live=True, max_in_flight=1)
+    indices = [r.index for r in results]
+    assert indices == sorted(indices) and len(results) < len(frames)
+    # Every offered frame was either sent or replaced by a newer one before it could be, and counted.
+    assert len(results) + results[-1].dropped == len(frames)
+    assert results[-1].index == len(frames) - 1  # the newest frame is never the one dropped
+
+    async def web_socket_like() -> list[TrackedFrame]:
+        async def arriving() -> Any:
+            for frame in frames[:20]:
+                await asyncio.sleep(0.02)
+                yield frame
+
+        async with AsyncPoseClient(served_url, model=UL_MODEL) as client:
+            return [r async for r in client.track(arriving(), live=True, max_in_flight=1)]
+
+    received = asyncio.run(web_socket_like())
+    assert len(received) + received[-1].dropped == 20 and all(r.ok for r in received)
+    assert {pose.track_id for r in received for pose in r.poses} - {None}
+
+
+def test_cli_track_writes_json_lines_and_an_annotated_video(served_url: str, people: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from posetriton.client.cli import app
+    from posetriton.client.drawing import VideoSink
+
+    clip, _ = _clips(people)["crossing"]
+    video = tmp_path / "crossing.mp4"
+    with VideoSink(video, 15.0, 640, 480) as sink:
+        for frame in clip:
+            sink.write(frame.rgb)
+    lines, drawn = tmp_path / "tracks.jsonl", tmp_path / "tracks.mp4"
+    result = CliRunner().invoke(
+        app, ["track", str(video), "--url", served_url, "-o", str(lines), "--draw-video", str(drawn), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [row["frame"] for row in rows] == list(range(len(clip)))
+    assert rows[1]["timestamp"] == pytest.approx(1 / 15, abs=1e-3)
+    ids = [d["track_id"] for row in rows for d in row["detections"]]
+    assert ids and set(ids) <= {1, 2, 3} and None not in ids
+    capture = cv2.VideoCapture(str(drawn))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == len(clip)
+    capture.release()
