@@ -17,12 +17,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
+SAMPLE_PHOTOS = ("grace_hopper.jpg", "astronaut.webp")
 # (x, y, width) of a camera window in photo pixels; its height follows the frame's aspect ratio.
 Window = tuple[float, float, float]
 
@@ -143,6 +146,23 @@ def slide(walkers: Sequence[Walker], steps: int, size: tuple[int, int] = (640, 4
             placements.append(Placement(source, (scale, scale), offset, covers))
         clip.append(ClipFrame(canvas, tuple(placements)))
     return clip
+
+
+def crossing_clip(first: NDArray[np.uint8], second: NDArray[np.uint8], steps: int = 24) -> list[ClipFrame]:
+    """Two whole photos of one person each, 640x480: they cross (the second in front) and cross back."""
+    return slide(
+        [
+            Walker(first, (0, 0, first.shape[1], first.shape[0]), (0, 380, 0), 40, 260),
+            Walker(second, (0, 0, second.shape[1], second.shape[0]), (380, -20, 380), 170, 300),
+        ],
+        steps,
+    )
+
+
+def sample_clip(samples: Path) -> list[ClipFrame]:
+    """:func:`crossing_clip` of the two sample photos of the repository (``samples/``): 49 frames."""
+    first, second = (np.asarray(Image.open(samples / name).convert("RGB")) for name in SAMPLE_PHOTOS)
+    return crossing_clip(first, second)
 
 
 def _paste(canvas: NDArray[np.uint8], image: NDArray[np.uint8], left: int, top: int) -> None:

@@ -44,6 +44,7 @@ class TritonPythonModel:
         spec = TrackerSpec.from_parameters(parameters)
         num_keypoints = int(parameters["num_keypoints"])
         idle_s = idle_seconds(config["sequence_batching"])
+        PoseTracker(spec, num_keypoints)  # imports Norfair (and SciPy) now, not in the first stream's first frame
         self.sequences = SequenceStore(lambda: PoseTracker(spec, num_keypoints), idle_s)
         family = pb_utils.MetricFamily(
             name=SEQUENCES_METRIC,
