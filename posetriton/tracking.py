@@ -63,8 +63,9 @@ class TrackerSpec:
     keypoint_threshold: float = 0.3
     # Frames a track lives on without a matching detection (30 = 2 s at 15 fps).
     max_missed_frames: int = 30
-    # Frames a new track must be seen before it gets an ID (0: at once).
-    initialization_delay: int = 0
+    # Frames a new track must be seen again before it gets an ID, so a one-frame false detection gets none
+    # (0: at once). The people of a stream's first frame get theirs at once, as in ByteTrack.
+    initialization_delay: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.box_weight <= 1.0:
@@ -106,15 +107,21 @@ def box_iou(a: NDArray[Any], b: NDArray[Any]) -> NDArray[Any]:
 def _oks(
     keypoints: NDArray[Any], visible: NDArray[Any], areas: NDArray[Any], predicted: NDArray[Any], sigmas: NDArray[Any]
 ) -> NDArray[Any]:
-    """OKS of detections (``keypoints [N, K, 2]``, ``visible [N, K]``, box ``areas [N]``) against tracks'
-    predicted keypoints ``[M, K, 2]`` -> ``[N, M]``; NaN for a detection with no visible keypoint."""
+    """OKS of detections (``keypoints [N, K, 2]``, ``visible [N, K]``) against tracks' predicted keypoints
+    ``[M, K, 2]``, at the object scales ``areas [N, M]`` -> ``[N, M]``; NaN for a detection with no visible
+    keypoint."""
     squared = np.sum((keypoints[:, None] - predicted[None]) ** 2, axis=3)  # [N, M, K]
-    scale = 2.0 * np.maximum(areas, 1.0)[:, None, None] * (2.0 * sigmas) ** 2
+    scale = 2.0 * np.maximum(areas, 1.0)[:, :, None] * (2.0 * sigmas) ** 2
     similarity = np.exp(-squared / scale) * visible[:, None, :]
     counted = visible.sum(axis=1)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         oks: NDArray[Any] = np.where(counted > 0, similarity.sum(axis=2) / counted, np.nan)
     return oks
+
+
+def _areas(boxes: NDArray[Any]) -> NDArray[Any]:
+    areas: NDArray[Any] = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=1)
+    return areas
 
 
 class PoseDistance:
@@ -133,7 +140,9 @@ class PoseDistance:
         predicted = np.stack([o.estimate for o in objects])  # [M, P, 2]
         boxes, predicted_boxes = points[:, :2].reshape(-1, 4), predicted[:, :2].reshape(-1, 4)
         iou = box_iou(boxes, predicted_boxes)
-        areas = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=1)
+        # The person's scale: the larger of the detected and the predicted box, since a partly hidden
+        # person's box shrinks while their keypoints do not move apart any less.
+        areas = np.maximum(_areas(boxes)[:, None], _areas(predicted_boxes)[None, :])
         visible = (scores[:, 2:] >= self.spec.keypoint_threshold).astype(np.float64)
         oks = _oks(points[:, 2:], visible, areas, predicted[:, 2:], self.sigmas)
         w = self.spec.box_weight
@@ -183,7 +192,8 @@ class PoseTracker:
         ids = np.full(len(detections), UNTRACKED, np.int64)
         if self.last_frame is not None and frame_index <= self.last_frame:
             return self._match_only(detections, ids)
-        period = 1 if self.last_frame is None else frame_index - self.last_frame
+        # Norfair starts a new track's hit counter at `period`: on the first frame, past the delay.
+        period = self.spec.initialization_delay + 1 if self.last_frame is None else frame_index - self.last_frame
         self.last_frame = frame_index
         position = {id(d): i for i, d in enumerate(detections)}
         for tracked in self._tracker.update(detections or None, period=period):

@@ -392,7 +392,8 @@ def test_cli_track_writes_json_lines_and_an_annotated_video(served_url: str, peo
     assert [row["frame"] for row in rows] == list(range(len(clip)))
     assert rows[1]["timestamp"] == pytest.approx(1 / 15, abs=1e-3)
     ids = [d["track_id"] for row in rows for d in row["detections"]]
-    assert ids and set(ids) <= {1, 2, 3} and None not in ids
+    assert {i for i in ids if i is not None} == {1, 2}  # two people, two tracks
+    assert sum(i is not None for i in ids) >= 0.9 * len(ids)
     capture = cv2.VideoCapture(str(drawn))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == len(clip)
     capture.release()
