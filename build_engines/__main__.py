@@ -39,36 +39,52 @@ def resolve_weights(reference: str) -> Path:
 
 
 def export_network(model: ServedModel, workdir: Path, photos: list[Path], options: dict[str, Any]) -> dict[str, Any]:
-    """Export one model's network; returns the export report (files, parity figures)."""
-    from build_engines.export import export_ultralytics_pose, export_yolo_nas_pose
+    """Export one model's network; returns the export report (files, parity figures, tolerances and margins)."""
+    from build_engines.export import export_network as export
+    from build_engines.registry import ExportOptions
 
-    kind = model.source.get("kind")
-    if kind == "ultralytics":
-        weights = resolve_weights(options.get("checkpoint") or model.source["weights"])
-        result = export_ultralytics_pose(weights, workdir, photos=photos, letterbox=model.letterbox)
-        result.extra_files.setdefault("weights", weights)
-    elif kind == "super_gradients":
-        if not (options.get("checkpoint") or options.get("weights_url") or options.get("seed") is not None):
-            raise typer.BadParameter(
-                f"{model.name}: the published YOLO-NAS Pose weights cannot be downloaded by super-gradients 3.7.1; "
-                "pass --checkpoint FILE, --weights-url URL, or --seed N for a deterministic random init (tests)"
-            )
-        result = export_yolo_nas_pose(
-            model.source["variant"],
-            workdir,
-            checkpoint=options.get("checkpoint"),
-            weights_url=options.get("weights_url"),
-            seed=options.get("seed"),
-            photos=photos,
-            letterbox=model.letterbox,
+    weights_file = None
+    if model.source.get("weights"):
+        weights_file = resolve_weights(str(options.get("checkpoint") or model.source["weights"]))
+    elif not (options.get("checkpoint") or options.get("weights_url") or options.get("seed") is not None):
+        raise typer.BadParameter(
+            f"{model.name}: the published YOLO-NAS Pose weights cannot be downloaded by super-gradients 3.7.1; "
+            "pass --checkpoint FILE, --weights-url URL, or --seed N for a deterministic random init (tests)"
         )
-    else:
-        raise typer.BadParameter(f"{model.name}: unknown source kind {kind!r} in {CATALOG}")
+    export_options = ExportOptions(
+        checkpoint=None if weights_file else options.get("checkpoint"),
+        weights_url=options.get("weights_url"),
+        seed=options.get("seed"),
+        weights_file=weights_file,
+        tolerance_overrides=options.get("tolerances") or {},
+    )
+    try:
+        result = export(model, workdir, photos, export_options)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return {
         "onnx": result.onnx_path,
-        "parity": {"onnxruntime_vs_pytorch": result.parity, "openvino_vs_pytorch": result.openvino_parity},
+        "parity": {
+            "onnxruntime_vs_pytorch": result.parity,
+            "openvino_vs_pytorch": result.openvino_parity,
+            **result.diagnostics,
+        },
         "extra_files": result.extra_files,
     }
+
+
+def parse_tolerances(values: list[str]) -> dict[str, float]:
+    """``["scores=3e-4"]`` -> ``{"scores": 3e-4}``; the keys are the parity gate's (build_engines/parity.py)."""
+    parsed = {}
+    for value in values:
+        key, sep, number = value.partition("=")
+        try:
+            parsed[key.strip()] = float(number)
+        except ValueError:
+            raise typer.BadParameter(f"--parity-tolerance takes KEY=VALUE, got {value!r}") from None
+        if not sep:
+            raise typer.BadParameter(f"--parity-tolerance takes KEY=VALUE, got {value!r}")
+    return parsed
 
 
 @app.command()
@@ -83,6 +99,13 @@ def build(
     seed: Annotated[int | None, typer.Option(help="YOLO-NAS Pose: deterministic random init (for tests).")] = None,
     photos: Annotated[Path, typer.Option(help="Folder of real photos used for the parity checks.")] = SAMPLES,
     catalog: Annotated[Path, typer.Option(help="Model catalogue (TOML).")] = CATALOG,
+    parity_tolerance: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Override one export-gate tolerance, KEY=VALUE (boxes, scores, keypoints_xy, keypoint_conf); "
+            "repeatable. Defaults: a tenth of the served parity bounds."
+        ),
+    ] = None,
 ) -> None:
     """Export MODELS and write their ensemble, pre/postprocess and network entries into REPOSITORY."""
     known = load_catalog(catalog)
@@ -90,7 +113,10 @@ def build(
     if unknown:
         raise typer.BadParameter(f"unknown model(s) {unknown}; the catalogue has {sorted(known)}")
     photo_files = sorted(p for p in photos.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
-    options = {"checkpoint": checkpoint, "weights_url": weights_url, "seed": seed}
+    options = {
+        "checkpoint": checkpoint, "weights_url": weights_url, "seed": seed,
+        "tolerances": parse_tolerances(parity_tolerance or []),
+    }  # fmt: skip
     for name in models:
         model = known[name]
         out = workdir / name

@@ -1,10 +1,13 @@
-"""Rewrite each family's raw ONNX outputs into the one served candidate tensor, then clean and check the graph.
+"""Rewrite each family's raw ONNX into the served graph, then clean and check it.
 
-Served contract: one input ``images`` float32 ``[batch, 3, 640, 640]`` and one output ``candidates`` float32
-``[batch, 8400, 56]``; per anchor ``x1, y1, x2, y2`` (network-input pixels), the person score in [0, 1], then 17
-keypoints as ``(x, y, confidence)``. The rewrite only appends layout ops (Transpose, Slice, Div, Sub, Add,
-Unsqueeze, Concat, Reshape) after the exported heads, so the numbers the network computes are unchanged; the
-servers then post-process every family with the same code.
+Two stages. ``unify_*`` turn a family's raw outputs into ``candidates`` ``[batch, A, 5 + 3K]`` over all A anchors
+(float32 ``images`` ``[batch, 3, S, S]`` in, the family's channel order): per anchor ``x1, y1, x2, y2``
+(network-input pixels), the person score in [0, 1], then K keypoints as ``(x, y, confidence)``. The export
+checks that stage against PyTorch anchor by anchor. :func:`to_served_graph` then gives it the served interface
+(:mod:`posetriton.contract`): the letterboxed ``canvas`` uint8 ``[batch, S, S, 3]`` in decoded RGB order comes
+in (Cast, channel reorder for BGR families, NHWC->NCHW, /255 are prepended), and only the best ``k`` anchors by
+person score go out (TopK + GatherND appended), sorted by score. Only layout ops and that selection are added,
+so the numbers the network computes are unchanged; the servers post-process every family with the same code.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "candidates"
+from posetriton.contract import CANDIDATES, CANVAS, SCORE_COLUMN, candidate_width
+from posetriton.spec import LetterboxSpec
+
+# The float input of the unified (pre-served) graph, as the family's own export names it after renaming.
+FLOAT_INPUT_NAME = "images"
+OUTPUT_NAME = CANDIDATES
 BATCH_DIM = "batch"
-INPUT_SIZE = 640
-STRIDES = (8, 16, 32)
-NUM_KEYPOINTS = 17
-NUM_ANCHORS = sum((INPUT_SIZE // stride) ** 2 for stride in STRIDES)  # 8400
-CANDIDATE_WIDTH = 5 + 3 * NUM_KEYPOINTS  # 56
 
 # Enough for the shape subgraphs of a dynamic-size export to collapse once the input size is fixed.
 MAX_FOLD_PASSES = 5
@@ -33,7 +35,9 @@ class GraphContractError(ValueError):
     """The ONNX graph does not have the inputs or outputs the rewrite or the served contract expects."""
 
 
-def unify_yolo_nas_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+def unify_yolo_nas_outputs(
+    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
+) -> onnx.ModelProto:
     """Merge super-gradients' four decoded YOLO-NAS Pose outputs into ``candidates``.
 
     Expects the outputs in the order super-gradients' traced forward returns them: boxes xyxy ``[B, A, 4]``,
@@ -56,16 +60,18 @@ def unify_yolo_nas_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     flat_shape = _int64("unify_flat_shape", [0, 0, -1])
     keypoints_flat = _layer(graph, "Reshape", [keypoints, flat_shape], "unify_keypoints_flat")  # [B, A, 3K]
     candidates = _layer(graph, "Concat", [boxes, scores, keypoints_flat], OUTPUT_NAME, axis=-1)
-    return _finish(graph, candidates, model)
+    return _finish(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))
 
 
-def unify_ultralytics_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+def unify_ultralytics_outputs(
+    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
+) -> onnx.ModelProto:
     """Turn Ultralytics' pose output ``[B, 5 + 3K, A]`` (cx, cy, w, h, score, keypoints) into ``candidates``.
 
     Boxes become xyxy exactly as Ultralytics' own ``xywh2xyxy`` computes them (``cx -/+ w / 2`` in float32), so
     the served boxes equal the ones Ultralytics feeds its NMS. Keypoints are already ``(x, y, visibility)``
-    interleaved with sigmoided visibility. A dynamic-size export gets its input fixed to 640x640 here; only the
-    batch stays dynamic.
+    interleaved with sigmoided visibility. A dynamic-size export gets its input fixed to ``input_size`` here; only
+    the batch stays dynamic.
     """
     graph = gs.import_onnx(model)
     if len(graph.outputs) != 1:
@@ -76,12 +82,62 @@ def unify_ultralytics_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     transposed = _layer(graph, "Transpose", [raw], "unify_anchors_last", perm=[0, 2, 1])  # [B, A, 5 + 3K]
     centre = _slice_last(graph, transposed, 0, 2, "unify_centre")
     size = _slice_last(graph, transposed, 2, 4, "unify_size")
-    rest = _slice_last(graph, transposed, 4, CANDIDATE_WIDTH, "unify_score_keypoints")
+    rest = _slice_last(graph, transposed, SCORE_COLUMN, np.iinfo(np.int64).max, "unify_score_keypoints")
     half = _layer(graph, "Div", [size, gs.Constant("unify_two", np.array(2.0, dtype=np.float32))], "unify_half_size")
     top_left = _layer(graph, "Sub", [centre, half], "unify_top_left")
     bottom_right = _layer(graph, "Add", [centre, half], "unify_bottom_right")
     candidates = _layer(graph, "Concat", [top_left, bottom_right, rest], OUTPUT_NAME, axis=-1)
-    return _finish(graph, candidates, model)
+    return _finish(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))
+
+
+def to_served_graph(unified: onnx.ModelProto, letterbox: LetterboxSpec, topk: int) -> onnx.ModelProto:
+    """The unified graph with the served interface: uint8 ``canvas`` NHWC RGB in, the best ``topk`` rows out.
+
+    Prepended, exactly what :func:`posetriton.processing.to_network_input` does in numpy: Cast to float32, the
+    channels reversed for a BGR family (a Gather on the channel axis), NHWC -> NCHW, then ``/ 255`` (float32
+    division, correctly rounded as numpy's). Appended: TopK on the person score (sorted, ties to the lower
+    anchor index) and a GatherND of those rows, so ``k`` rows of ``[batch, A, W]`` leave the network instead of
+    all A. ``topk`` larger than A is capped at A.
+    """
+    graph = gs.import_onnx(unified)
+    (images,) = graph.inputs
+    (candidates,) = graph.outputs
+    size = letterbox.input_size
+    canvas = gs.Variable(CANVAS, dtype=np.uint8, shape=[BATCH_DIM, size, size, 3])
+    pixels = _layer(graph, "Cast", [canvas], "canvas_float", to=onnx.TensorProto.FLOAT)
+    if letterbox.channel_order == "BGR":
+        pixels = _layer(graph, "Gather", [pixels, _int64("canvas_bgr_order", [2, 1, 0])], "canvas_bgr", axis=3)
+    nchw = _layer(graph, "Transpose", [pixels], "canvas_nchw", perm=[0, 3, 1, 2])
+    scale = gs.Constant("canvas_255", np.array(255.0, dtype=np.float32))
+    scaled = _layer(graph, "Div", [nchw, scale], "canvas_scaled")
+    for node in list(images.outputs):
+        for index, tensor in enumerate(node.inputs):
+            if tensor is images:
+                node.inputs[index] = scaled
+    graph.inputs = [canvas]
+
+    anchors = candidates.shape[1] if candidates.shape else None
+    k = min(topk, anchors) if isinstance(anchors, int) else topk
+    score = _slice_last(graph, candidates, SCORE_COLUMN, SCORE_COLUMN + 1, "topk_score")
+    score = _layer(graph, "Squeeze", [score, _int64("topk_squeeze_axis", [-1])], "topk_scores")  # [B, A]
+    values = gs.Variable("topk_values", dtype=np.float32)
+    indices = gs.Variable("topk_indices", dtype=np.int64)
+    graph.layer(
+        op="TopK", name="topk_node", inputs=[score, _int64("topk_k", [k])], outputs=[values, indices],
+        attrs={"axis": 1, "largest": 1, "sorted": 1},
+    )  # fmt: skip
+    rows = gs.Variable("topk_rows", dtype=np.int64)
+    graph.layer(op="Unsqueeze", name="topk_rows_node", inputs=[indices, _int64("topk_rows_axis", [-1])], outputs=[rows])
+    best = _layer(graph, "GatherND", [candidates, rows], "topk_candidates", batch_dims=1)  # [B, k, W]
+    best.name = OUTPUT_NAME
+    candidates.name = "all_candidates"
+    best.shape = [BATCH_DIM, k, candidates.shape[2] if candidates.shape else None]
+    graph.outputs = [best]
+    graph.cleanup().toposort()
+    served = gs.export_onnx(graph)
+    served.ir_version = unified.ir_version
+    _copy_metadata(unified, served)
+    return served
 
 
 def clean_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -107,23 +163,45 @@ def clean_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
     cleaned.ir_version = model.ir_version
     _copy_metadata(model, cleaned)
     onnx.checker.check_model(cleaned, full_check=True)
-    check_served_interface(cleaned)
     return cleaned
 
 
-def check_served_interface(model: onnx.ModelProto) -> None:
-    """Raise unless the graph has exactly the served input and output, with a symbolic batch dimension."""
+def check_unified_interface(model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int) -> None:
+    """Raise unless the unified graph takes float ``images`` and returns ``candidates`` over every anchor."""
+    _check_interface(
+        model,
+        (FLOAT_INPUT_NAME, onnx.TensorProto.FLOAT, (BATCH_DIM, 3, input_size, input_size)),
+        (OUTPUT_NAME, onnx.TensorProto.FLOAT, (BATCH_DIM, num_anchors, candidate_width(num_keypoints))),
+    )
+
+
+def check_served_interface(model: onnx.ModelProto, input_size: int, num_candidates: int, num_keypoints: int) -> None:
+    """Raise unless the graph has exactly the served input and output (posetriton.contract), batch symbolic."""
+    _check_interface(
+        model,
+        (CANVAS, onnx.TensorProto.UINT8, (BATCH_DIM, input_size, input_size, 3)),
+        (OUTPUT_NAME, onnx.TensorProto.FLOAT, (BATCH_DIM, num_candidates, candidate_width(num_keypoints))),
+    )
+
+
+def _check_interface(
+    model: onnx.ModelProto,
+    want_input: tuple[str, int, tuple[str | int, ...]],
+    want_output: tuple[str, int, tuple[str | int, ...]],
+) -> None:
     inputs, outputs = list(model.graph.input), list(model.graph.output)
-    if [t.name for t in inputs] != [INPUT_NAME] or [t.name for t in outputs] != [OUTPUT_NAME]:
+    if [t.name for t in inputs] != [want_input[0]] or [t.name for t in outputs] != [want_output[0]]:
         raise GraphContractError(
-            f"served graph must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+            f"graph must have input {want_input[0]!r} and output {want_output[0]!r}, "
             f"got inputs {[t.name for t in inputs]} and outputs {[t.name for t in outputs]}"
         )
-    _check_tensor(inputs[0], (BATCH_DIM, 3, INPUT_SIZE, INPUT_SIZE))
-    _check_tensor(outputs[0], (BATCH_DIM, NUM_ANCHORS, CANDIDATE_WIDTH))
+    _check_tensor(inputs[0], want_input[1], want_input[2])
+    _check_tensor(outputs[0], want_output[1], want_output[2])
 
 
-def _finish(graph: gs.Graph, candidates: gs.Variable, source: onnx.ModelProto) -> onnx.ModelProto:
+def _finish(
+    graph: gs.Graph, candidates: gs.Variable, source: onnx.ModelProto, sizes: tuple[int, int, int]
+) -> onnx.ModelProto:
     """Make ``candidates`` the only output and pin the input to the served shape.
 
     The family's own metadata is dropped on purpose: it describes the raw layout, not ``candidates``. The IR
@@ -132,11 +210,12 @@ def _finish(graph: gs.Graph, candidates: gs.Variable, source: onnx.ModelProto) -
     if len(graph.inputs) != 1:
         raise GraphContractError(f"export must have 1 input, got {[t.name for t in graph.inputs]}")
     (images,) = graph.inputs
-    images.name = INPUT_NAME
+    input_size, num_anchors, width = sizes
+    images.name = FLOAT_INPUT_NAME
     images.dtype = np.float32
-    images.shape = [BATCH_DIM, 3, INPUT_SIZE, INPUT_SIZE]
+    images.shape = [BATCH_DIM, 3, input_size, input_size]
     candidates.dtype = np.float32
-    candidates.shape = [BATCH_DIM, NUM_ANCHORS, CANDIDATE_WIDTH]
+    candidates.shape = [BATCH_DIM, num_anchors, width]
     graph.outputs = [candidates]
     graph.cleanup().toposort()
     unified = gs.export_onnx(graph)
@@ -166,12 +245,13 @@ def _check_rank(tensor: gs.Tensor, rank: int) -> None:
         raise GraphContractError(f"output {tensor.name!r} must have rank {rank}, got shape {tensor.shape}")
 
 
-def _check_tensor(value: onnx.ValueInfoProto, expected: tuple[str | int, ...]) -> None:
-    """Compare a graph input/output with the contract: float32, symbolic batch, every other dim static."""
+def _check_tensor(value: onnx.ValueInfoProto, elem_type: int, expected: tuple[str | int, ...]) -> None:
+    """Compare a graph input/output with the contract: element type, symbolic batch, every other dim static."""
     tensor_type = value.type.tensor_type
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    if tensor_type.elem_type != elem_type:
         raise GraphContractError(
-            f"{value.name!r} must be float32, got {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}"
+            f"{value.name!r} must be {onnx.TensorProto.DataType.Name(elem_type)}, "
+            f"got {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}"
         )
     dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim)
     if dims != expected:

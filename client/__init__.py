@@ -12,6 +12,8 @@ The drawing helpers (``posetriton.client.drawing``), COCO evaluation (``posetrit
 needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not imported here.
 """
 
+from posetriton.contract import Thresholds
+
 from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy, image_bytes_input
 from .aio_client import AsyncPoseClient
 from .errors import (
@@ -61,6 +63,7 @@ __all__ = [
     "RetryPolicy",
     "ServerUnavailableError",
     "StreamItem",
+    "Thresholds",
     "TimedFrame",
     "TrackedFrame",
     "TrackedPose",

@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES
 from posetriton.tracking import TRACK_SUFFIX, TRACKER_SUFFIX
 
 from .errors import PoseClientError, translate
@@ -29,9 +30,6 @@ DEFAULT_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 30.0
 # Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
 DEFAULT_IN_FLIGHT = 4
-PIXELS_SUFFIX = "_pixels"
-# Model steps that are loaded with an ensemble but are not meant to be called directly.
-STEP_SUFFIXES = ("_preprocess", "_network", "_postprocess")
 # NAME_track and its step take video streams (PoseClient.track), not predict(): not listed among the models.
 TRACKING_SUFFIXES = (TRACK_SUFFIX, TRACKER_SUFFIX)
 _MAX_MESSAGE_BYTES = 2**31 - 1
@@ -84,7 +82,7 @@ class Request:
 
     @property
     def input_name(self) -> str:
-        return "PIXELS" if self.raw else "IMAGE"
+        return PIXELS if self.raw else IMAGE
 
     @property
     def names(self) -> list[str]:
@@ -101,7 +99,7 @@ class Request:
             first = self.images[0].pixels
             assert first is not None
             shape = [len(self.images), *first.shape]
-            tensor = grpcclient.InferInput("PIXELS", shape, "UINT8")
+            tensor = grpcclient.InferInput(PIXELS, shape, "UINT8")
             pixels = [image.pixels for image in self.images if image.pixels is not None]
             if region is None:
                 tensor.set_data_from_numpy(np.stack(pixels))
@@ -112,14 +110,14 @@ class Request:
         data = [image.data or b"" for image in self.images]
         if region is None:
             return image_bytes_input(data)
-        tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+        tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
         tensor.set_shared_memory(region.name, region.write_bytes_tensor(data))
         return tensor
 
 
 def image_bytes_input(data: Sequence[bytes]) -> grpcclient.InferInput:
     """The ``IMAGE`` input of a pose ensemble: encoded images as a BYTES tensor ``[B, 1]``."""
-    tensor = grpcclient.InferInput("IMAGE", [len(data), 1], "BYTES")
+    tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
     batch = np.empty((len(data), 1), dtype=object)
     batch[:, 0] = list(data)
     tensor.set_data_from_numpy(batch)
@@ -238,7 +236,7 @@ class ClientCore:
         for request, outputs in answered:
             meta = self._metadata.get(request.model) or self._metadata.get(self.model)
             names = meta.keypoint_names if meta is not None else ()
-            found = poses_from_batch([(i.name, i.width, i.height) for i in request.images], outputs, names)
+            found = poses_from_batch(request.names, outputs, names)
             for index, poses in zip(request.indices, found, strict=True):
                 results[index] = poses
         assert all(result is not None for result in results)

@@ -17,6 +17,8 @@ from typing import Any, TypeVar, overload
 import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
 
+from posetriton.contract import Thresholds
+
 from ._core import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MODEL,
@@ -137,13 +139,14 @@ class AsyncPoseClient(ClientCore):
     @overload
     async def predict(
         self, image: list[ImageInput] | tuple[ImageInput, ...], *, conf: float | None = ...,
-        iou: float | None = ..., max_det: int | None = ..., timeout_s: float | None = ...,
+        iou: float | None = ..., max_det: int | None = ..., thresholds: Thresholds | None = ...,
+        timeout_s: float | None = ...,
     ) -> list[ImagePoses]: ...  # fmt: skip
 
     @overload
     async def predict(
         self, image: ImageInput, *, conf: float | None = ..., iou: float | None = ...,
-        max_det: int | None = ..., timeout_s: float | None = ...,
+        max_det: int | None = ..., thresholds: Thresholds | None = ..., timeout_s: float | None = ...,
     ) -> ImagePoses: ...  # fmt: skip
 
     async def predict(
@@ -153,11 +156,18 @@ class AsyncPoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
     ) -> ImagePoses | list[ImagePoses]:
         if isinstance(image, (list, tuple)):
-            return await self.predict_batch(image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
-        return (await self.predict_batch([image], conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s))[0]
+            return await self.predict_batch(
+                image, conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
+            )
+        return (
+            await self.predict_batch(
+                [image], conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
+            )
+        )[0]
 
     async def predict_batch(
         self,
@@ -166,10 +176,11 @@ class AsyncPoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
     ) -> list[ImagePoses]:
         """As :meth:`PoseClient.predict_batch`; the requests of one call (one per input kind) run concurrently."""
-        parameters = request_parameters(conf, iou, max_det)
+        parameters = request_parameters(conf, iou, max_det, thresholds)
         prepared = self._prepare(images)
         if not prepared:
             return []
@@ -186,6 +197,7 @@ class AsyncPoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
         progress: bool = False,
         total: int | None = None,
@@ -197,7 +209,7 @@ class AsyncPoseClient(ClientCore):
         """
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-        request_parameters(conf, iou, max_det)
+        chosen = Thresholds.from_parameters(request_parameters(conf, iou, max_det, thresholds))
         bar = progress_bar(progress, total, self.model)
         source = as_frames(frames)
         pending: deque[tuple[Frame, asyncio.Task[ImageResult]]] = deque()
@@ -206,7 +218,7 @@ class AsyncPoseClient(ClientCore):
                 frame = await asyncio.to_thread(next, source, _END)
                 if not isinstance(frame, Frame):
                     break
-                task = asyncio.ensure_future(self._predict_frame(frame, conf, iou, max_det, timeout_s))
+                task = asyncio.ensure_future(self._predict_frame(frame, chosen, timeout_s))
                 pending.append((frame, task))
                 if len(pending) >= in_flight:
                     yield await self._finish(pending.popleft(), bar)
@@ -228,16 +240,14 @@ class AsyncPoseClient(ClientCore):
             bar.update(1)
         return item
 
-    async def _predict_frame(
-        self, frame: Frame, conf: float | None, iou: float | None, max_det: int | None, timeout_s: float | None
-    ) -> ImageResult:
+    async def _predict_frame(self, frame: Frame, thresholds: Thresholds, timeout_s: float | None) -> ImageResult:
         try:
-            result = await self.predict(frame.image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
+            result = await self.predict(frame.image, thresholds=thresholds, timeout_s=timeout_s)
         except InvalidInputError as exc:
             if exc.index is None:
                 raise
             return FailedImage(frame.name, exc.reason)
-        return ImagePoses(frame.name, result.width, result.height, result.poses)
+        return result.renamed(frame.name)
 
     # --- video tracking (NAME_track) ---------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from posetriton.contract import ContractError, Thresholds
 from posetriton.launcher import ServerOptions, ServerStartError, serve_forever
 
 from ._core import DEFAULT_IN_FLIGHT
@@ -138,9 +139,14 @@ def predict(
         ),
     ],
     output_json: Annotated[
-        Path,
-        typer.Option("--output-json", "-o", help="Where to write the results ('-' for stdout)."),
-    ],
+        Path | None,
+        typer.Option(
+            "--output-json",
+            "-o",
+            help="Where to write the results as JSON ('-' for stdout). Without it a readable summary per image "
+            "is printed.",
+        ),
+    ] = None,
     output_format: Annotated[
         OutputFormat,
         typer.Option(
@@ -152,16 +158,13 @@ def predict(
     model: ModelOption = DEFAULT_MODEL,
     url: UrlOption = DEFAULT_URL,
     conf: Annotated[
-        float | None,
-        typer.Option(min=0.0, max=1.0, help="Minimum person score. (default: the model's)", show_default=False),
+        float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
     ] = None,
     iou: Annotated[
-        float | None,
-        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
+        float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
     ] = None,
     max_det: Annotated[
-        int | None,
-        typer.Option(min=1, help="Most poses kept per image. (default: the model's)", show_default=False),
+        int | None, typer.Option(help="Most poses kept per image. (default: the model's)", show_default=False)
     ] = None,
     draw: Annotated[
         Path | None,
@@ -199,14 +202,14 @@ def predict(
     still_images = [item for item in items if not is_video(item)]
     image_targets = dict(zip(map(id, still_images), _draw_targets(still_images, draw), strict=True)) if draw else {}
     video_targets = _video_targets([item for item in items if is_video(item)], draw) if draw else {}
-    thresholds = {"conf": conf, "iou": iou, "max_det": max_det}
+    _thresholds(conf, iou, max_det, None)  # a usage error before anything connects
     results: list[ImageResult] = []
     draw_failures: list[str] = []
     try:
         with _client(url, model, timeout, retries, ssl, root_certificates, header) as client:
             client.check_ready()
             metadata = client.model_metadata()
-            _check_max_det(max_det, metadata)
+            thresholds = _thresholds(conf, iou, max_det, metadata.max_det_limit)
             size = _batch_size(batch_size, metadata)
             position = 0
             while position < len(items):
@@ -229,7 +232,9 @@ def predict(
                     draw_failures += _draw_chunk(chunk_results, targets, metadata, kpt_threshold)
     except PoseClientError as exc:
         _fail(str(exc))
-    if output_format is OutputFormat.coco:
+    if output_json is None:
+        _print_summary(results, metadata.keypoint_names)
+    elif output_format is OutputFormat.coco:
         _write_json(output_json, to_coco_results(results, range(1, len(results) + 1)))
     else:
         _write_json(output_json, [result.to_dict() for result in results])
@@ -272,7 +277,7 @@ def _video_targets(videos: Sequence[Path], directory: Path) -> dict[Path, Path]:
 
 
 def _predict_video(
-    client: PoseClient, video: Path, thresholds: dict[str, Any], in_flight: int, progress: bool,
+    client: PoseClient, video: Path, thresholds: Thresholds, in_flight: int, progress: bool,
     target: Path | None, metadata: ModelMetadata, kpt_threshold: float, draw_failures: list[str],
 ) -> list[ImageResult]:  # fmt: skip
     """Every frame of the video, streamed; with a target, the annotated video is written alongside."""
@@ -290,7 +295,7 @@ def _predict_video(
                 draw_failures.append(f"{video}: {exc}")
         frames = video_frames(video, keep_rgb=sink is not None)
         for item in client.stream(
-            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, **thresholds
+            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, thresholds=thresholds
         ):
             results.append(item.result)
             if sink is not None and item.frame.rgb is not None:
@@ -306,10 +311,29 @@ def _predict_video(
     return results
 
 
-def _check_max_det(max_det: int | None, metadata: ModelMetadata) -> None:
-    limit = metadata.max_det_limit
-    if max_det is not None and limit is not None and max_det > limit:
-        _fail(f"--max-det {max_det} is above the limit of model {metadata.name!r} ({limit})", EXIT_USAGE)
+def _thresholds(conf: float | None, iou: float | None, max_det: int | None, limit: int | None) -> Thresholds:
+    """The one validation of the thresholds (posetriton.contract.Thresholds), as a usage error."""
+    try:
+        return Thresholds(conf, iou, max_det).check(limit)
+    except ContractError as exc:
+        _fail(f"{exc} (--conf, --iou, --max-det)", EXIT_USAGE)
+
+
+def _print_summary(results: Sequence[ImageResult], keypoint_names: Sequence[str]) -> None:
+    """One readable block per image: its size and each person's score, box and most confident keypoints."""
+    for result in results:
+        if isinstance(result, FailedImage):
+            typer.echo(f"{result.image}: error: {result.error}")
+            continue
+        people = f"{len(result)} {'person' if len(result) == 1 else 'people'}"
+        typer.echo(f"{result.image} ({result.width}x{result.height}): {people}")
+        for index, (box, score, conf) in enumerate(zip(result.boxes, result.scores, result.conf, strict=True)):
+            x1, y1, x2, y2 = (round(float(v)) for v in box)
+            visible = int((conf >= 0.5).sum())
+            typer.echo(
+                f"  #{index + 1} score {score:.2f}  box ({x1}, {y1})-({x2}, {y2})  "
+                f"{visible}/{len(conf)} keypoints with conf >= 0.5"
+            )
 
 
 def _batch_size(requested: int, metadata: ModelMetadata) -> int:
@@ -324,10 +348,10 @@ def _batch_size(requested: int, metadata: ModelMetadata) -> int:
     return requested
 
 
-def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: dict[str, Any]) -> list[ImageResult]:
+def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: Thresholds) -> list[ImageResult]:
     """One request for the chunk; if an image in it is refused, one request per image so the rest still succeed."""
     try:
-        return list[ImageResult](client.predict_batch(list(chunk), **thresholds))
+        return list[ImageResult](client.predict_batch(list(chunk), thresholds=thresholds))
     except InvalidInputError as exc:
         if exc.index is None:  # the request itself was refused: every image would fail the same way
             _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
@@ -336,9 +360,9 @@ def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: dict[s
     return [_predict_one(client, path, thresholds) for path in chunk]
 
 
-def _predict_one(client: PoseClient, path: Path, thresholds: dict[str, Any]) -> ImageResult:
+def _predict_one(client: PoseClient, path: Path, thresholds: Thresholds) -> ImageResult:
     try:
-        return client.predict(path, **thresholds)
+        return client.predict(path, thresholds=thresholds)
     except InvalidInputError as exc:
         if exc.index is None:
             _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
@@ -398,14 +422,14 @@ def _write_json(path: Path, payload: Any) -> None:
         _fail(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output_json: Path) -> None:
+def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output_json: Path | None) -> None:
     failed = [result for result in results if isinstance(result, FailedImage)]
     for failure in failed:
         typer.echo(f"error: {failure.image}: {failure.error}", err=True)
     for message in draw_failures:
         typer.echo(f"error: {message}", err=True)
     poses = sum(len(result.poses) for result in results if isinstance(result, ImagePoses))
-    where = "stdout" if str(output_json) == "-" else str(output_json)
+    where = "stdout" if output_json is None or str(output_json) == "-" else str(output_json)
     typer.echo(
         f"{len(results) - len(failed)} of {len(results)} images done, {poses} poses; results in {where}", err=True
     )

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from tritonclient.utils import InferenceServerException
 
-# The server prefixes its messages; the client reports the image by name instead.
-_ENSEMBLE_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?")
-_IMAGE_INDEX = re.compile(r"^image (\d+) of (\d+): ")
+from posetriton.contract import parse_error
+
+# Triton may prefix a message with the request id; the ensemble prefix and the image index are the contract's.
+_REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
 # Messages about the request as a whole (thresholds, batch size) rather than about one image.
 _REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
 # gRPC reports a certificate the client cannot verify as a failed TLS handshake.
@@ -139,12 +140,9 @@ def invalid_input(message: str, names: Sequence[str], indices: Sequence[int], st
     ``index`` stays None when the request itself was refused (a threshold, the batch size), so
     a caller does not blame, or retry, the images.
     """
-    reason = _ENSEMBLE_PREFIX.sub("", message)
-    local: int | None = None
-    match = _IMAGE_INDEX.match(reason)
-    if match is not None:
-        local, reason = int(match.group(1)), reason[match.end() :]
-    elif len(names) == 1 and not _REQUEST_LEVEL.match(reason):
+    parsed = parse_error(_REQUEST_ID.sub("", message))
+    reason, local = parsed.reason, parsed.index
+    if local is None and len(names) == 1 and not _REQUEST_LEVEL.match(reason):
         local = 0
     known = local is not None and 0 <= local < len(names)
     return InvalidInputError(

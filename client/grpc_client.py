@@ -17,6 +17,8 @@ from typing import Any, TypeVar, overload
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from posetriton.contract import Thresholds
+
 from ._core import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MODEL,
@@ -45,7 +47,6 @@ from .inputs import (
     encode_image,
     parse_grpc_url,
     request_parameters,
-    upright_size,
 )
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
@@ -69,7 +70,6 @@ __all__ = [
     "encode_image",
     "parse_grpc_url",
     "request_parameters",
-    "upright_size",
 ]
 
 T = TypeVar("T")
@@ -180,13 +180,14 @@ class PoseClient(ClientCore):
     @overload
     def predict(
         self, image: list[ImageInput] | tuple[ImageInput, ...], *, conf: float | None = ...,
-        iou: float | None = ..., max_det: int | None = ..., timeout_s: float | None = ...,
+        iou: float | None = ..., max_det: int | None = ..., thresholds: Thresholds | None = ...,
+        timeout_s: float | None = ...,
     ) -> list[ImagePoses]: ...  # fmt: skip
 
     @overload
     def predict(
         self, image: ImageInput, *, conf: float | None = ..., iou: float | None = ...,
-        max_det: int | None = ..., timeout_s: float | None = ...,
+        max_det: int | None = ..., thresholds: Thresholds | None = ..., timeout_s: float | None = ...,
     ) -> ImagePoses: ...  # fmt: skip
 
     def predict(
@@ -196,12 +197,17 @@ class PoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
     ) -> ImagePoses | list[ImagePoses]:
         """Poses in one image. (A list or tuple is passed to :meth:`predict_batch`, as earlier versions did.)"""
         if isinstance(image, (list, tuple)):
-            return self.predict_batch(image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
-        return self.predict_batch([image], conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)[0]
+            return self.predict_batch(
+                image, conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
+            )
+        return self.predict_batch(
+            [image], conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
+        )[0]
 
     def predict_batch(
         self,
@@ -210,6 +216,7 @@ class PoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
     ) -> list[ImagePoses]:
         """Poses for every image, in input order.
@@ -218,7 +225,7 @@ class PoseClient(ClientCore):
         request per shape to ``NAME_pixels``. Each request must fit the model's max_batch_size.
         If any image is refused the whole call raises InvalidInputError naming it (``index``).
         """
-        parameters = request_parameters(conf, iou, max_det)
+        parameters = request_parameters(conf, iou, max_det, thresholds)
         prepared = self._prepare(images)
         if not prepared:
             return []
@@ -234,6 +241,7 @@ class PoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         timeout_s: float | None = None,
         progress: bool = False,
         total: int | None = None,
@@ -245,13 +253,13 @@ class PoseClient(ClientCore):
         """
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-        request_parameters(conf, iou, max_det)
+        chosen = Thresholds.from_parameters(request_parameters(conf, iou, max_det, thresholds))
         bar = progress_bar(progress, total, self.model)
         pending: deque[tuple[Frame, Future[ImageResult]]] = deque()
         pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="posetriton-stream")
 
         def one(frame: Frame) -> ImageResult:
-            return self._predict_frame(frame, conf, iou, max_det, timeout_s)
+            return self._predict_frame(frame, chosen, timeout_s)
 
         try:
             for frame in as_frames(frames):
@@ -275,16 +283,14 @@ class PoseClient(ClientCore):
             bar.update(1)
         return item
 
-    def _predict_frame(
-        self, frame: Frame, conf: float | None, iou: float | None, max_det: int | None, timeout_s: float | None
-    ) -> ImageResult:
+    def _predict_frame(self, frame: Frame, thresholds: Thresholds, timeout_s: float | None) -> ImageResult:
         try:
-            result = self.predict(frame.image, conf=conf, iou=iou, max_det=max_det, timeout_s=timeout_s)
+            result = self.predict(frame.image, thresholds=thresholds, timeout_s=timeout_s)
         except InvalidInputError as exc:
             if exc.index is None:  # the request itself (a threshold) was refused: every frame would fail
                 raise
             return FailedImage(frame.name, exc.reason)
-        return ImagePoses(frame.name, result.width, result.height, result.poses)
+        return result.renamed(frame.name)
 
     # --- video tracking (NAME_track) ---------------------------------------------------------
 

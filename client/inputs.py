@@ -11,14 +11,12 @@
 * ``PIL.Image.Image``: converted to RGB and treated as an array. No EXIF rotation is applied
   (the pixels are sent as they are); use ``PIL.ImageOps.exif_transpose`` first if you need it.
 
-Only the header of encoded images is read, for the upright width and height the results report.
+Encoded images are sent unread: the server reports each image's upright size with its result.
 """
 
 from __future__ import annotations
 
-import io
 import re
-import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -26,7 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from posetriton.contract import ContractError, Thresholds
 
 from .errors import InvalidInputError
 
@@ -37,20 +37,15 @@ ImageSource = bytes | str | PathLike[str]  # the encoded inputs (kept for compat
 ArrayEncoding = Literal["raw", "jpeg", "png"]
 ARRAY_ENCODINGS: tuple[ArrayEncoding, ...] = ("raw", "jpeg", "png")
 
-# EXIF orientations 5-8 rotate by 90 degrees: the server's upright image has width and height swapped.
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An image ready to send: either encoded bytes (``data``) or raw RGB ``pixels``, with its upright size."""
+    """An image ready to send: either encoded bytes (``data``) or raw RGB ``pixels``."""
 
     name: str
-    width: int
-    height: int
     data: bytes | None = None
     pixels: NDArray[np.uint8] | None = None
 
@@ -100,12 +95,12 @@ def prepare_image(
         return _prepare_array(source, index, array_encoding, name or f"<image {index}>")
     if isinstance(source, (str, PathLike, bytes, bytearray, memoryview)):
         prepared = encode_image(source, index)
-        return prepared if name is None else PreparedImage(name, prepared.width, prepared.height, prepared.data)
+        return prepared if name is None else PreparedImage(name, prepared.data)
     raise TypeError(f"image {index}: expected a path, bytes, a numpy array or a PIL image, got {type(source).__name__}")
 
 
 def encode_image(source: ImageSource | bytearray | memoryview, index: int = 0) -> PreparedImage:
-    """Read a file (or take bytes as they are) and its upright size; InvalidInputError names the image."""
+    """Read a file (or take bytes as they are); InvalidInputError names the image that cannot be read."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         name, data = f"<image {index}>", bytes(source)
     else:
@@ -114,11 +109,7 @@ def encode_image(source: ImageSource | bytearray | memoryview, index: int = 0) -
             data = Path(source).read_bytes()
         except OSError as exc:
             raise InvalidInputError(f"cannot read the file: {exc.strerror or exc}", index=index, image=name) from exc
-    try:
-        width, height = upright_size(data)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc), index=index, image=name) from exc
-    return PreparedImage(name=name, width=width, height=height, data=data)
+    return PreparedImage(name=name, data=data)
 
 
 def _prepare_array(array: NDArray[Any], index: int, encoding: ArrayEncoding, name: str) -> PreparedImage:
@@ -132,8 +123,8 @@ def _prepare_array(array: NDArray[Any], index: int, encoding: ArrayEncoding, nam
     if height < 1 or width < 1:
         raise InvalidInputError(f"array has no pixels: {width}x{height}", index=index, image=name)
     if encoding == "raw":
-        return PreparedImage(name=name, width=width, height=height, pixels=np.ascontiguousarray(array))
-    return PreparedImage(name=name, width=width, height=height, data=encode_rgb(array, encoding))
+        return PreparedImage(name=name, pixels=np.ascontiguousarray(array))
+    return PreparedImage(name=name, data=encode_rgb(array, encoding))
 
 
 def encode_rgb(array: NDArray[Any], encoding: Literal["jpeg", "png"] = "jpeg", quality: int = JPEG_QUALITY) -> bytes:
@@ -148,47 +139,21 @@ def encode_rgb(array: NDArray[Any], encoding: Literal["jpeg", "png"] = "jpeg", q
     return bytes(buffer.tobytes())
 
 
-def upright_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` of the image once turned upright per its EXIF orientation, from the header alone.
-
-    The server applies the EXIF orientation before detecting, so its coordinates refer to the
-    upright image; this must agree with it without decoding the pixels.
-    """
-    if not data:
-        raise ValueError("empty image: 0 bytes")
+def request_parameters(
+    conf: float | None = None, iou: float | None = None, max_det: int | None = None,
+    thresholds: Thresholds | None = None, max_det_limit: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The per-request thresholds to send (``thresholds``, with ``conf`` / ``iou`` / ``max_det`` set over it);
+    omitted ones keep the model's defaults. ValueError names the first value out of range."""
+    base = thresholds or Thresholds()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError(f"not a recognised image ({len(data)} bytes starting {data[:8]!r})") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"unreadable image header: {exc}") from None
-    with image:
-        width, height = image.size
-        if _orientation(image) in _SWAPPING_ORIENTATIONS:
-            width, height = height, width
-    return width, height
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a malformed EXIF block: the server will judge the image, not the client
-        return 1
-
-
-def request_parameters(conf: float | None, iou: float | None, max_det: int | None) -> dict[str, Any]:
-    """The per-request thresholds to send; omitted ones keep the model's defaults. ValueError when out of range."""
-    parameters: dict[str, Any] = {}
-    for key, value in (("conf", conf), ("iou", iou)):
-        if value is None:
-            continue
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must be in [0, 1], got {value}")
-        parameters[key] = float(value)
-    if max_det is not None:
-        if isinstance(max_det, bool) or int(max_det) != max_det or max_det < 1:
-            raise ValueError(f"max_det must be a positive integer, got {max_det!r}")
-        parameters["max_det"] = int(max_det)
-    return parameters
+        chosen = Thresholds(
+            base.conf if conf is None else conf,
+            base.iou if iou is None else iou,
+            base.max_det if max_det is None else max_det,
+        )
+        if chosen.max_det is not None and (isinstance(chosen.max_det, bool) or int(chosen.max_det) != chosen.max_det):
+            raise ContractError(f"max_det must be an integer, got {chosen.max_det!r}")
+        return chosen.check(max_det_limit).to_parameters()
+    except ContractError as exc:
+        raise ValueError(str(exc)) from None

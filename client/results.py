@@ -7,6 +7,8 @@ written by the CLI has one well-defined shape (:meth:`ImagePoses.to_dict`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from posetriton.contract import BOXES, IMAGE_SIZE, KEYPOINTS, NUM_DETECTIONS, OUTPUTS, SCORES
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 Box = tuple[float, float, float, float]
@@ -40,7 +43,7 @@ class PoseArrays(NamedTuple):
 COCO_PERSON_CATEGORY = 1
 
 # Output tensors of every served pose ensemble, in the order the client requests them.
-OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "KEYPOINTS")
+OUTPUT_NAMES = OUTPUTS
 
 
 class MetadataError(ValueError):
@@ -117,21 +120,82 @@ def default_keypoint_names(count: int) -> tuple[str, ...]:
     return COCO_KEYPOINT_NAMES if count == len(COCO_KEYPOINT_NAMES) else tuple(f"kpt_{i}" for i in range(count))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImagePoses:
-    """Every pose found in one image; ``width`` and ``height`` are those of the upright (EXIF-rotated) image."""
+    """Every pose found in one image, as arrays first (in the spirit of Ultralytics' ``Results.keypoints``).
+
+    ``boxes [N, 4]`` (x1, y1, x2, y2), ``scores [N]`` and ``keypoints [N, K, 3]`` (x, y, conf) are in the pixels
+    of the upright (EXIF-rotated) image of ``width`` x ``height``, as the server reported them. ``xy``, ``xyn``
+    and ``conf`` are views; :attr:`poses` makes per-person :class:`Pose` objects only when first asked for.
+    """
 
     image: str
     width: int
     height: int
-    poses: list[Pose] = field(default_factory=list)
+    boxes: NDArray[np.float32]
+    scores: NDArray[np.float32]
+    keypoints: NDArray[np.float32]
+    keypoint_names: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        count = _check_rows(self.boxes, self.scores, self.keypoints)
+        for name in ("boxes", "scores", "keypoints"):
+            array = np.asarray(getattr(self, name), dtype=np.float32)
+            array.flags.writeable = False  # results are values: views must not change them behind a caller's back
+            object.__setattr__(self, name, array)
+        if count and self.keypoint_names and len(self.keypoint_names) != self.keypoints.shape[1]:
+            raise ValueError(f"{len(self.keypoint_names)} keypoint names for {self.keypoints.shape[1]} keypoints")
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImagePoses):
+            return NotImplemented
+        return (self.image, self.width, self.height) == (other.image, other.width, other.height) and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in ("boxes", "scores", "keypoints")
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def xyxy(self) -> NDArray[np.float32]:
+        """``[N, 4]`` boxes (the same array as :attr:`boxes`)."""
+        return self.boxes
+
+    @property
+    def xy(self) -> NDArray[np.float32]:
+        """``[N, K, 2]`` keypoint coordinates in image pixels (a view)."""
+        return self.keypoints[..., :2]
+
+    @property
+    def xyn(self) -> NDArray[np.float32]:
+        """``[N, K, 2]`` keypoint coordinates divided by the image's width and height."""
+        return self.xy / np.array([self.width, self.height], dtype=np.float32)
+
+    @property
+    def conf(self) -> NDArray[np.float32]:
+        """``[N, K]`` keypoint confidences (a view)."""
+        return self.keypoints[..., 2]
+
+    @functools.cached_property
+    def poses(self) -> list[Pose]:
+        """One :class:`Pose` per person, made on first access."""
+        return [
+            Pose(box=_box(box), score=float(score), keypoints=tuple(_keypoint(p) for p in points),
+                 keypoint_names=self.keypoint_names)
+            for box, score, points in zip(self.boxes, self.scores, self.keypoints, strict=True)
+        ]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "image": self.image,
             "width": self.width,
             "height": self.height,
-            "detections": [pose.to_dict() for pose in self.poses],
+            "detections": [
+                {"box": box.tolist(), "score": float(score), "keypoints": points.tolist()}
+                for box, score, points in zip(self.boxes, self.scores, self.keypoints, strict=True)
+            ],
         }
 
     def to_coco(self, image_id: int) -> list[dict[str, Any]]:
@@ -140,14 +204,26 @@ class ImagePoses:
 
     def as_arrays(self, num_keypoints: int | None = None) -> PoseArrays:
         """The poses as arrays (``[0, 4]``, ``[0]``, ``[0, K, 3]`` when there are none)."""
-        k = num_keypoints if num_keypoints is not None else (len(self.poses[0].keypoints) if self.poses else 17)
-        if not self.poses:
-            return PoseArrays(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, k, 3), np.float32))
-        return PoseArrays(
-            np.asarray([pose.box for pose in self.poses], np.float32),
-            np.asarray([pose.score for pose in self.poses], np.float32),
-            np.stack([pose.keypoints_array() for pose in self.poses]),
-        )
+        keypoints = self.keypoints
+        if not len(self) and num_keypoints is not None:
+            keypoints = np.zeros((0, num_keypoints, 3), np.float32)
+        return PoseArrays(self.boxes, self.scores, keypoints)
+
+    def renamed(self, image: str) -> ImagePoses:
+        """The same result under another image name (a frame of a stream, say)."""
+        return dataclasses.replace(self, image=image)
+
+    @classmethod
+    def from_poses(cls, image: str, width: int, height: int, poses: Sequence[Pose]) -> ImagePoses:
+        """Build from :class:`Pose` objects (tests, hand-made results)."""
+        k = len(poses[0].keypoints) if poses else len(COCO_KEYPOINT_NAMES)
+        return cls(
+            image, width, height,
+            np.asarray([p.box for p in poses], np.float32).reshape(-1, 4),
+            np.asarray([p.score for p in poses], np.float32).reshape(-1),
+            np.asarray([p.keypoints for p in poses], np.float32).reshape(-1, k, 3),
+            poses[0].keypoint_names if poses else (),
+        )  # fmt: skip
 
     @classmethod
     def from_outputs(
@@ -161,25 +237,16 @@ class ImagePoses:
         keypoints: NDArray[Any],
         keypoint_names: tuple[str, ...] = (),
     ) -> ImagePoses:
-        """Build from one image's rows of the output arrays: ``boxes [K, 4]``, ``scores [K]``, ``keypoints [K, N, 3]``.
+        """Build from one image's rows of the output arrays: ``boxes [M, 4]``, ``scores [M]``, ``keypoints [M, K, 3]``.
 
         Only the first ``num_detections`` rows are real; the rest pad the batch to its largest
-        count and are dropped here.
+        count and are dropped here (as views, without copying).
         """
         count = int(np.asarray(num_detections).reshape(-1)[0])
         rows = _check_rows(boxes, scores, keypoints)
         if not 0 <= count <= rows:
             raise ValueError(f"NUM_DETECTIONS is {count} but the outputs hold {rows} rows")
-        poses = [
-            Pose(
-                box=_box(boxes[i]),
-                score=float(scores[i]),
-                keypoints=tuple(_keypoint(point) for point in keypoints[i]),
-                keypoint_names=keypoint_names,
-            )
-            for i in range(count)
-        ]
-        return cls(image=image, width=width, height=height, poses=poses)
+        return cls(image, width, height, boxes[:count], scores[:count], keypoints[:count], keypoint_names)
 
 
 @dataclass(frozen=True)
@@ -209,20 +276,28 @@ def to_coco_results(results: Iterable[ImageResult], image_ids: Iterable[int]) ->
 
 
 def poses_from_batch(
-    images: Sequence[tuple[str, int, int]],
+    names: Sequence[str],
     outputs: Mapping[str, NDArray[Any]],
     keypoint_names: tuple[str, ...] = (),
 ) -> list[ImagePoses]:
-    """Split a response (``outputs`` by tensor name) into one :class:`ImagePoses` per ``(name, width, height)``."""
+    """Split a response (``outputs`` by tensor name) into one :class:`ImagePoses` per image name.
+
+    The image sizes come from the response's ``IMAGE_SIZE`` (width, height of the upright image the server
+    decoded), so the client never reads image headers itself.
+    """
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
         raise ValueError(f"the response lacks output(s) {missing}")
-    counts, boxes, scores, keypoints = (outputs[name] for name in OUTPUT_NAMES)
-    if len(counts) != len(images):
-        raise ValueError(f"sent {len(images)} images but the response holds {len(counts)}")
+    counts, boxes, scores, keypoints, sizes = (
+        outputs[name] for name in (NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE)
+    )
+    if len(counts) != len(names) or len(sizes) != len(names):
+        raise ValueError(f"sent {len(names)} images but the response holds {len(counts)}")
     return [
-        ImagePoses.from_outputs(name, width, height, counts[i], boxes[i], scores[i], keypoints[i], keypoint_names)
-        for i, (name, width, height) in enumerate(images)
+        ImagePoses.from_outputs(
+            name, int(sizes[i][0]), int(sizes[i][1]), counts[i], boxes[i], scores[i], keypoints[i], keypoint_names
+        )
+        for i, name in enumerate(names)
     ]
 
 

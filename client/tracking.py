@@ -159,8 +159,6 @@ def new_sequence_id() -> int:
 class _Sent:
     frame: Frame
     data: bytes
-    width: int
-    height: int
     sent_at: float
     dropped: int
     closing: bool = False
@@ -219,7 +217,7 @@ class TrackSession:
             self._done[request_id] = _failed(frame, str(exc.reason), dropped, 0.0)
             return None
         assert prepared.data is not None
-        sent = _Sent(frame, prepared.data, prepared.width, prepared.height, time.monotonic(), dropped)
+        sent = _Sent(frame, prepared.data, time.monotonic(), dropped)
         start = not self.started
         self._start_pending = start
         return self._send(request_id, sent, start=start, end=False)
@@ -235,7 +233,7 @@ class TrackSession:
         request_id = self._next_id
         self._next_id += 1
         last = self._last_good
-        closing = _Sent(last.frame, last.data, last.width, last.height, time.monotonic(), last.dropped, closing=True)
+        closing = _Sent(last.frame, last.data, time.monotonic(), last.dropped, closing=True)
         return self._send(request_id, closing, start=False, end=True)
 
     def _send(self, request_id: int, sent: _Sent, *, start: bool, end: bool) -> Any:
@@ -338,7 +336,7 @@ def _timestamp(frame: Frame) -> float | None:
 def _tracked(
     sent: _Sent, outputs: dict[str, NDArray[Any]], latency: float, keypoint_names: tuple[str, ...]
 ) -> TrackedFrame:
-    (poses,) = poses_from_batch([(sent.frame.name, sent.width, sent.height)], outputs, keypoint_names)
+    (poses,) = poses_from_batch([sent.frame.name], outputs, keypoint_names)
     ids = outputs[TRACK_IDS].reshape(-1)
     tracked = [
         TrackedPose(
@@ -352,7 +350,7 @@ def _tracked(
     ]
     frame = sent.frame
     return TrackedFrame(
-        frame.index, frame.name, _timestamp(frame), sent.width, sent.height, tracked, sent.dropped, latency,
+        frame.index, frame.name, _timestamp(frame), poses.width, poses.height, tracked, sent.dropped, latency,
         frame=frame,
     )  # fmt: skip
 

@@ -32,6 +32,7 @@ BOXES = "BOXES"  # FP32 [B, N, 4] xyxy, original-image pixels
 SCORES = "SCORES"  # FP32 [B, N]
 KEYPOINTS = "KEYPOINTS"  # FP32 [B, N, K, 3] (x, y, confidence)
 IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [B, 2] (width, height) of the upright original image
+TRACK_IDS = "TRACK_IDS"  # NAME_track only: INT64 [B, N], one track ID per pose
 OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE)
 
 # (x1, y1, x2, y2, person_score) precede the keypoints in a candidate row.
@@ -46,8 +47,10 @@ PIXELS_SUFFIX = "_pixels"
 PREPROCESS_SUFFIX = "_preprocess"
 NETWORK_SUFFIX = "_network"
 POSTPROCESS_SUFFIX = "_postprocess"
+TRACK_SUFFIX = "_track"  # the tracking step and its ensemble NAME_track (video, sequence batching)
 # Steps load with an ensemble but are not meant to be called directly.
 STEP_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX)
+MODEL_SUFFIXES = (PIXELS_SUFFIX, *STEP_SUFFIXES, TRACK_SUFFIX)
 
 
 def candidate_width(num_keypoints: int) -> int:

@@ -1,9 +1,10 @@
 """Pure numpy geometry shared by the server models, the client and the tests.
 
-Every served model outputs one candidate tensor per image, ``[num_anchors, 5 + 3 * K]``:
-``x1, y1, x2, y2, person_score`` then ``K`` keypoints as ``(x, y, confidence)``, all in
-network-input pixels. The export step rewrites each family's raw heads into this layout, so
-the functions below serve every family; the family's own rules come from the specs.
+Every served network outputs one candidate tensor per image, ``[k, 5 + 3 * K]`` (the best ``k``
+anchors by person score, see :mod:`posetriton.contract`): ``x1, y1, x2, y2, person_score`` then
+``K`` keypoints as ``(x, y, confidence)``, all in network-input pixels. The export step rewrites
+each family's raw heads into this layout, so the functions below serve every family; the
+family's own rules come from the specs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from posetriton.contract import BOX_SCORE_COLUMNS, LETTERBOX_WIDTH, SCORE_COLUMN, Thresholds
 from posetriton.spec import LetterboxSpec, PostprocessSpec
-
-# Columns of the candidate tensor before the keypoints.
-BOX_SCORE_COLUMNS = 5
 
 
 @dataclass(frozen=True)
@@ -31,12 +30,26 @@ class LetterboxTransform:
     height: int
 
     def to_array(self) -> np.ndarray:
-        return np.array([self.scale_x, self.scale_y, self.pad_x, self.pad_y, self.width, self.height], dtype=np.float64)
+        row = np.array([self.scale_x, self.scale_y, self.pad_x, self.pad_y, self.width, self.height], dtype=np.float64)
+        assert row.shape == (LETTERBOX_WIDTH,)
+        return row
 
     @classmethod
     def from_array(cls, row: np.ndarray) -> LetterboxTransform:
         scale_x, scale_y, pad_x, pad_y, width, height = (float(v) for v in row)
         return cls(scale_x, scale_y, int(pad_x), int(pad_y), int(width), int(height))
+
+    def for_original(self, width: int, height: int) -> LetterboxTransform:
+        """The same placement, mapping back to an original of ``width x height`` of which the letterboxed image
+        was a reduced decode (libjpeg DCT scaling): the scales absorb the reduction per axis."""
+        return LetterboxTransform(
+            self.scale_x * self.width / width,
+            self.scale_y * self.height / height,
+            self.pad_x,
+            self.pad_y,
+            width,
+            height,
+        )
 
 
 def letterbox_geometry(height: int, width: int, spec: LetterboxSpec) -> tuple[int, int, LetterboxTransform]:
@@ -62,20 +75,42 @@ def letterbox_geometry(height: int, width: int, spec: LetterboxSpec) -> tuple[in
     return new_w, new_h, LetterboxTransform(scale_x, scale_y, left, top, width, height)
 
 
-def letterbox(image: np.ndarray, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxTransform]:
-    """Resize an HWC uint8 image (cv2 bilinear, as both references) and pad it to the square network input."""
+def letterbox(
+    image: np.ndarray, spec: LetterboxSpec, out: np.ndarray | None = None
+) -> tuple[np.ndarray, LetterboxTransform]:
+    """Resize an HWC uint8 image (cv2 bilinear, as both references) and pad it to the square network input.
+
+    The resized image is written straight into the canvas (``out``, a ``[S, S, 3]`` uint8 slot of a batch, or
+    a new array), so no intermediate resized copy is made.
+    """
     height, width = image.shape[:2]
     new_w, new_h, transform = letterbox_geometry(height, width, spec)
-    if (new_w, new_h) != (width, height):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     size = spec.input_size
-    canvas = np.full((size, size, image.shape[2]), spec.pad_value, dtype=np.uint8)
-    canvas[transform.pad_y : transform.pad_y + new_h, transform.pad_x : transform.pad_x + new_w] = image
+    canvas = np.empty((size, size, 3), dtype=np.uint8) if out is None else out
+    if canvas.shape != (size, size, 3) or canvas.dtype != np.uint8:
+        raise ValueError(f"canvas must be [{size}, {size}, 3] uint8, got {list(canvas.shape)} {canvas.dtype}")
+    top, left = transform.pad_y, transform.pad_x
+    # Pad only the borders; the image area is overwritten below.
+    canvas[:top] = spec.pad_value
+    canvas[top + new_h :] = spec.pad_value
+    canvas[top : top + new_h, :left] = spec.pad_value
+    canvas[top : top + new_h, left + new_w :] = spec.pad_value
+    target = canvas[top : top + new_h, left : left + new_w]
+    if (new_w, new_h) == (width, height):
+        target[...] = image
+    else:
+        resized = cv2.resize(image, (new_w, new_h), dst=target, interpolation=cv2.INTER_LINEAR)
+        if resized is not target and not np.shares_memory(resized, target):  # cv2 could not write in place
+            target[...] = resized
     return canvas, transform
 
 
 def to_network_input(canvases: np.ndarray, spec: LetterboxSpec) -> np.ndarray:
-    """Letterboxed RGB canvases ``[B, S, S, 3]`` uint8 -> network input ``[B, 3, S, S]`` float32 in [0, 1]."""
+    """Letterboxed RGB canvases ``[B, S, S, 3]`` uint8 -> the family's float input ``[B, 3, S, S]`` in [0, 1].
+
+    The served graphs do this themselves (the export prepends it); this is the reference the export checks
+    the prepended ops against, and what the PyTorch references are fed.
+    """
     if spec.channel_order == "BGR":
         canvases = canvases[..., ::-1]
     batch = np.ascontiguousarray(canvases.transpose(0, 3, 1, 2), dtype=np.float32)
@@ -113,24 +148,20 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def select_poses(
-    candidates: np.ndarray,
-    spec: PostprocessSpec,
-    conf: float | None = None,
-    iou: float | None = None,
-    max_det: int | None = None,
-) -> Poses:
-    """Score threshold -> top-k -> NMS -> first ``max_det`` on one image's ``[A, 5 + 3K]`` candidates."""
-    conf = spec.conf if conf is None else conf
-    iou = spec.iou if iou is None else iou
-    max_det = spec.max_det if max_det is None else max_det
-    kept = candidates[candidates[:, 4] >= conf]
+def select_poses(candidates: np.ndarray, spec: PostprocessSpec, thresholds: Thresholds | None = None) -> Poses:
+    """Score threshold -> top-k -> NMS -> first ``max_det`` on one image's ``[k, 5 + 3K]`` candidates.
+
+    ``thresholds`` overrides the spec's defaults value by value (a request's conf / iou / max_det).
+    """
+    chosen = (thresholds or Thresholds()).or_defaults(spec.thresholds)
+    assert chosen.conf is not None and chosen.iou is not None and chosen.max_det is not None
+    kept = candidates[candidates[:, SCORE_COLUMN] >= chosen.conf]
     if len(kept) > spec.pre_nms_topk:
-        kept = kept[np.argsort(-kept[:, 4], kind="stable")[: spec.pre_nms_topk]]
-    kept = kept[nms(kept[:, :4], kept[:, 4], iou)[:max_det]]
+        kept = kept[np.argsort(-kept[:, SCORE_COLUMN], kind="stable")[: spec.pre_nms_topk]]
+    kept = kept[nms(kept[:, :4], kept[:, SCORE_COLUMN], chosen.iou)[: chosen.max_det]]
     return Poses(
         boxes=kept[:, :4].astype(np.float32),
-        scores=kept[:, 4].astype(np.float32),
+        scores=kept[:, SCORE_COLUMN].astype(np.float32),
         keypoints=kept[:, BOX_SCORE_COLUMNS:].reshape(len(kept), spec.num_keypoints, 3).astype(np.float32),
     )
 
@@ -150,12 +181,7 @@ def to_original(poses: Poses, transform: LetterboxTransform, clip: bool) -> Pose
 
 
 def postprocess(
-    candidates: np.ndarray,
-    transform: LetterboxTransform,
-    spec: PostprocessSpec,
-    conf: float | None = None,
-    iou: float | None = None,
-    max_det: int | None = None,
+    candidates: np.ndarray, transform: LetterboxTransform, spec: PostprocessSpec, thresholds: Thresholds | None = None
 ) -> Poses:
     """One image's candidates -> poses in original-image pixels."""
-    return to_original(select_poses(candidates, spec, conf, iou, max_det), transform, spec.clip_to_image)
+    return to_original(select_poses(candidates, spec, thresholds), transform, spec.clip_to_image)

@@ -20,6 +20,7 @@ ensembles are the same for every configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -32,6 +33,8 @@ if sys.version_info >= (3, 11):
 else:  # the NGC Triton image runs Python 3.10
     import tomli as tomllib
 
+from posetriton import contract
+from posetriton.contract import CANDIDATES, CANVAS, IMAGE, LETTERBOX, LETTERBOX_WIDTH, PIXELS
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
 from posetriton.tracking import (
     CONTROL_CORRID,
@@ -56,11 +59,13 @@ GPU_CONFIGS = {
 GPU_PREPROCESS_MODEL_FILE = "gpu_model.py"
 VERSION = "1"
 OUTPUTS = (
-    ("NUM_DETECTIONS", "TYPE_INT32", "1"),
-    ("BOXES", "TYPE_FP32", "-1, 4"),
-    ("SCORES", "TYPE_FP32", "-1"),
-    ("KEYPOINTS", "TYPE_FP32", "-1, {k}, 3"),
+    (contract.NUM_DETECTIONS, "TYPE_INT32", "1"),
+    (contract.BOXES, "TYPE_FP32", "-1, 4"),
+    (contract.SCORES, "TYPE_FP32", "-1"),
+    (contract.KEYPOINTS, "TYPE_FP32", "-1, {k}, 3"),
+    (contract.IMAGE_SIZE, "TYPE_INT32", "2"),
 )
+assert tuple(name for name, _, _ in OUTPUTS) == contract.OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,9 @@ class Tuning:
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    # OpenVINO on CPU: LATENCY = one stream using every core for the whole (dynamic) batch. On 2 cores it
-    # matched THROUGHPUT's best (2 streams, requests in flight) in images/s and halves single-request latency.
-    network_performance_hint: str = "LATENCY"
+    # OpenVINO on CPU (posetriton.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
+    # (LATENCY) and splits a batch across the THROUGHPUT streams (docs/benchmarks.md).
+    network_performance_hint: str = "ADAPTIVE"
     # GPU: ONNX Runtime-TensorRT fallback (configs/gpu_ort_trt*.pbtxt) and GPU preprocessing.
     ort_trt_precision: str = "FP16"
     ort_trt_workspace_bytes: int = 4 << 30
@@ -92,17 +97,37 @@ class ServedModel:
     source: dict[str, Any]
     description: str = ""
     license: str = ""
-    num_anchors: int = 8400
+    # The network returns only the best `candidates_topk` anchors by person score (a TopK in the graph).
+    candidates_topk: int = 300
+    strides: tuple[int, ...] = contract.DEFAULT_STRIDES
     keypoint_names: tuple[str, ...] = COCO_KEYPOINT_NAMES
     skeleton: tuple[tuple[int, int], ...] = COCO_SKELETON
     tuning: Tuning = field(default_factory=Tuning)
 
+    def __post_init__(self) -> None:
+        if self.candidates_topk < 1:
+            raise SpecError(f"{self.name}: candidates_topk must be positive, got {self.candidates_topk}")
+        contract.num_anchors(self.letterbox.input_size, self.strides)  # raises on a size the strides do not divide
+
     @property
     def candidate_width(self) -> int:
-        return 5 + 3 * self.postprocess.num_keypoints
+        return contract.candidate_width(self.postprocess.num_keypoints)
+
+    @property
+    def num_anchors(self) -> int:
+        return contract.num_anchors(self.letterbox.input_size, self.strides)
+
+    @property
+    def num_candidates(self) -> int:
+        """Rows of the network's ``candidates`` per image: the in-graph top-k, at most every anchor."""
+        return min(self.candidates_topk, self.num_anchors)
 
     def step(self, role: str) -> str:
-        return f"{self.name}_{role}"
+        """The name of one of the model's entries: ``step("network")`` -> ``NAME_network``."""
+        suffix = f"_{role}"
+        if suffix not in contract.MODEL_SUFFIXES:
+            raise ValueError(f"unknown step {role!r}; known: {[s.removeprefix('_') for s in contract.MODEL_SUFFIXES]}")
+        return self.name + suffix
 
     def metadata(self) -> dict[str, Any]:
         """What a client needs to know about the model; stored as ensemble parameters and metadata.json."""
@@ -136,6 +161,8 @@ def load_catalog(path: Path) -> dict[str, ServedModel]:
                 source=dict(entry.get("source", {})),
                 description=entry.get("description", family.get("description", "")),
                 license=entry.get("license", family.get("license", "")),
+                candidates_topk=int(entry.get("candidates_topk", family.get("candidates_topk", 300))),
+                strides=tuple(entry.get("strides", family.get("strides", contract.DEFAULT_STRIDES))),
                 tuning=Tuning(**{**data.get("tuning", {}), **entry.get("tuning", {})}),
             )
         except TypeError as exc:
@@ -172,8 +199,8 @@ def _network_io(model: ServedModel) -> str:
     s = model.letterbox.input_size
     return "\n".join(
         [
-            _block("input", [_tensor("images", "TYPE_FP32", f"3, {s}, {s}")]),
-            _block("output", [_tensor("candidates", "TYPE_FP32", f"{model.num_anchors}, {model.candidate_width}")]),
+            _block("input", [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3")]),
+            _block("output", [_tensor(CANDIDATES, "TYPE_FP32", f"{model.num_candidates}, {model.candidate_width}")]),
         ]
     )
 
@@ -189,14 +216,14 @@ def _instances(count: int, kind: str) -> str:
 
 def ensemble_config(model: ServedModel, pixels: bool) -> str:
     s = model.letterbox.input_size
-    source = "PIXELS" if pixels else "IMAGE"
-    source_tensor = _tensor("PIXELS", "TYPE_UINT8", "-1, -1, 3") if pixels else _tensor("IMAGE", "TYPE_STRING", "1")
+    source = PIXELS if pixels else IMAGE
+    source_tensor = _tensor(PIXELS, "TYPE_UINT8", "-1, -1, 3") if pixels else _tensor(IMAGE, "TYPE_STRING", "1")
     steps = [
-        (model.step("preprocess"), {source: source}, {"images": "images", "letterbox": "letterbox"}),
-        (model.step("network"), {"images": "images"}, {"candidates": "candidates"}),
+        (model.step("preprocess"), {source: source}, {CANVAS: CANVAS, LETTERBOX: LETTERBOX}),
+        (model.step("network"), {CANVAS: CANVAS}, {CANDIDATES: CANDIDATES}),
         (
             model.step("postprocess"),
-            {"candidates": "candidates", "letterbox": "letterbox"},
+            {CANDIDATES: CANDIDATES, LETTERBOX: LETTERBOX},
             {name: name for name, _, _ in OUTPUTS},
         ),
     ]
@@ -238,13 +265,16 @@ def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
             _block(
                 "input",
                 [
-                    _tensor("IMAGE", "TYPE_STRING", "1", optional),
-                    _tensor("PIXELS", "TYPE_UINT8", "-1, -1, 3", optional),
+                    _tensor(IMAGE, "TYPE_STRING", "1", optional),
+                    _tensor(PIXELS, "TYPE_UINT8", "-1, -1, 3", optional),
                 ],
             ),
             _block(
                 "output",
-                [_tensor("images", "TYPE_FP32", f"3, {s}, {s}"), _tensor("letterbox", "TYPE_FP64", "6")],
+                [
+                    _tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"),
+                    _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
+                ],
             ),
             _batching(0),
             instances,
@@ -260,8 +290,8 @@ def postprocess_config(model: ServedModel) -> str:
             _block(
                 "input",
                 [
-                    _tensor("candidates", "TYPE_FP32", f"{model.num_anchors}, {model.candidate_width}"),
-                    _tensor("letterbox", "TYPE_FP64", "6"),
+                    _tensor(CANDIDATES, "TYPE_FP32", f"{model.num_candidates}, {model.candidate_width}"),
+                    _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
                 ],
             ),
             _block("output", _outputs(model)),
@@ -291,21 +321,39 @@ def _warmup(model: ServedModel) -> str:
     entries = []
     for batch in sorted({1, model.tuning.max_batch_size}):
         entries.append(
-            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "images" value: '
-            f"{{ data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] zero_data: true }} }} }}"
+            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "{CANVAS}" value: '
+            f"{{ data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] zero_data: true }} }} }}"
         )
     return "model_warmup [\n" + ",\n".join(entries) + "\n]"
 
 
-def network_ort_trt_config(model: ServedModel) -> str:
-    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step."""
+def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -> str:
+    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step.
+
+    ONNX Runtime names its cached engines after the model file and the graph, not the weights, so a re-export
+    with new weights would be served by the old engine: the cache folder is per model and per ONNX sha256
+    (``CACHE/NAME/onnx-SHA12``; ``unhashed`` when the ONNX is not known, e.g. a config rendered without its
+    files). One explicit optimization profile (batch 1 / max_batch_size // 2 / max_batch_size over the uint8
+    canvas) makes ONNX Runtime build one engine for every batch the dynamic batcher forms, at the warmup.
+    """
     t = model.tuning
+    s = model.letterbox.input_size
+    cache = f"{t.ort_trt_engine_cache_path.rstrip('/')}/{model.name}/" + (
+        f"onnx-{onnx_sha256[:12]}" if onnx_sha256 else "unhashed"
+    )
+
+    def shape(batch: int) -> str:
+        return f"{CANVAS}:{batch}x{s}x{s}x3"
+
     accelerator = _parameters_inline(
         {
             "precision_mode": t.ort_trt_precision,
             "max_workspace_size_bytes": str(t.ort_trt_workspace_bytes),
             "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": t.ort_trt_engine_cache_path,
+            "trt_engine_cache_path": cache,
+            "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(max(1, t.max_batch_size // 2)),
+            "trt_profile_max_shapes": shape(t.max_batch_size),
         }
     )
     return "\n".join(
@@ -350,8 +398,11 @@ def _shim(module: str) -> str:
     )
 
 
-def render(model: ServedModel) -> dict[str, str]:
-    """Every text file of the model's repository entries, by path relative to the repository root."""
+def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]:
+    """Every text file of the model's repository entries, by path relative to the repository root.
+
+    ``onnx_sha256`` (of the network's model.onnx) keys the ONNX Runtime-TensorRT engine cache, so re-exported
+    weights never reuse a stale engine."""
     network = model.step("network")
     files = {
         f"{model.name}/config.pbtxt": ensemble_config(model, pixels=False),
@@ -369,7 +420,7 @@ def render(model: ServedModel) -> dict[str, str]:
         files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
     for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
         if network_variant == "ort_trt":
-            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model)
+            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
         if preprocess_variant == "nvjpeg":
             files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
     files.update(track_files(model))
@@ -383,7 +434,9 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
     for stale in track_models(model):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []
-    for relative, text in render(model).items():
+    onnx_file = network_files.get("model.onnx")
+    onnx_sha256 = hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest() if onnx_file else None
+    for relative, text in render(model, onnx_sha256).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
+from posetriton.contract import ContractError, Thresholds
+
 ChannelOrder = Literal["RGB", "BGR"]
 PadPosition = Literal["bottom_right", "center"]
 
@@ -126,18 +128,16 @@ class PostprocessSpec(_Spec):
     max_det_limit: int = 1000
 
     def __post_init__(self) -> None:
-        check_thresholds(self.conf, self.iou, self.max_det, self.max_det_limit)
+        try:
+            self.thresholds.check(self.max_det_limit)
+        except ContractError as exc:
+            raise SpecError(str(exc)) from None
         if self.pre_nms_topk < 1:
             raise SpecError(f"pre_nms_topk must be positive, got {self.pre_nms_topk}")
         if self.num_keypoints < 1:
             raise SpecError(f"num_keypoints must be positive, got {self.num_keypoints}")
 
-
-def check_thresholds(conf: float, iou: float, max_det: int, max_det_limit: int) -> None:
-    """Raise SpecError naming the first threshold out of range."""
-    if not 0.0 <= conf <= 1.0:
-        raise SpecError(f"conf must be in [0, 1], got {conf}")
-    if not 0.0 <= iou <= 1.0:
-        raise SpecError(f"iou must be in [0, 1], got {iou}")
-    if not 1 <= max_det <= max_det_limit:
-        raise SpecError(f"max_det must be in [1, {max_det_limit}], got {max_det}")
+    @property
+    def thresholds(self) -> Thresholds:
+        """The served defaults, which a request's own :class:`~posetriton.contract.Thresholds` override."""
+        return Thresholds(self.conf, self.iou, self.max_det)

@@ -28,9 +28,13 @@ SG_MODEL = "yolo_nas_pose_n"
 UL_MODEL = "yolo11n_pose"
 SEED = 0
 # Code whose change invalidates the cached exports and references.
-EXPORT_CODE = ["__main__.py", "export.py", "onnx_graph.py", "openvino_ir.py", "photos.py"]
+EXPORT_CODE = [
+    "__main__.py", "export.py", "onnx_graph.py", "openvino_ir.py", "parity.py", "photos.py", "registry.py",
+    "ultralytics_pose.py", "yolo_nas_pose.py",
+]  # fmt: skip
 CACHE_INPUTS = [
     *(ROOT / "build_engines" / name for name in EXPORT_CODE),
+    ROOT / "posetriton" / "contract.py",
     ROOT / "posetriton" / "processing.py",
     ROOT / "posetriton" / "images.py",
     ROOT / "build_engines" / "models.toml",
@@ -76,6 +80,27 @@ def photo_paths() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def crowd_photo(photo_paths: list[Path]) -> Path:
+    """A dense scene made from a real photo: bus.jpg tiled 4x4 and halved (yolo11n-pose finds 37 people at 0.25).
+
+    It sets the Ultralytics family's in-graph top-k (build_engines/models.toml): the parity tests compare the
+    served poses on it with Ultralytics' own, which keeps every candidate above conf.
+    """
+    path = CACHE / "photos" / "bus_crowd_4x4.jpg"
+    if not path.exists():
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(next(p for p in photo_paths if p.name == "bus.jpg")) as bus:
+            tile = Image.new("RGB", (bus.width * 4, bus.height * 4))
+            for column in range(4):
+                for row in range(4):
+                    tile.paste(bus, (column * bus.width, row * bus.height))
+        tile.resize((tile.width // 2, tile.height // 2), Image.Resampling.LANCZOS).save(path, "JPEG", quality=95)
+    return path
+
+
+@pytest.fixture(scope="session")
 def model_repository() -> Path:
     """yolo11n_pose (trained weights) and yolo_nas_pose_n (seeded random init), exported and written."""
     key = _fingerprint(str(SEED))
@@ -95,8 +120,12 @@ def export_report(repository: Path, model: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def references(model_repository: Path, photo_paths: list[Path]) -> dict:
-    """Upstream outputs: ``{"arrays": {name: array}, "detections": {"super_gradients"|"ultralytics": {photo: ..}}}``."""
+def references(model_repository: Path, photo_paths: list[Path], crowd_photo: Path) -> dict:
+    """Upstream outputs: ``{"arrays": {name: array}, "detections": {"super_gradients"|"ultralytics": {photo: ..}}}``.
+
+    Covers ``photo_paths`` and ``crowd_photo``.
+    """
+    photo_paths = [*photo_paths, crowd_photo]
     out = CACHE / "references"
     key = _fingerprint(*(str(p) for p in photo_paths))
     stamp = out / "key"

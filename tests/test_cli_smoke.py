@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from posetriton.client.cli import EXIT_PARTIAL, app
-from posetriton.client.grpc_client import upright_size
 
 MODEL = "yolo11n_pose"
 
@@ -40,7 +39,8 @@ def test_predict_writes_json_and_drawings_and_names_the_bad_image(
     good = [(entry, path) for entry, path in zip(entries, images, strict=True) if path != bad]
     for entry, path in good:
         assert "error" not in entry
-        assert (entry["width"], entry["height"]) == upright_size(path.read_bytes())
+        with Image.open(path) as original:
+            assert (entry["width"], entry["height"]) == ImageOps.exif_transpose(original).size
         for detection in entry["detections"]:
             assert len(detection["box"]) == 4 and 0.0 <= detection["score"] <= 1.0
             assert len(detection["keypoints"]) == 17 and all(len(point) == 3 for point in detection["keypoints"])

@@ -22,8 +22,9 @@ from posetriton.client import (
 )
 from posetriton.client.cli import _draw_targets, app
 from posetriton.client.drawing import draw_poses, keypoint_color, load_image_rgb
-from posetriton.client.grpc_client import encode_image, parse_grpc_url, request_parameters, upright_size
+from posetriton.client.grpc_client import encode_image, parse_grpc_url, request_parameters
 from posetriton.client.results import MetadataError, poses_from_batch
+from posetriton.contract import Thresholds
 from posetriton.launcher import free_port
 
 K = 17
@@ -59,6 +60,7 @@ def _outputs(counts: list[int], rows: int) -> dict[str, NDArray[Any]]:
         "BOXES": boxes,
         "SCORES": scores,
         "KEYPOINTS": keypoints,
+        "IMAGE_SIZE": np.array([[10 * (i + 1), 10 * (i + 1)] for i in range(batch)], np.int32),
     }
 
 
@@ -71,7 +73,7 @@ def _pose(box: tuple[float, float, float, float], point: tuple[float, float], co
 
 def test_to_dict_has_the_documented_json_shape_with_plain_floats() -> None:
     outputs = _outputs([1], rows=1)
-    result = ImagePoses.from_outputs("a.jpg", 640, 480, *(outputs[n][0] for n in outputs))
+    result = ImagePoses.from_outputs("a.jpg", 640, 480, *(outputs[n][0] for n in list(outputs)[:4]))
     data = result.to_dict()
     assert list(data) == ["image", "width", "height", "detections"]
     assert (data["image"], data["width"], data["height"]) == ("a.jpg", 640, 480)
@@ -85,8 +87,9 @@ def test_to_dict_has_the_documented_json_shape_with_plain_floats() -> None:
 
 
 def test_padding_rows_are_dropped_and_order_kept() -> None:
-    results = poses_from_batch([("a", 10, 10), ("b", 20, 20), ("c", 30, 30)], _outputs([2, 0, 3], rows=3))
+    results = poses_from_batch(["a", "b", "c"], _outputs([2, 0, 3], rows=3))
     assert [r.image for r in results] == ["a", "b", "c"]
+    assert [(r.width, r.height) for r in results] == [(10, 10), (20, 20), (30, 30)], "sizes come from IMAGE_SIZE"
     assert [len(r.poses) for r in results] == [2, 0, 3]
     assert [round(p.score, 2) for p in results[2].poses] == [0.9, 0.8, 0.7]
 
@@ -99,7 +102,7 @@ def test_inconsistent_outputs_are_refused() -> None:
     with pytest.raises(ValueError, match="inconsistent output shapes"):
         ImagePoses.from_outputs("a", 1, 1, 1, rows[0], rows[1][:1], rows[2])
     with pytest.raises(ValueError, match="sent 2 images"):
-        poses_from_batch([("a", 1, 1), ("b", 1, 1)], outputs)
+        poses_from_batch(["a", "b"], outputs)
 
 
 def test_failed_image_keeps_the_result_shape() -> None:
@@ -152,38 +155,43 @@ def test_malformed_metadata_is_refused(parameters: dict[str, str]) -> None:
 # --- inputs ----------------------------------------------------------------------------------
 
 
-def test_upright_size_follows_exif_orientation() -> None:
-    assert upright_size(_jpeg(64, 32)) == (64, 32)
-    assert upright_size(_jpeg(64, 32, orientation=3)) == (64, 32)
-    for orientation in (5, 6, 7, 8):
-        assert upright_size(_jpeg(64, 32, orientation=orientation)) == (32, 64)
+def test_results_are_arrays_with_cheap_views() -> None:
+    outputs = _outputs([3], rows=4)
+    result = ImagePoses.from_outputs("a.jpg", 200, 100, *(outputs[n][0] for n in list(outputs)[:4]))
+    assert len(result) == 3 and result.boxes.shape == (3, 4) and result.keypoints.shape == (3, K, 3)
+    assert np.shares_memory(result.xy, result.keypoints) and np.shares_memory(result.conf, result.keypoints)
+    np.testing.assert_allclose(result.xyn[0, :, 0], (np.arange(K) + 0) / 200)
+    np.testing.assert_allclose(result.xyn[..., 1], 0.5)
+    assert "poses" not in vars(result), "per-pose objects are made only when asked for"
+    assert result.poses[1].box == (10.0, 20.0, 60.0, 120.0) and "poses" in vars(result)
+    with pytest.raises(ValueError):
+        result.boxes[0, 0] = 5.0  # results are values
+    assert result == ImagePoses.from_poses("a.jpg", 200, 100, result.poses)
+    assert result.renamed("frame 7").image == "frame 7"
 
 
 def test_drawing_loads_the_image_upright_like_the_server() -> None:
     data = _jpeg(64, 32, orientation=6)
-    width, height = upright_size(data)
-    assert load_image_rgb(data).shape == (height, width, 3)
+    assert load_image_rgb(data).shape == (64, 32, 3)
 
 
 def test_unreadable_inputs_name_the_image(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="empty image") as caught:
-        encode_image(b"", index=4)
-    assert caught.value.index == 4 and caught.value.server_message is None
-    with pytest.raises(InvalidInputError, match="not a recognised image"):
-        encode_image(b"hello world")
+    """Encoded bytes travel unread (the server judges them); a file that cannot be read fails here."""
+    assert encode_image(b"hello world", index=4).data == b"hello world"
     missing = tmp_path / "missing.jpg"
     with pytest.raises(InvalidInputError, match="cannot read the file") as caught:
         encode_image(missing)
     assert caught.value.image == str(missing)
     path = tmp_path / "ok.jpg"
     path.write_bytes(_jpeg(8, 6))
-    assert (encode_image(path).name, encode_image(path).width) == (str(path), 8)
+    assert (encode_image(path).name, encode_image(path).data) == (str(path), path.read_bytes())
 
 
 def test_request_parameters_are_checked_before_sending() -> None:
     assert request_parameters(None, None, None) == {}
     assert request_parameters(0.3, 0.6, 50) == {"conf": 0.3, "iou": 0.6, "max_det": 50}
-    for conf, iou, max_det in ((1.5, None, None), (None, -0.1, None), (None, None, 0), (None, None, True)):
+    assert request_parameters(iou=0.5, thresholds=Thresholds(conf=0.2, iou=0.9)) == {"conf": 0.2, "iou": 0.5}
+    for conf, iou, max_det in ((1.5, None, None), (None, -0.1, None), (None, None, 0), (None, None, 2.5)):
         with pytest.raises(ValueError):
             request_parameters(conf, iou, max_det)
 

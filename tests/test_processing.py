@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from posetriton.contract import ContractError, Thresholds
 from posetriton.processing import LetterboxTransform, Poses, letterbox, nms, select_poses, to_network_input, to_original
 from posetriton.spec import LetterboxSpec, PostprocessSpec
 
@@ -114,9 +115,9 @@ def test_select_poses_threshold_topk_nms_and_max_det() -> None:
     expected = top[naive_nms(boxes[top], scores[top], 0.7)]
     np.testing.assert_array_equal(poses.scores, scores[expected])
     np.testing.assert_array_equal(poses.keypoints[:, :, :2], np.repeat(boxes[expected, None, :2], 17, axis=1))
-    assert len(select_poses(candidates_from(boxes, scores), spec, max_det=3)) == 3
-    assert len(select_poses(candidates_from(boxes, scores), spec, conf=1.0)) == 0
-    assert np.all(select_poses(candidates_from(boxes, scores), spec, conf=0.9).scores >= 0.9)
+    assert len(select_poses(candidates_from(boxes, scores), spec, Thresholds(max_det=3))) == 3
+    assert len(select_poses(candidates_from(boxes, scores), spec, Thresholds(conf=1.0))) == 0
+    assert np.all(select_poses(candidates_from(boxes, scores), spec, Thresholds(conf=0.9)).scores >= 0.9)
 
 
 def test_to_original_clips_only_when_asked() -> None:
@@ -129,3 +130,43 @@ def test_to_original_clips_only_when_asked() -> None:
     clipped = to_original(poses, t, clip=True)
     np.testing.assert_allclose(clipped.boxes[0], [0, 0, 1280, 960])
     np.testing.assert_allclose(clipped.keypoints[0, 0], [1280, 960, 650])  # confidence untouched
+
+
+def test_letterbox_writes_into_a_batch_slot_without_touching_the_others() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    batch = np.full((2, 640, 640, 3), 7, np.uint8)
+    canvas, transform = letterbox(image, UL, out=batch[1])
+    assert np.shares_memory(canvas, batch)
+    expected, expected_transform = letterbox(image, UL)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert transform == expected_transform
+    assert (batch[0] == 7).all()
+
+
+def test_transform_for_a_reduced_decode_maps_back_to_the_original() -> None:
+    _, transform = letterbox(np.zeros((540, 960, 3), np.uint8), SG)  # a 1/2-scale decode of 1920x1080
+    original = transform.for_original(1920, 1080)
+    point = np.array([[320.0, 180.0]])
+    poses = Poses(np.array([[0, 0, 320, 180]], np.float32), np.ones(1, np.float32), np.zeros((1, 17, 3), np.float32))
+    mapped = to_original(poses, original, clip=False)
+    np.testing.assert_allclose(mapped.boxes[0, 2:], point[0] * 3, rtol=1e-6)  # 640/1920 is the overall scale
+    assert (original.width, original.height) == (1920, 1080)
+
+
+def test_thresholds_round_trip_and_one_validation() -> None:
+    chosen = Thresholds(conf=0.3, max_det=5)
+    assert chosen.to_parameters() == {"conf": 0.3, "max_det": 5}
+    assert Thresholds.from_parameters(chosen.to_parameters()) == chosen
+    assert chosen.or_defaults(Thresholds(0.5, 0.7, 100)) == Thresholds(0.3, 0.7, 5)
+    for bad, message in [
+        ({"conf": 1.5}, "conf must be in [0, 1]"),
+        ({"max_det": 2.5}, "max_det must be an integer"),
+        ({"iou": "x"}, "iou must be a number"),
+        ({"confidence": 0.1}, "unknown request parameter(s) ['confidence']"),
+    ]:
+        with pytest.raises(ContractError) as info:
+            Thresholds.from_parameters(bad).check(1000)
+        assert message in str(info.value)
+    with pytest.raises(ContractError, match=r"max_det must be in \[1, 10\]"):
+        Thresholds(max_det=11).check(10)

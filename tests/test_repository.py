@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from posetriton.repository import CPU_CONFIGS, load_catalog, render
+from posetriton import contract
+from posetriton.repository import CPU_CONFIGS, load_catalog, render, write_model
 from posetriton.spec import LetterboxSpec, PostprocessSpec, SpecError
 from tests.conftest import ROOT
 
@@ -72,3 +74,39 @@ def test_catalogue_errors_name_the_problem(tmp_path: Path) -> None:
         load_catalog(bad_value)
     with pytest.raises(SpecError, match="cannot read 'abc' as int"):
         LetterboxSpec.from_parameters({"input_size": "abc"})
+
+
+def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() -> None:
+    """Nothing is pinned to 640 / 17 / 8400: the contract's values come from the family."""
+    base = CATALOG["yolo11n_pose"]
+    model = dataclasses.replace(
+        base,
+        letterbox=dataclasses.replace(base.letterbox, input_size=320),
+        postprocess=dataclasses.replace(base.postprocess, num_keypoints=5),
+        candidates_topk=5000,
+    )
+    assert model.num_anchors == contract.num_anchors(320) == 2100 and model.num_candidates == 2100
+    files = render(model)
+    for config_name in CPU_CONFIGS:
+        network = parse(files[f"yolo11n_pose_network/configs/{config_name}.pbtxt"])
+        assert [list(i.dims) for i in network.input] == [[320, 320, 3]]
+        assert [list(o.dims) for o in network.output] == [[2100, contract.candidate_width(5)]]
+    post = parse(files["yolo11n_pose_postprocess/config.pbtxt"])
+    assert list(post.input[0].dims) == [2100, 20]
+    assert [list(o.dims) for o in post.output if o.name == contract.KEYPOINTS] == [[-1, 5, 3]]
+    with pytest.raises(contract.ContractError, match="not a multiple of stride 48"):
+        dataclasses.replace(base, strides=(8, 16, 48))
+
+
+def test_ort_trt_engine_cache_is_keyed_by_the_onnx_it_serves(tmp_path: Path) -> None:
+    """write_model keys the ONNX Runtime-TensorRT cache by the ONNX's hash: new weights, a new cache folder."""
+    model = CATALOG["yolo11n_pose"]
+    folders = []
+    for weights in (b"first export", b"second export"):
+        onnx_file = tmp_path / "model.onnx"
+        onnx_file.write_bytes(weights)
+        write_model(model, tmp_path / "repository", {"model.onnx": onnx_file})
+        config = parse((tmp_path / "repository" / "yolo11n_pose_network/configs/gpu_ort_trt.pbtxt").read_text())
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        folders.append(accelerator.parameters["trt_engine_cache_path"])
+    assert folders[0] != folders[1] and all("/yolo11n_pose/onnx-" in folder for folder in folders), folders

