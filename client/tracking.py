@@ -53,7 +53,7 @@ from posetriton.contract import parse_error
 from posetriton.tracking import FRAME_INDEX, TRACK_IDS, TRACK_SUFFIX, UNTRACKED
 
 from .errors import DeadlineExceededError, InvalidInputError, PoseClientError, grpc_status
-from .inputs import ImageInput, encode_rgb, prepare_image
+from .inputs import ImageInput, prepare_image
 from .results import OUTPUT_NAMES, Pose, poses_from_batch
 from .streaming import Frame, as_frames
 
@@ -212,7 +212,8 @@ class TrackSession:
         request_id = self._next_id
         self._next_id += 1
         try:
-            prepared = prepare_image(_payload(frame.image), frame.index, "jpeg", name=frame.name)
+            # Arrays travel as JPEG: the tracking ensemble takes encoded images only.
+            prepared = prepare_image(frame.image, frame.index, "jpeg", name=frame.name)
         except InvalidInputError as exc:
             self._done[request_id] = _failed(frame, str(exc.reason), dropped, 0.0)
             return None
@@ -315,11 +316,6 @@ class TrackSession:
         if status == "UNAVAILABLE":
             reason = f"the connection to the server was lost, it stopped or restarted ({reason})"
         return self.lost(reason, status or None)
-
-
-def _payload(image: ImageInput) -> ImageInput:
-    # Arrays travel as JPEG: the tracking ensemble takes encoded images only.
-    return encode_rgb(image) if isinstance(image, np.ndarray) else image
 
 
 def _failed(frame: Frame, message: str, dropped: int, latency: float) -> TrackedFrame:
