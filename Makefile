@@ -83,8 +83,8 @@ bench: models perf-tools
 	  --workdir build/bench-export
 	mkdir -p results
 	for model in yolo11n_pose yolo_nas_pose_n; do for config in cpu cpu_bf16; do \
-	  $(VENV)/bin/python benchmarks/serving_vs_raw.py --repository $(REPOSITORY) --model $$model \
-	    --config-name $$config --json results/serving_vs_raw_$${model}_$${config}.json || exit 1; done; done
+	  $(VENV)/bin/python benchmarks/lean_path.py --repository $(REPOSITORY) --model $$model \
+	    --config-name $$config --json results/lean_path_$${model}_$${config}.json || exit 1; done; done
 	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
 	  > results/precision_yolo11n_pose.json
 	$(VENV)/bin/python benchmarks/comparisons.py --repository $(REPOSITORY) --model yolo_nas_pose_n \

@@ -1,11 +1,12 @@
 """How far OpenVINO's bf16 (``--model-config-name cpu_bf16``) moves the served poses away from f32.
 
-Runs the model's IR at both precisions on real photos (and the same photos resampled to 1080p
-and 4K, since errors in original-image pixels grow with the photo), post-processes both with the
-served code, matches detections by box IoU and reports detection agreement and keypoint error
-distributions in original-image pixels.
+Runs the model's IR at both precisions on what the served network takes (the uint8 letterboxed canvas) for
+real photos (and the same photos resampled to 1080p and 4K, since errors in original-image pixels grow with
+the photo), post-processes both with the served code, matches detections by box IoU and reports detection
+agreement and keypoint error distributions in original-image pixels. On a CPU without bf16 OpenVINO runs f32
+for both (``openvino_precision`` in the output says what it ran), so the deviation is zero there.
 
-    python benchmarks/precision_deviation.py --repository triton_models --model yolo11n_pose
+    python benchmarks/precision_deviation.py --repository triton_models --model yolo11n_pose --json out.json
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +23,13 @@ from PIL import Image
 
 from posetriton.images import decode_image
 from posetriton.openvino_runtime import OpenVinoRunner
-from posetriton.processing import Poses, letterbox, postprocess, to_network_input
+from posetriton.processing import Poses, letterbox, postprocess
 from posetriton.repository import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.lean_path import cpu_model, default_photos  # noqa: E402
+
 SIZES = {"original": None, "1080p": 1920, "4K": 3840}
 
 
@@ -75,11 +81,10 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=ROOT / "triton_models")
     parser.add_argument("--model", default="yolo11n_pose")
     parser.add_argument("--photos", type=Path, nargs="+", default=None)
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     model = load_catalog(ROOT / "build_engines" / "models.toml")[args.model]
-    photos = args.photos or sorted((ROOT / "samples").glob("*.*[gp]")) + sorted(
-        ROOT.glob(".venv-export/lib/python3*/site-packages/ultralytics/assets/*.jpg")
-    )
+    photos = args.photos or default_photos()
     xml = args.repository / f"{args.model}_network" / "1" / "model.xml"
     runners = {p: OpenVinoRunner(xml, precision=p) for p in ("f32", "bf16")}  # type: ignore[misc]
     report: dict[str, dict] = {}
@@ -94,7 +99,7 @@ def main() -> None:
         for photo in photos:
             image = decode_image(resampled(photo.read_bytes(), longest), model.letterbox.max_pixels)
             canvas, transform = letterbox(image, model.letterbox)
-            batch = to_network_input(canvas[None], model.letterbox)
+            batch = canvas[None]  # the served network input: the uint8 canvas, [1, S, S, 3]
             f32, bf16 = (postprocess(runners[p].infer(batch)[0], transform, model.postprocess) for p in ("f32", "bf16"))
             for key, value in compare(f32, bf16).items():
                 totals[key] += value  # type: ignore[operator]
@@ -112,7 +117,27 @@ def main() -> None:
             else {},
             "score_error_max": float(scores.max()) if scores.size else 0.0,
         }
-    print(json.dumps({"model": args.model, "photos": [p.name for p in photos], "by_size": report}, indent=2))
+    # What OpenVINO actually ran for each hint (a CPU without bf16 runs f32 for both).
+    ran = {
+        p: r.latency.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        for p, r in runners.items()
+        if r.latency
+    }
+    text = json.dumps(
+        {
+            "model": args.model,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": cpu_model(),
+            "openvino_precision": ran,
+            "photos": [p.name for p in photos],
+            "by_size": report,
+        },
+        indent=2,
+    )
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":

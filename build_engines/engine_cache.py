@@ -19,20 +19,31 @@ Cache layout (one cache per cluster volume, shared by nodes of different GPU mod
 
 Installed into the Triton repository as ``NAME_network/1/model.plan`` (copy or symlink) with its stamp
 ``NAME_network/1/model.plan.json``.
+
+The cache is shared by replicas that may start together: every file is written under a unique temporary name and
+moved into place with ``os.replace`` (a reader sees the old file or the new one, never half of one), and a build
+holds an exclusive lock on its cache entry (:func:`entry_lock`), so the second replica waits and then reuses the
+first one's plan instead of building the same engine again over it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from posetriton.contract import CANVAS
 
 STAMP_SUFFIX = ".json"
 PLAN_NAME = "model.plan"
@@ -103,8 +114,9 @@ class EngineStamp:
     batch_max: int
     onnx_sha256: str  # the ONNX the plan was built from
     plan_sha256: str = ""  # filled once the plan exists
-    input_name: str = "images"
+    input_name: str = CANVAS  # uint8 [batch, S, S, 3]
     input_size: int = 640
+    fp32_layers: int = 0  # layers held in FP32 by precision constraints (the decode tail, see tensorrt_engine)
     built_at: str = ""
     format: int = STAMP_FORMAT
 
@@ -183,10 +195,53 @@ def stamp_path(plan: Path) -> Path:
     return plan.with_name(plan.name + STAMP_SUFFIX)
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A new, unique, empty file next to ``path`` (same file system, so ``os.replace`` onto ``path`` is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(handle)
+    return Path(name)
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that concurrent readers and writers never see a partial file."""
+    partial = temporary_sibling(path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    partial = temporary_sibling(target)
+    try:
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def entry_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on one cache entry (``directory/.lock``) across processes and nodes sharing it.
+
+    ``flock`` is advisory and released by the kernel when the holder dies, so a crashed build never leaves the
+    entry locked. On network file systems without ``flock`` support use one builder Job instead of racing pods.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def write_stamp(plan: Path, stamp: EngineStamp) -> EngineStamp:
     """Record the plan's hash in the stamp and write the sidecar; returns the completed stamp."""
     stamp = dataclasses.replace(stamp, plan_sha256=sha256_file(plan))
-    stamp_path(plan).write_text(stamp.to_json())
+    atomic_write_bytes(stamp_path(plan), stamp.to_json().encode())
     return stamp
 
 
@@ -270,16 +325,15 @@ def install_engine(cached_plan: Path, version_dir: Path, *, link: bool = False) 
     """Put a cached plan (and its stamp) at ``version_dir/model.plan``; ``link`` symlinks instead of copying."""
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / PLAN_NAME
-    for path in (target, stamp_path(target)):
-        if path.is_symlink() or path.exists():
-            path.unlink()
+    stamp_path(target).unlink(missing_ok=True)  # no moment where a new plan sits next to the old stamp
     if link:
-        target.symlink_to(cached_plan.resolve())
+        partial = temporary_sibling(target)
+        partial.unlink()
+        partial.symlink_to(cached_plan.resolve())
+        os.replace(partial, target)
     else:
-        partial = target.with_name(target.name + ".part")
-        shutil.copyfile(cached_plan, partial)
-        partial.replace(target)
-    shutil.copyfile(stamp_path(cached_plan), stamp_path(target))
+        atomic_copy(cached_plan, target)
+    atomic_copy(stamp_path(cached_plan), stamp_path(target))
     return target
 
 

@@ -31,14 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from posetriton.processing import Poses, letterbox, postprocess, to_network_input
+from posetriton.contract import CANDIDATES, CANVAS
+from posetriton.processing import Poses, letterbox, postprocess
 from posetriton.spec import LetterboxSpec, PostprocessSpec
 
 logger = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-INPUT_NAME = "images"
-OUTPUT_NAME = "candidates"
+INPUT_NAME = CANVAS  # uint8 [B, S, S, 3], letterboxed, decoded RGB order (the graph scales and transposes)
+OUTPUT_NAME = CANDIDATES
 # Ops whose inputs get Q/DQ. Conv is the bulk of the compute; MatMul (attention blocks), the decode arithmetic
 # and the output layout stay in floating point (TensorRT runs them in FP16).
 DEFAULT_OP_TYPES = ("Conv",)
@@ -78,8 +79,9 @@ def augmented(image: np.ndarray, augment: bool = True) -> Iterator[np.ndarray]:
 class PhotoCalibrationReader:
     """ONNX Runtime ``CalibrationDataReader`` over real photos, letterboxed by the served code.
 
-    Implements the reader protocol (``get_next`` -> ``{"images": [B, 3, S, S] float32}`` or ``None``, and
-    ``rewind``); inputs are computed once, in a fixed order, so calibration is deterministic.
+    Implements the reader protocol (``get_next`` -> ``{"canvas": [B, S, S, 3] uint8}`` or ``None``, and
+    ``rewind``): exactly what the served preprocess step hands the network; inputs are computed once, in a fixed
+    order, so calibration is deterministic.
     """
 
     def __init__(
@@ -94,7 +96,7 @@ class PhotoCalibrationReader:
             image = decode_image(Path(path).read_bytes(), spec.max_pixels)
             for variant in augmented(image, augment):
                 canvas, _ = letterbox(variant, spec)
-                singles.append(to_network_input(canvas[None], spec))
+                singles.append(canvas[None])
         self.batches = [np.concatenate(singles[i : i + batch_size]) for i in range(0, len(singles), batch_size)]
         self.count = len(singles)
         self._position = 0
@@ -344,9 +346,8 @@ def evaluate(
     comparisons = []
     for path in photos:
         canvas, transform = letterbox(decode_image(Path(path).read_bytes(), letterbox_spec.max_pixels), letterbox_spec)
-        batch = to_network_input(canvas[None], letterbox_spec)
         fp32, quantized = (
-            postprocess(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0][0], transform, postprocess_spec)
+            postprocess(session.run([OUTPUT_NAME], {INPUT_NAME: canvas[None]})[0][0], transform, postprocess_spec)
             for session in sessions
         )
         comparisons.append({"photo": str(path), **compare_poses(fp32, quantized, limits)})

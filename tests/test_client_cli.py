@@ -105,3 +105,25 @@ def test_predict_refuses_an_empty_directory_and_a_glob_without_matches(tmp_path:
     assert code == 2 and "holds no images" in stderr
     code, _, stderr = _run("predict", str(tmp_path / "*.jpg"), "-o", str(tmp_path / "o.json"))
     assert code == 2 and "no file matches" in stderr
+
+
+def test_predict_without_output_prints_a_summary_per_image(served_url: str, photo_paths: list[Path]) -> None:
+    """No -o: a readable block per image whose counts are those of the JSON results; -o - stays JSON."""
+    photos = [p for p in photo_paths if p.name in {"bus.jpg", "zidane.jpg"}]
+    code, stdout, stderr = _run("predict", *map(str, photos), "--url", served_url, "--model", UL_MODEL, "-o", "-")
+    assert code == 0, stderr
+    entries = json.loads(stdout)
+    code, summary, stderr = _run("predict", *map(str, photos), "--url", served_url, "--model", UL_MODEL)
+    assert code == 0, stderr
+    for entry in entries:
+        people = len(entry["detections"])
+        header = (
+            f"{entry['image']} ({entry['width']}x{entry['height']}): {people} {'person' if people == 1 else 'people'}"
+        )
+        assert header in summary.splitlines(), summary
+        assert people >= 2
+    assert sum(line.lstrip().startswith("#") for line in summary.splitlines()) == sum(
+        len(entry["detections"]) for entry in entries
+    )
+    code, _, stderr = _run("predict", str(photos[0]), "--url", served_url, "--conf", "1.5")
+    assert code == 2 and "conf must be in [0, 1], got 1.5" in stderr

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.photos import network_input
 from build_engines.quantize import (
     AccuracyGateError,
     AccuracyLimits,
@@ -22,8 +21,9 @@ from build_engines.quantize import (
     gate_failures,
     match_detections,
 )
+from posetriton.contract import CANVAS
 from posetriton.images import decode_image
-from posetriton.processing import Poses, letterbox, to_network_input
+from posetriton.processing import Poses, letterbox
 from posetriton.repository import load_catalog
 from tests.conftest import EXPORT_PYTHON, ROOT, UL_MODEL
 from tests.test_tensorrt_offline import TRT_OPS, graph_summary
@@ -49,21 +49,21 @@ def test_calibration_reader_letterboxes_photos_and_variants_with_the_served_code
     reader = PhotoCalibrationReader(photos, SPEC.letterbox)
     assert reader.count == len(reader) == 2 * 5  # photo, mirror, three crops
     first = reader.get_next()
-    assert first is not None and list(first) == ["images"]
-    assert first["images"].shape == (1, 3, 640, 640) and first["images"].dtype == np.float32
-    np.testing.assert_array_equal(first["images"], network_input(photos[0], SPEC.letterbox))
-    mirror = reader.get_next()
+    assert first is not None and list(first) == [CANVAS]  # what the served preprocess step hands the network
+    assert first[CANVAS].shape == (1, 640, 640, 3) and first[CANVAS].dtype == np.uint8
     image = decode_image(photos[0].read_bytes(), SPEC.letterbox.max_pixels)
+    np.testing.assert_array_equal(first[CANVAS][0], letterbox(image, SPEC.letterbox)[0])
+    mirror = reader.get_next()
     canvas, _ = letterbox(np.ascontiguousarray(image[:, ::-1]), SPEC.letterbox)
-    np.testing.assert_array_equal(mirror["images"], to_network_input(canvas[None], SPEC.letterbox))  # type: ignore[index]
+    np.testing.assert_array_equal(mirror[CANVAS][0], canvas)  # type: ignore[index]
     remaining = 0
     while reader.get_next() is not None:
         remaining += 1
     assert remaining == 8 and reader.get_next() is None
     reader.rewind()
-    np.testing.assert_array_equal(next(iter(reader))["images"], first["images"])
+    np.testing.assert_array_equal(next(iter(reader))[CANVAS], first[CANVAS])
     batched = PhotoCalibrationReader(photos, SPEC.letterbox, augment=False, batch_size=2)
-    assert len(batched) == 1 and batched.get_next()["images"].shape == (2, 3, 640, 640)  # type: ignore[index]
+    assert len(batched) == 1 and batched.get_next()[CANVAS].shape == (2, 640, 640, 3)  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------- gate arithmetic
@@ -158,7 +158,7 @@ def test_int8_qdq_model_of_yolo11n_pose_passes_the_gate_on_held_out_photos(
     # TensorRT-ready: only TensorRT ops, symmetric INT8 (zero point 0), dynamic batch kept
     summary = graph_summary(version / "model.qdq.onnx")[str(version / "model.qdq.onnx")]
     assert {"QuantizeLinear", "DequantizeLinear"} <= set(summary["ops"]) <= TRT_OPS
-    assert summary["inputs"] == {"images": ["batch", 3, 640, 640]}
+    assert summary["inputs"] == {CANVAS: ["batch", 640, 640, 3]}
     zero_points = json.loads(
         subprocess.run(
             [str(EXPORT_PYTHON), "-c", ZERO_POINTS, str(version / "model.qdq.onnx")],

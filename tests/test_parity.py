@@ -12,6 +12,7 @@ gets them, so the JPEG decoder does not enter it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -24,7 +25,17 @@ from posetriton.images import decode_image
 from posetriton.openvino_runtime import OpenVinoRunner
 from posetriton.processing import letterbox, to_network_input
 from posetriton.repository import load_catalog
-from tests.conftest import ROOT, SG_MODEL, UL_MODEL
+from tests.conftest import (
+    CACHE,
+    ROOT,
+    SEED,
+    SG_MODEL,
+    UL_MODEL,
+    _fingerprint,
+    export_report,
+    run_export_python,
+    start_server,
+)  # fmt: skip
 from tests.triton_requests import Detections, infer, match, pixels_input, split
 
 # Served vs upstream, measured in original-image pixels (see the module docstring).
@@ -137,3 +148,42 @@ def _assert_close(served: Detections, expected: Detections, name: str) -> None:
     np.testing.assert_allclose(
         served.keypoints[order, :, 2], expected.keypoints[..., 2], atol=SCORE_BOUND, rtol=0, err_msg=name
     )
+
+
+@pytest.mark.slow
+def test_seeded_yolo_nas_pose_s_exports_and_serves_like_super_gradients(photo_paths: list[Path]) -> None:
+    """A second YOLO-NAS Pose size through the whole path: export gate, Triton, super-gradients' predict()."""
+    model = "yolo_nas_pose_s"
+    key = _fingerprint(model, str(SEED))
+    repository, references_dir = CACHE / "yolo_nas_pose_s" / "repository", CACHE / "yolo_nas_pose_s" / "references"
+    stamp = CACHE / "yolo_nas_pose_s" / "key"
+    photos = [p for p in photo_paths if p.name in {"bus.jpg", "zidane.jpg"}]
+    if not (stamp.exists() and stamp.read_text() == key):
+        run_export_python(
+            "-m", "build_engines", "build", model, "--seed", str(SEED), "--repository", str(repository),
+            "--workdir", str(CACHE / "yolo_nas_pose_s" / "export"),
+        )  # fmt: skip
+        checkpoint = export_report(repository, model)["files"]["checkpoint"]
+        run_export_python(
+            "tests/reference/make_references.py", "--out", str(references_dir), "--photos", *map(str, photos),
+            "--sg-variant", model, "--sg-checkpoint", checkpoint,
+        )  # fmt: skip
+        stamp.write_text(key)
+    report = export_report(repository, model)["parity"]
+    for key_name, tolerance in report["tolerances"].items():
+        assert report["openvino_vs_pytorch"][key_name] <= tolerance, (key_name, report)
+    expected_all = json.loads((references_dir / "detections.json").read_text())
+    server = start_server(repository, models=[model])
+    try:
+        for photo in photos:
+            d = expected_all["super_gradients"][photo.name]
+            expected = Detections(
+                np.asarray(d["boxes"], np.float32).reshape(-1, 4),
+                np.asarray(d["scores"], np.float32),
+                np.asarray(d["keypoints"], np.float32).reshape(-1, 17, 3),
+            )
+            (served,) = infer(server.grpc_url, model, [photo.read_bytes()])
+            assert len(served.scores) == len(expected.scores) >= 2, photo.name
+            _assert_close(served, expected, photo.name)
+    finally:
+        server.stop()

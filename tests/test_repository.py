@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from posetriton import contract
-from posetriton.repository import CPU_CONFIGS, load_catalog, render
+from posetriton.repository import CPU_CONFIGS, load_catalog, render, write_model
 from posetriton.spec import LetterboxSpec, PostprocessSpec, SpecError
 from tests.conftest import ROOT
 
@@ -25,8 +25,9 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     files = render(CATALOG[name])
     configs = {path.split("/")[0]: parse(text) for path, text in files.items() if path.endswith("config.pbtxt")}
-    assert set(configs) == {name, f"{name}_pixels", f"{name}_preprocess", f"{name}_network", f"{name}_postprocess"}
-    for ensemble in (name, f"{name}_pixels"):
+    steps = {f"{name}_preprocess", f"{name}_network", f"{name}_postprocess", f"{name}_tracker"}
+    assert set(configs) == {name, f"{name}_pixels", f"{name}_track", *steps}
+    for ensemble in (name, f"{name}_pixels", f"{name}_track"):
         produced = {i.name for i in configs[ensemble].input}
         for step in configs[ensemble].ensemble_scheduling.step:
             model = configs[step.model_name]
@@ -95,3 +96,17 @@ def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() 
     assert [list(o.dims) for o in post.output if o.name == contract.KEYPOINTS] == [[-1, 5, 3]]
     with pytest.raises(contract.ContractError, match="not a multiple of stride 48"):
         dataclasses.replace(base, strides=(8, 16, 48))
+
+
+def test_ort_trt_engine_cache_is_keyed_by_the_onnx_it_serves(tmp_path: Path) -> None:
+    """write_model keys the ONNX Runtime-TensorRT cache by the ONNX's hash: new weights, a new cache folder."""
+    model = CATALOG["yolo11n_pose"]
+    folders = []
+    for weights in (b"first export", b"second export"):
+        onnx_file = tmp_path / "model.onnx"
+        onnx_file.write_bytes(weights)
+        write_model(model, tmp_path / "repository", {"model.onnx": onnx_file})
+        config = parse((tmp_path / "repository" / "yolo11n_pose_network/configs/gpu_ort_trt.pbtxt").read_text())
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        folders.append(accelerator.parameters["trt_engine_cache_path"])
+    assert folders[0] != folders[1] and all("/yolo11n_pose/onnx-" in folder for folder in folders), folders

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.images import decode_image
 from posetriton.launcher import TritonServer
-from tests.conftest import SG_MODEL, UL_MODEL
+from tests.conftest import SG_MODEL, UL_MODEL, start_server
 from tests.inputs import bad_inputs, encode, exif_rotated_jpeg, sixteen_bit_png
-from tests.triton_requests import Detections, image_input, infer, infer_error, match, pixels_input
+from tests.triton_requests import Detections, image_input, infer, infer_error, match, pixels_input, split
 
 INVALID = "StatusCode.INVALID_ARGUMENT"
 
@@ -169,3 +171,36 @@ def test_ensemble_publishes_keypoint_metadata(served_url: str) -> None:
     assert names[0] == "nose" and len(names) == 17
     assert [5, 6] in json.loads(params["skeleton"])
     assert params["letterbox.pad_position"] == "center" and params["default.conf"] == "0.25"
+
+
+def test_reduced_jpeg_decode_is_opt_in_and_maps_back_to_the_original(
+    served_url: str, model_repository: Path, photos: dict[str, bytes], tmp_path: Path
+) -> None:
+    """With reduced_jpeg_decode on, a 4K JPEG is decoded at a fraction of its size, yet IMAGE_SIZE and the poses
+    refer to the original photo (within the deviation docs/benchmarks.md publishes for 4K)."""
+    repository = tmp_path / "repository"
+    for entry in model_repository.iterdir():
+        if entry.name.startswith(UL_MODEL):
+            shutil.copytree(entry, repository / entry.name, symlinks=True)
+    config = repository / f"{UL_MODEL}_preprocess" / "config.pbtxt"
+    off = 'key: "reduced_jpeg_decode" value { string_value: "false" }'
+    assert off in config.read_text(), "off by default"
+    config.write_text(config.read_text().replace(off, off.replace('"false"', '"true"')))
+    bus = cv2.imdecode(np.frombuffer(photos["bus.jpg"], np.uint8), cv2.IMREAD_COLOR)
+    big = cv2.resize(bus, (bus.shape[1] * 4, bus.shape[0] * 4), interpolation=cv2.INTER_CUBIC)  # 3240x4320
+    data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+
+    (full,) = infer(served_url, UL_MODEL, [data])
+    server = start_server(repository, models=[UL_MODEL])
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            result = client.infer(UL_MODEL, [image_input([data])], client_timeout=120)
+    finally:
+        server.stop()
+    assert result.as_numpy("IMAGE_SIZE").tolist() == [[3240, 4320]]
+    (reduced,) = split(result)
+    assert len(reduced.scores) == len(full.scores) >= 4
+    order = match(reduced, full)
+    confident = full.keypoints[..., 2] > 0.5
+    deviation = np.linalg.norm(reduced.keypoints[order, :, :2] - full.keypoints[..., :2], axis=-1)[confident]
+    assert 0 < np.median(deviation) < 10.0, np.median(deviation)  # px; docs: median 4.4 px at 4K

@@ -1,36 +1,49 @@
 """GPU preprocess step: JPEG decode with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and the letterbox
-in torch ops on the GPU, behind the same ``NAME_preprocess`` tensors as the CPU step (``preprocess.py``).
+in torch ops on the GPU, behind the same ``NAME_preprocess`` tensors as the CPU step (``preprocess.py``):
+``canvas`` uint8 ``[B, S, S, 3]`` (letterboxed, decoded RGB order; the network graph does channel order,
+transpose and /255) and ``letterbox`` FP64 ``[B, 6]``.
 
 Selected with ``--model-config-name=gpu_nvjpeg`` (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, KIND_GPU, model
 file ``gpu_model.py``). Needs torch + torchvision with CUDA (``requirements/gpu.txt``).
 
-Geometry is the shared numpy letterbox's (:func:`posetriton.processing.letterbox`): the same resized size
-(``round`` half-to-even of ``side * scale``, at least 1 px), the same pad placement (Ultralytics' centred
-``round(d - 0.1)`` or bottom-right), pad value, channel order and ``/255``, and the same
-:class:`~posetriton.processing.LetterboxTransform`. The resize is :func:`resize_linear_cv2`, which
-reproduces ``cv2.resize(INTER_LINEAR)`` exactly: the same half-pixel-centre sampling and edge clamping, and
-OpenCV's 11-bit fixed-point weights and rounding, in integer torch ops (a float ``interpolate`` would differ by
-1 grey level on about 10 % of pixels). JPEG decoding differs between nvJPEG and libjpeg
-(Pillow, the CPU path) by the IDCT's rounding, typically 1-2 grey levels. Everything that is not a JPEG
-Pillow/nvJPEG handles alike (PNG, WebP, BMP, GIF, CMYK JPEGs, anything nvJPEG rejects) takes the CPU path:
-:func:`posetriton.images.decode_image` + the numpy letterbox, so error messages are those of the CPU step.
+One ``execute`` call decodes the JPEGs of all its requests in one batched nvJPEG call and letterboxes them into
+one device tensor; each response gets its slice, handed to Triton as the torch tensor itself
+(``pb_utils.Tensor.from_dlpack(name, tensor)``): the Python backend then asks the tensor for its DLPack capsule on
+its own CUDA stream and synchronises, and the canvas stays on the GPU (a capsule made beforehand skips that
+stream hand-shake). Failures stay per request:
 
-:func:`letterbox_torch` and :func:`apply_exif_orientation` are pure functions with a ``device`` argument, so the
-geometry is tested on CPU against the numpy letterbox (tests/test_gpu_preprocess.py). Pillow
-(:mod:`posetriton.images`) is imported only where encoded images are handled, so those functions need only
-torch, numpy and OpenCV.
+* a bad image fails its request with INVALID_ARGUMENT (the CPU step's messages);
+* any other error on the GPU path (out of memory, nvJPEG internals) sends that request through the CPU decode
+  and letterbox instead (its canvas then leaves from host memory), and the other requests are unaffected;
+* a sticky CUDA error (the context is unusable: every later CUDA call fails) makes the stub exit, so the model
+  does not stay READY while failing: the stub watchdog (``posetriton.watchdog``) reloads the model with a fresh
+  stub and CUDA context, and if that fails too the model is not ready and the pod's readiness probe fails.
+
+Geometry is the shared numpy letterbox's (:func:`posetriton.processing.letterbox`): the same resized size, pad
+placement, pad value and :class:`~posetriton.processing.LetterboxTransform`. The resize is
+:func:`resize_linear_cv2`, which reproduces ``cv2.resize(INTER_LINEAR)`` exactly in integer torch ops (a float
+``interpolate`` would differ by 1 grey level on about 10 % of pixels). JPEG decoding differs between nvJPEG and
+libjpeg (Pillow, the CPU path) by IDCT rounding and chroma upsampling (see docs/gpu.md). Everything that is not
+a JPEG Pillow/nvJPEG handles alike (PNG, WebP, BMP, GIF, CMYK JPEGs, anything nvJPEG rejects) takes the CPU
+path: :func:`posetriton.images.decode_image` + the numpy letterbox.
+
+The functions take a ``device`` argument, so the whole path runs on CPU in tests (tests/test_gpu_preprocess.py).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, image_error
 from posetriton.processing import LetterboxTransform, letterbox, letterbox_geometry
 from posetriton.spec import LetterboxSpec
 
@@ -40,29 +53,45 @@ except ImportError:  # pragma: no cover - tests and the device check import the 
     pb_utils = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"  # EOI; nvJPEG may decode a truncated file that Pillow (the CPU step) refuses
 EXIF_ORIENTATION_TAG = 0x0112
 # Pillow modes of JPEGs nvJPEG decodes to RGB exactly as Pillow does; CMYK/YCCK go to the CPU path.
 GPU_JPEG_MODES = ("RGB", "L")
 RESIZE_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE (11 fractional bits)
+CUDA_FAULT_EXIT_CODE = 75  # the stub exits with this after a sticky CUDA error (see the module docstring)
+
+Item = bytes | np.ndarray
+
+
+class CudaFault(RuntimeError):
+    """The CUDA context is unusable (a sticky error): only a new process can use the GPU again."""
+
+
+# ------------------------------------------------------------------------------------------------ geometry
 
 
 def letterbox_torch(
     image: torch.Tensor, spec: LetterboxSpec, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, LetterboxTransform]:
-    """``[3, H, W]`` uint8 RGB -> letterboxed ``[3, S, S]`` uint8 RGB canvas on ``device`` (default: the image's)."""
+    """``[3, H, W]`` uint8 RGB -> letterboxed ``[S, S, 3]`` uint8 RGB canvas on ``device`` (default: the image's)."""
+    target_device = torch.device(device) if device is not None else image.device
+    canvas = torch.empty((spec.input_size, spec.input_size, 3), dtype=torch.uint8, device=target_device)
+    return canvas, letterbox_into(canvas, image, spec)
+
+
+def letterbox_into(canvas: torch.Tensor, image: torch.Tensor, spec: LetterboxSpec) -> LetterboxTransform:
+    """Letterbox ``[3, H, W]`` uint8 RGB straight into ``canvas`` (``[S, S, 3]``, e.g. one row of the batch)."""
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected a [3, H, W] uint8 tensor, got {list(image.shape)} {image.dtype}")
-    if device is not None:
-        image = image.to(device, non_blocking=True)
+    image = image.to(canvas.device, non_blocking=True)
     height, width = int(image.shape[1]), int(image.shape[2])
     new_w, new_h, transform = letterbox_geometry(height, width, spec)
     if (new_w, new_h) != (width, height):
         image = resize_linear_cv2(image, new_h, new_w)
-    size = spec.input_size
-    canvas = torch.full((3, size, size), spec.pad_value, dtype=torch.uint8, device=image.device)
+    canvas.fill_(spec.pad_value)
     top, left = transform.pad_y, transform.pad_x
-    canvas[:, top : top + new_h, left : left + new_w] = image
-    return canvas, transform
+    canvas[top : top + new_h, left : left + new_w] = image.permute(1, 2, 0)
+    return transform
 
 
 def _cv2_linear_coefficients(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -105,13 +134,6 @@ def resize_linear_cv2(image: torch.Tensor, new_h: int, new_w: int) -> torch.Tens
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def to_network_input_torch(canvases: torch.Tensor, spec: LetterboxSpec) -> torch.Tensor:
-    """``[B, 3, S, S]`` uint8 RGB canvases -> network input float32 in [0, 1] (BGR flipped when the spec says so)."""
-    if spec.channel_order == "BGR":
-        canvases = canvases.flip(1)
-    return canvases.float().div_(255.0).contiguous()
-
-
 def apply_exif_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """Make a ``[C, H, W]`` image upright for EXIF orientation 1-8, as ``PIL.ImageOps.exif_transpose`` does."""
     if orientation == 2:
@@ -137,8 +159,8 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     Reads only the header (Pillow, lazy), so the decompression-bomb limit is enforced before any decoding, as
     on the CPU path.
     """
-    if not data.startswith(JPEG_MAGIC):
-        return None
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\x00").endswith(JPEG_END):
+        return None  # not a JPEG, or one without its end marker (truncated): the CPU path decides
     from PIL import Image
 
     try:
@@ -157,79 +179,22 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     return width, height, orientation
 
 
-def preprocess_batch(
-    items: Sequence[bytes | np.ndarray],
-    spec: LetterboxSpec,
-    device: torch.device | str = "cuda",
-    *,
-    torch_decode: bool | None = None,
-) -> tuple[torch.Tensor, list[LetterboxTransform], list[str]]:
-    """Encoded images (bytes) or raw ``[H, W, 3]`` uint8 RGB arrays -> ``[B, 3, S, S]`` float32 on ``device``.
+# ------------------------------------------------------------------------------------------------ decoding
 
-    JPEGs are decoded by nvJPEG in one batched call when ``device`` is CUDA; everything else is decoded on the
-    CPU. ``torch_decode`` (default: whether ``device`` is CUDA) forces the torchvision decode + torch letterbox
-    path on any device, which lets the whole GPU code path run on CPU in tests. Returns the network input, one
-    transform per item and the path each item took (``gpu``/``cpu``/``pixels``). Raises
-    :class:`~posetriton.images.InvalidImageError` naming the item that cannot be used.
+
+def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """nvJPEG: one batched call, else one by one; an item that cannot be decoded this way comes back as None.
+
+    torchvision raises RuntimeError for a JPEG nvJPEG rejects and for its own internal failures alike, so both
+    send the item to the CPU path; :func:`preprocess_requests` checks afterwards that the CUDA context survived.
     """
-    from posetriton.images import InvalidImageError, check_pixels
-
-    device = torch.device(device)
-    if torch_decode is None:
-        torch_decode = device.type == "cuda"
-    canvases: list[torch.Tensor | None] = [None] * len(items)
-    transforms: list[LetterboxTransform | None] = [None] * len(items)
-    paths = ["cpu"] * len(items)
-    jpegs: list[tuple[int, bytes, int]] = []
-    for index, item in enumerate(items):
-        try:
-            if isinstance(item, np.ndarray):
-                pixels = check_pixels(item, spec.max_pixels)
-                tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-                canvases[index], transforms[index] = letterbox_torch(tensor, spec, device)
-                paths[index] = "pixels"
-                continue
-            header = jpeg_header(item, spec.max_pixels) if torch_decode else None
-            if header is not None:
-                jpegs.append((index, item, header[2]))
-                continue
-            canvases[index], transforms[index] = _cpu_path(item, spec, device)
-        except InvalidImageError as exc:
-            raise InvalidImageError(_where(index, len(items)) + str(exc)) from None
-    for (index, data, orientation), decoded in zip(jpegs, _decode_jpegs([d for _, d, _ in jpegs], device), strict=True):
-        try:
-            if decoded is None:  # nvJPEG refused it: the CPU path decides (and names the problem)
-                canvases[index], transforms[index] = _cpu_path(data, spec, device)
-                continue
-            canvases[index], transforms[index] = letterbox_torch(apply_exif_orientation(decoded, orientation), spec)
-            paths[index] = "gpu"
-        except InvalidImageError as exc:
-            raise InvalidImageError(_where(index, len(items)) + str(exc)) from None
-    batch = torch.stack([c for c in canvases if c is not None])
-    return to_network_input_torch(batch, spec), [t for t in transforms if t is not None], paths
-
-
-def _where(index: int, count: int) -> str:
-    return f"image {index} of {count}: " if count > 1 else ""
-
-
-def _cpu_path(data: bytes, spec: LetterboxSpec, device: torch.device) -> tuple[torch.Tensor, LetterboxTransform]:
-    from posetriton.images import decode_image
-
-    canvas, transform = letterbox(decode_image(data, spec.max_pixels), spec)
-    return torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))).to(device), transform
-
-
-def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """nvJPEG: one batched call, else one by one; an item nvJPEG cannot decode comes back as None."""
     if not blobs:
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
     try:
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        return list(decoded)
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         results: list[torch.Tensor | None] = []
         for tensor in encoded:
@@ -240,7 +205,187 @@ def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor
         return results
 
 
-class TritonPythonModel:  # pragma: no cover - runs inside Triton on a GPU (see docs/gpu.md)
+def cuda_context_usable(device: torch.device) -> bool:
+    """False after a sticky CUDA error: synchronising and one tiny kernel fail from then on."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        return bool(torch.ones(1, device=device).add_(1).item() == 2)
+    except Exception:
+        return False
+
+
+@dataclass
+class Prepared:
+    """One request's preprocess outputs: canvases ``[n, S, S, 3]`` uint8 and one transform per image."""
+
+    canvases: torch.Tensor | np.ndarray  # a device tensor (GPU path) or a host array (CPU fallback)
+    transforms: list[LetterboxTransform]
+    paths: list[str]  # per image: "gpu", "cpu" or "pixels"; "fallback" when the request left the GPU path
+
+    def letterbox_array(self) -> np.ndarray:
+        return np.stack([t.to_array() for t in self.transforms])
+
+
+def preprocess_requests(
+    requests: Sequence[Sequence[Item]],
+    spec: LetterboxSpec,
+    device: torch.device | str = "cuda",
+    *,
+    torch_decode: bool | None = None,
+    decode: Callable[[list[bytes], torch.device], list[torch.Tensor | None]] = decode_jpegs,
+    context_usable: Callable[[torch.device], bool] = cuda_context_usable,
+) -> list[Prepared | Exception]:
+    """Preprocess every request of one ``execute`` call: per request a :class:`Prepared`, or the
+    :class:`~posetriton.images.InvalidImageError` that refuses it.
+
+    Items are encoded images (bytes) or ``[H, W, 3]`` uint8 RGB arrays. The JPEGs of all requests are decoded in
+    one batched nvJPEG call when ``device`` is CUDA (``torch_decode`` forces that path on any device, so tests run
+    it on CPU) and every image is letterboxed into one ``[N, S, S, 3]`` tensor on ``device``. A request whose GPU
+    path fails for any other reason is redone on the CPU; :class:`CudaFault` is raised when the CUDA context is
+    no longer usable. ``decode`` and ``context_usable`` are replaceable for tests.
+    """
+    from posetriton.images import InvalidImageError, check_pixels
+
+    device = torch.device(device)
+    if torch_decode is None:
+        torch_decode = device.type == "cuda"
+    results: list[Prepared | Exception | None] = [None] * len(requests)
+    # 1. classify every item; a bad raw-pixel array or a header over the pixel limit fails its request here
+    plans: list[list[tuple[str, Any]]] = []
+    for r, items in enumerate(requests):
+        plan: list[tuple[str, Any]] = []
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item, np.ndarray):
+                    plan.append(("pixels", check_pixels(item, spec.max_pixels)))
+                    continue
+                header = jpeg_header(item, spec.max_pixels) if torch_decode else None
+                plan.append(("gpu", (item, header[2])) if header is not None else ("cpu", item))
+            except InvalidImageError as exc:
+                results[r] = InvalidImageError(image_error(i, len(items), str(exc)))
+                break
+        plans.append(plan)
+    # 2. one nvJPEG batch for every JPEG of the requests still standing
+    jpeg_slots = [(r, i) for r, plan in enumerate(plans) if results[r] is None for i, (kind, _) in enumerate(plan)
+                  if kind == "gpu"]  # fmt: skip
+    try:
+        decoded = decode([plans[r][i][1][0] for r, i in jpeg_slots], device)
+    except Exception:
+        decoded = [None] * len(jpeg_slots)  # every JPEG takes the CPU decode
+    if any(d is None for d in decoded):  # nvJPEG refused something: make sure it was not the context dying
+        _raise_if_fault(device, context_usable)
+    decoded_at = dict(zip(jpeg_slots, decoded, strict=True))
+    # 3. letterbox into one batch tensor; each request owns a slice of it
+    total = sum(len(plan) for r, plan in enumerate(plans) if results[r] is None)
+    size = spec.input_size
+    try:
+        batch = torch.empty((total, size, size, 3), dtype=torch.uint8, device=device) if total else None
+    except Exception:  # out of device memory for the batch: every request takes the CPU path
+        _raise_if_fault(device, context_usable)
+        batch = None
+    start = 0
+    for r, plan in enumerate(plans):
+        if results[r] is not None:
+            continue
+        rows = batch[start : start + len(plan)] if batch is not None else None
+        start += len(plan)
+        try:
+            if rows is None:
+                raise RuntimeError("no device batch")
+            results[r] = _letterbox_request(plan, rows, spec, {i: decoded_at.get((r, i)) for i in range(len(plan))})
+        except InvalidImageError as exc:
+            results[r] = exc
+        except Exception:
+            _raise_if_fault(device, context_usable)
+            try:
+                results[r] = _cpu_request(requests[r], spec)
+            except Exception as exc:  # the CPU path failed too: this request fails alone (INTERNAL)
+                results[r] = exc
+    return [result for result in results if result is not None]
+
+
+def _letterbox_request(
+    plan: list[tuple[str, Any]], rows: Any, spec: LetterboxSpec, decoded: dict[int, torch.Tensor | None]
+) -> Prepared:
+    from posetriton.images import InvalidImageError
+
+    transforms, paths = [], []
+    for i, (kind, value) in enumerate(plan):
+        try:
+            if kind == "pixels":
+                image = torch.from_numpy(np.ascontiguousarray(value)).to(rows.device, non_blocking=True)
+                transforms.append(letterbox_into(rows[i], image.permute(2, 0, 1), spec))
+            elif kind == "gpu" and decoded[i] is not None:
+                transforms.append(letterbox_into(rows[i], apply_exif_orientation(decoded[i], value[1]), spec))
+            else:  # not a JPEG nvJPEG handles alike, or nvJPEG refused it: the CPU path decides
+                canvas, transform = _cpu_letterbox(value[0] if kind == "gpu" else value, spec)
+                rows[i].copy_(torch.from_numpy(canvas), non_blocking=False)
+                transforms.append(transform)
+                kind = "cpu"
+        except InvalidImageError as exc:
+            raise InvalidImageError(image_error(i, len(plan), str(exc))) from None
+        paths.append(kind)
+    return Prepared(rows, transforms, paths)
+
+
+def _cpu_letterbox(data: bytes, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxTransform]:
+    from posetriton.images import decode_image
+
+    return letterbox(decode_image(data, spec.max_pixels), spec)
+
+
+def _cpu_request(items: Sequence[Item], spec: LetterboxSpec) -> Prepared | Exception:
+    """The CPU step's decode and letterbox for one request (host memory), after its GPU path failed."""
+    from posetriton.images import InvalidImageError, check_pixels
+
+    canvases, transforms = [], []
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, np.ndarray):
+                canvas, transform = letterbox(check_pixels(item, spec.max_pixels), spec)
+            else:
+                canvas, transform = _cpu_letterbox(item, spec)
+        except InvalidImageError as exc:
+            return InvalidImageError(image_error(i, len(items), str(exc)))
+        canvases.append(canvas)
+        transforms.append(transform)
+    return Prepared(np.stack(canvases), transforms, ["fallback"] * len(items))
+
+
+def _raise_if_fault(device: torch.device, context_usable: Callable[[torch.device], bool]) -> None:
+    if not context_usable(device):
+        raise CudaFault(f"the CUDA context on {device} is unusable after an error (sticky CUDA error)")
+
+
+def preprocess_batch(
+    items: Sequence[Item], spec: LetterboxSpec, device: torch.device | str = "cuda", *, torch_decode: bool | None = None
+) -> tuple[torch.Tensor, list[LetterboxTransform], list[str]]:
+    """One request's items -> ``[B, S, S, 3]`` uint8 canvases on ``device``, transforms and per-item paths.
+
+    Raises :class:`~posetriton.images.InvalidImageError` naming the item that cannot be used.
+    """
+    (result,) = preprocess_requests([items], spec, device, torch_decode=torch_decode)
+    if isinstance(result, Exception):
+        raise result
+    canvases = result.canvases
+    tensor = torch.from_numpy(canvases).to(device) if isinstance(canvases, np.ndarray) else canvases
+    return tensor, result.transforms, result.paths
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def canvas_output(canvases: torch.Tensor | np.ndarray) -> Any:
+    """The ``canvas`` output tensor: a device tensor is handed over as the torch tensor (not a DLPack capsule),
+    so the Python backend synchronises on its stream and the data stays on the GPU; a host array is copied."""
+    if isinstance(canvases, np.ndarray):
+        return pb_utils.Tensor(CANVAS, canvases)
+    return pb_utils.Tensor.from_dlpack(CANVAS, canvases)
+
+
+class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from posetriton.serving.triton_utils import model_parameters
 
@@ -248,38 +393,62 @@ class TritonPythonModel:  # pragma: no cover - runs inside Triton on a GPU (see 
         self.spec = LetterboxSpec.from_parameters(model_parameters(config))
         if args.get("model_instance_kind") == "GPU":
             self.device = torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+            torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        self.exit: Callable[[int], Any] = os._exit  # replaceable in tests
 
     def execute(self, requests: list[Any]) -> list[Any]:
         from posetriton.images import InvalidImageError
-        from posetriton.serving.triton_utils import invalid_argument
+        from posetriton.serving.triton_utils import internal_error, invalid_argument
 
-        responses = []
+        items: list[list[Item] | Exception] = []
         for request in requests:
             try:
-                items = self._items(request)
-                images, transforms, _ = preprocess_batch(items, self.spec, self.device)
+                items.append(self._items(request))
             except InvalidImageError as exc:
-                responses.append(invalid_argument(str(exc)))
+                items.append(exc)
+        valid = [entry for entry in items if not isinstance(entry, Exception)]
+        try:
+            try:
+                prepared = iter(preprocess_requests(valid, self.spec, self.device))
+            except CudaFault:
+                raise
+            except Exception as exc:  # unforeseen: fail this call's requests, and the stub if CUDA is gone
+                if not cuda_context_usable(self.device):
+                    raise CudaFault(f"the CUDA context on {self.device} is unusable after: {exc}") from exc
+                return [internal_error(f"preprocess failed: {exc}") for _ in requests]
+        except CudaFault as exc:
+            print(f"posetriton gpu_preprocess: {exc}; exiting so a fresh process takes over", file=sys.stderr)
+            sys.stderr.flush()
+            self.exit(CUDA_FAULT_EXIT_CODE)
+            return [internal_error(str(exc)) for _ in requests]  # reached only when exit is replaced (tests)
+        responses = []
+        for entry in items:
+            result = entry if isinstance(entry, Exception) else next(prepared)
+            if isinstance(result, InvalidImageError):
+                responses.append(invalid_argument(str(result)))
+                continue
+            if isinstance(result, Exception):
+                responses.append(internal_error(f"preprocess failed: {result}"))
                 continue
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor.from_dlpack("images", torch.utils.dlpack.to_dlpack(images)),
-                        pb_utils.Tensor("letterbox", np.stack([t.to_array() for t in transforms])),
+                        canvas_output(result.canvases),
+                        pb_utils.Tensor(LETTERBOX, result.letterbox_array()),
                     ]
                 )
             )
         return responses
 
-    def _items(self, request: Any) -> list[bytes | np.ndarray]:
+    def _items(self, request: Any) -> list[Item]:
         from posetriton.images import InvalidImageError
 
-        encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+        encoded = pb_utils.get_input_tensor_by_name(request, IMAGE)
         if encoded is not None:
             return [item if isinstance(item, bytes) else bytes(item) for item in encoded.as_numpy().reshape(-1)]
-        pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
+        pixels = pb_utils.get_input_tensor_by_name(request, PIXELS)
         if pixels is None:
             raise InvalidImageError("the request carries neither IMAGE (encoded bytes) nor PIXELS (raw RGB)")
         return list(pixels.as_numpy())
