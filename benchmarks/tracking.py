@@ -33,8 +33,9 @@ import tritonclient.grpc as grpcclient
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame
 from posetriton.clips import sample_clip
+from posetriton.contract import TRACKER_SUFFIX
 from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.tracking import TRACKER_SUFFIX, PoseTracker, TrackerSpec
+from posetriton.tracking import PoseTracker, TrackerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 FPS = 15.0

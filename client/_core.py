@@ -16,8 +16,7 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES
-from posetriton.tracking import TRACK_SUFFIX, TRACKER_SUFFIX
+from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
 
 from .errors import PoseClientError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
@@ -31,7 +30,8 @@ HEALTH_TIMEOUT_S = 30.0
 # Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
 DEFAULT_IN_FLIGHT = 4
 # NAME_track and its step take video streams (PoseClient.track), not predict(): not listed among the models.
-TRACKING_SUFFIXES = (TRACK_SUFFIX, TRACKER_SUFFIX)
+# NAME_track serves video (track()), not predict(); its tracker step is a step like the others.
+TRACKING_SUFFIXES = (TRACK_SUFFIX,)
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 

@@ -49,8 +49,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import parse_error
-from posetriton.tracking import FRAME_INDEX, TRACK_IDS, TRACK_SUFFIX, UNTRACKED
+from posetriton.contract import FRAME_INDEX, TRACK_IDS, TRACK_SUFFIX, UNTRACKED, parse_error
 
 from .errors import DeadlineExceededError, InvalidInputError, PoseClientError, grpc_status
 from .inputs import ImageInput, prepare_image

@@ -34,18 +34,23 @@ else:  # the NGC Triton image runs Python 3.10
     import tomli as tomllib
 
 from posetriton import contract
-from posetriton.contract import CANDIDATES, CANVAS, IMAGE, LETTERBOX, LETTERBOX_WIDTH, PIXELS
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
-from posetriton.tracking import (
+from posetriton.contract import (
+    CANDIDATES,
+    CANVAS,
     CONTROL_CORRID,
     CONTROL_END,
     CONTROL_START,
     FRAME_INDEX,
+    IMAGE,
+    LETTERBOX,
+    LETTERBOX_WIDTH,
+    PIXELS,
     TRACK_IDS,
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
-    TrackerSpec,
 )
+from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.tracking import TrackerSpec
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}

@@ -31,14 +31,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-# Tensor and model names of the tracking ensemble (to move into posetriton.contract).
-TRACK_IDS = "TRACK_IDS"  # INT64 [B, N]: track ID per detection row, UNTRACKED for none (and for padding)
-FRAME_INDEX = "FRAME_INDEX"  # INT64 [B, 1]: the frame's position in its video, sent by the client
-TRACK_SUFFIX = "_track"  # ensemble NAME_track: NAME's outputs plus TRACK_IDS
-TRACKER_SUFFIX = "_tracker"  # its stateful step (sequence batcher), after NAME_postprocess
-UNTRACKED = -1
-# Triton's sequence control inputs of the tracker step.
-CONTROL_START, CONTROL_END, CONTROL_CORRID = "START", "END", "CORRID"
+from posetriton.contract import (  # noqa: F401  (re-exported: the tracking names live in the contract)
+    CONTROL_CORRID,
+    CONTROL_END,
+    CONTROL_START,
+    FRAME_INDEX,
+    TRACK_IDS,
+    TRACK_SUFFIX,
+    TRACKER_SUFFIX,
+    UNTRACKED,
+)
 
 # COCO's per-keypoint OKS constants (sigmas) for the 17 person keypoints.
 COCO_SIGMAS = (
@@ -175,7 +177,7 @@ class PoseTracker:
             past_detections_length=0,
         )
         self._distance = PoseDistance(spec, sigmas)
-        self._tracker.distance_function = self._distance  # type: ignore[assignment]
+        self._tracker.distance_function = self._distance
         self.last_frame: int | None = None
 
     @property

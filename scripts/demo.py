@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from posetriton.contract import TRACK_SUFFIX
 from posetriton.launcher import ServerOptions, ServerStartError, TritonServer, free_port
-from posetriton.tracking import TRACK_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,9 +28,10 @@ from tritonclient.utils import InferenceServerException
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame, TrackingStreamError
 from posetriton.client.inputs import encode_rgb
 from posetriton.clips import ClipFrame, TrackScore, Walker, camera_path, score_tracks, slide
+from posetriton.contract import FRAME_INDEX
 from posetriton.launcher import TritonServer
 from posetriton.repository import load_catalog, render, track_models
-from posetriton.tracking import FRAME_INDEX, PoseTracker, SequenceStore, TrackerSpec, box_iou
+from posetriton.tracking import PoseTracker, SequenceStore, TrackerSpec, box_iou
 from tests.conftest import ROOT, UL_MODEL, start_server
 
 TRACKER = UL_MODEL + "_tracker"

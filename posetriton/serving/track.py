@@ -18,13 +18,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from posetriton.contract import CONTROL_CORRID, CONTROL_END, CONTROL_START, FRAME_INDEX, TRACK_IDS
 from posetriton.serving.triton_utils import invalid_argument, model_parameters
 from posetriton.tracking import (
-    CONTROL_CORRID,
-    CONTROL_END,
-    CONTROL_START,
-    FRAME_INDEX,
-    TRACK_IDS,
     PoseTracker,
     SequenceStore,
     TrackerSpec,
