@@ -31,7 +31,8 @@ from playwright.sync_api import Error as PlaywrightError
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from posetriton.client import AsyncPoseClient, InvalidInputError, PoseClient
+from posetriton.client import InvalidInputError, PoseClient
+from posetriton.contract import TRACK_SUFFIX
 from posetriton.launcher import free_port
 from tests.conftest import SG_MODEL, UL_MODEL
 
@@ -265,7 +266,7 @@ def test_the_model_picker_lists_the_served_pose_ensembles_and_switches_model(
 ) -> None:
     with PoseClient(served_url) as client:
         served = client.list_models()
-    expected = sorted(m.name for m in served if m.input_name == "IMAGE" and not m.name.endswith("_track"))
+    expected = sorted(m.name for m in served if m.input_name == "IMAGE")
     assert SG_MODEL in expected
     options = page.locator("#model option").evaluate_all("options => options.map(o => o.value)")
     assert sorted(options) == expected
@@ -437,7 +438,8 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
         page.click("#camera-stop")
     finally:
         chromium.close()
-    assert tracking == str(_tracking_served(served_url)).lower(), "the tracker is used exactly when it is served"
+    assert _tracking_served(served_url), "the test repository serves NAME_track for every model"
+    assert tracking == "true", "the page streams to the server-side tracker when the model has one"
     with_people = [s for s in samples if int(s["people"]) >= 1]
     assert len(with_people) >= 0.8 * len(samples), samples
     assert float(samples[-1]["fps"]) > 0
@@ -450,14 +452,13 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
     assert np.median(in_flight) <= 4, timed
     if float(samples[-1]["fps"]) < 10:  # slower than the 15 fps camera: frames must have been dropped
         assert int(samples[-1]["dropped"]) > 0, samples[-1]
-    if tracking == "true":
-        _assert_stable_track_ids(samples)
+    _assert_stable_track_ids(samples)
 
 
 def _tracking_served(url: str) -> bool:
-    """Whether the SDK can stream to the server-side tracker and the server has yolo11n_pose_track ready."""
+    """Whether the server has the tracking ensemble yolo11n_pose_track ready (the test repository has it)."""
     with PoseClient(url) as client:
-        return hasattr(AsyncPoseClient, "track") and f"{UL_MODEL}_track" in client.ready_models()
+        return client.is_model_ready(UL_MODEL + TRACK_SUFFIX)
 
 
 def _assert_stable_track_ids(samples: list[dict[str, str]]) -> None:
@@ -478,7 +479,8 @@ def test_camera_socket_drops_frames_it_cannot_keep_up_with_newest_wins(
 
     Both engines: the server-side tracker (asked for by default; used when served) and one request per frame.
     """
-    tracking = mode == "track" and _tracking_served(served_url)
+    assert _tracking_served(served_url)
+    tracking = mode == "track"
     photo = _photo(photo_paths, "bus.jpg")
     jpeg = photo.read_bytes()
     socket_url = ui_url.replace("http://", "ws://") + f"/api/camera?model={UL_MODEL}&mode={mode}"

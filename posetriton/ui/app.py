@@ -54,7 +54,7 @@ from posetriton.client import (
     PoseClientError,
     ServerUnavailableError,
 )
-from posetriton.contract import IMAGE, THRESHOLD_NAMES, ContractError, Thresholds
+from posetriton.contract import IMAGE, THRESHOLD_NAMES, TRACK_SUFFIX, ContractError, Thresholds
 
 from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, TrackingEngine, error_message
 from .limits import (
@@ -66,8 +66,6 @@ from .limits import (
     thresholds_from_query,
 )
 
-# The tracking ensemble of model NAME (the server-side tracker's; the SDK's track() streams to it).
-TRACK_SUFFIX = "_track"
 # A large photo on a busy CPU server takes seconds; a page should not hang for the SDK's default (minutes).
 DEFAULT_TIMEOUT_S = 30.0
 # A closed camera connection waits this long for the frame in flight before cancelling it.
@@ -164,10 +162,9 @@ class TritonGateway:
 
     async def models(self) -> list[dict[str, Any]]:
         """The pose ensembles that take encoded images, with what the page needs to draw and to set its sliders."""
-        ready = set(await self._discovery.ready_models())
         found = []
-        for meta in await self._discovery.list_models():
-            if meta.input_name != IMAGE or meta.name.endswith(TRACK_SUFFIX):
+        for meta in await self._discovery.list_models():  # the SDK lists neither steps nor NAME_track
+            if meta.input_name != IMAGE:
                 continue
             self._metadata[meta.name] = meta
             found.append(
@@ -175,7 +172,7 @@ class TritonGateway:
                     **meta.to_dict(),
                     "defaults": {name: _number(meta.parameters.get(f"default.{name}")) for name in THRESHOLD_NAMES},
                     "max_det_limit": meta.max_det_limit,
-                    "tracking": self.tracking_available(meta.name, ready),
+                    "tracking": await self.tracking_available(meta.name),
                 }
             )
         return found
@@ -198,15 +195,17 @@ class TritonGateway:
             self._clients[model] = AsyncPoseClient(self.settings.url, model, self.settings.timeout_s)
         return self._clients[model]
 
-    @staticmethod
-    def tracking_available(model: str, ready: set[str]) -> bool:
-        """Whether live mode can use the server-side tracker: the SDK can stream to it and NAME_track is ready."""
-        return hasattr(AsyncPoseClient, "track") and model + TRACK_SUFFIX in ready
+    async def tracking_available(self, model: str) -> bool:
+        """Whether live mode can use the server-side tracker: the server has NAME_track ready."""
+        try:
+            return await self._discovery.is_model_ready(model + TRACK_SUFFIX)
+        except ModelNotReadyError:
+            return False
 
     async def camera_engine(self, model: str, track: bool = True) -> CameraEngine:
         """The tracker when asked for and the server has it for this model, else one request per frame."""
         client = await self.client(model)
-        if track and self.tracking_available(model, set(await self._discovery.ready_models())):
+        if track and await self.tracking_available(model):
             return TrackingEngine(client)
         return PerFrameEngine(client, self.settings.camera_in_flight)
 
