@@ -198,7 +198,7 @@ class TritonGateway:
     async def tracking_available(self, model: str) -> bool:
         """Whether live mode can use the server-side tracker: the server has NAME_track ready."""
         try:
-            return await self._discovery.is_model_ready(model + TRACK_SUFFIX)
+            return bool(await self._discovery.is_model_ready(model + TRACK_SUFFIX))
         except ModelNotReadyError:
             return False
 
