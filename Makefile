@@ -9,7 +9,7 @@ DEMO_MODELS ?= yolo11n_pose
 PIP_QUIET   ?= -q
 CONSTRAINT  := requirements/constraints.txt
 
-.PHONY: soak demo test setup export-env perf-tools k8s-tools models serve lint format bench loadtest clean
+.PHONY: soak demo test setup export-env perf-tools k8s-tools browser models serve lint format bench loadtest clean
 
 # Serving + client + test tools: light, numpy < 2, no torch.
 setup: $(VENV)/.installed
@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements/serve.txt requirements/k8s-test.txt pyproject.t
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) -U pip
 	$(VENV)/bin/pip install $(PIP_QUIET) -c $(CONSTRAINT) -r requirements/serve.txt -r requirements/k8s-test.txt \
-	  -e ".[serve,client,eval,test,dev,bench]"
+	  -e ".[serve,client,eval,test,dev,bench,ui]"
 	touch $@
 
 # Export and reference tools (super-gradients 3.7.1, ultralytics, torch): several GB, kept apart.
@@ -50,6 +50,13 @@ $(K8S_VENV)/.installed: requirements/k8s-checkov.txt
 	$(K8S_VENV)/bin/pip install $(PIP_QUIET) -r requirements/k8s-checkov.txt
 	touch $@
 
+# The browser the UI tests drive (tests/test_ui*.py): Debian's Chromium, through Playwright (whose own browser
+# download is not used). Installing it needs root, as CI has.
+CHROMIUM ?= /usr/bin/chromium
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
+
 # Export the demo models and write their CPU + GPU configurations into the model repository.
 models: setup export-env
 	$(EXPORT_VENV)/bin/python -m build_engines build $(DEMO_MODELS) --repository $(REPOSITORY)
@@ -60,7 +67,7 @@ demo: models
 serve: setup
 	$(VENV)/bin/posetriton serve --repository $(REPOSITORY)
 
-test: setup export-env perf-tools k8s-tools
+test: setup export-env perf-tools k8s-tools browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy client

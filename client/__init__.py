@@ -37,6 +37,7 @@ from .results import (
     to_coco_results,
 )
 from .streaming import Frame, StreamItem, directory_images, frames_from, video_frames
+from .tracking import TimedFrame, TrackedFrame, TrackedPose, TrackingStreamError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -63,6 +64,10 @@ __all__ = [
     "ServerUnavailableError",
     "StreamItem",
     "Thresholds",
+    "TimedFrame",
+    "TrackedFrame",
+    "TrackedPose",
+    "TrackingStreamError",
     "directory_images",
     "frames_from",
     "image_bytes_input",

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES
+from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
 
 from .errors import PoseClientError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
@@ -29,6 +29,9 @@ DEFAULT_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 30.0
 # Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
 DEFAULT_IN_FLIGHT = 4
+# NAME_track and its step take video streams (PoseClient.track), not predict(): not listed among the models.
+# NAME_track serves video (track()), not predict(); its tracker step is a step like the others.
+TRACKING_SUFFIXES = (TRACK_SUFFIX,)
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -256,7 +259,7 @@ def ready_ensembles(index: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> l
     return sorted(
         str(entry.get("name"))
         for entry in entries
-        if entry.get("state") == "READY" and not str(entry.get("name")).endswith(STEP_SUFFIXES)
+        if entry.get("state") == "READY" and not str(entry.get("name")).endswith(STEP_SUFFIXES + TRACKING_SUFFIXES)
     )
 
 

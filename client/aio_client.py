@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -42,6 +42,7 @@ from .inputs import DEFAULT_URL, ArrayEncoding, ImageInput, request_parameters
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
+from .tracking import TrackedFrame, TrackSession, track_async
 
 T = TypeVar("T")
 _END = object()
@@ -258,6 +259,33 @@ class AsyncPoseClient(ClientCore):
                 raise
             return FailedImage(frame.name, exc.reason)
         return result.renamed(frame.name)
+
+    # --- video tracking (NAME_track) ---------------------------------------------------------
+
+    def track(
+        self,
+        frames: Iterable[Frame | ImageInput] | AsyncIterable[Frame | ImageInput],
+        *,
+        live: bool = False,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        sequence_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[TrackedFrame]:
+        """As :meth:`PoseClient.track`, as an async iterator: ``async for result in client.track(frames)``.
+
+        ``frames`` may also be an async iterable (frames arriving from elsewhere, e.g. a web socket);
+        with ``live=True`` a frame that arrives while every slot is busy replaces the unsent one.
+        """
+        session = TrackSession(
+            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det),
+            sequence_id=sequence_id, url=self.url,
+        )  # fmt: skip
+        return track_async(
+            self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s
+        )
 
     # --- plumbing ----------------------------------------------------------------------------
 

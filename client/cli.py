@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -437,6 +438,164 @@ def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output
 
 
 @app.command()
+def track(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="A video file, a camera index (0) or a stream URL (rtsp://..., http://...).",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="JSON Lines file, one line per frame ('-' for stdout)."),
+    ] = Path("-"),
+    draw_video: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE.mp4", help="Also write the video with each track in its colour and its ID drawn."),
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL,
+    url: UrlOption = DEFAULT_URL,
+    conf: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Minimum person score. (default: the model's)", show_default=False),
+    ] = None,
+    iou: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
+    ] = None,
+    max_det: Annotated[
+        int | None,
+        typer.Option(min=1, help="Most poses kept per frame. (default: the model's)", show_default=False),
+    ] = None,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Frames in flight on the stream at once.")] = (
+        DEFAULT_IN_FLIGHT
+    ),
+    live: Annotated[
+        bool | None,
+        typer.Option(
+            help="Treat INPUT as live: send the newest frame when a slot frees up and count the skipped ones. "
+            "(default: for a camera index or a URL)",
+            show_default=False,
+        ),
+    ] = None,
+    kpt_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Keypoints below this confidence are not drawn.")
+    ] = 0.5,
+    progress: ProgressOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
+    ssl: SslOption = False,
+    root_certificates: RootCertsOption = None,
+    header: HeaderOption = None,
+) -> None:
+    """Track people through a video: poses with track IDs that stay with each person, one JSON line per frame.
+
+    Frames travel on one gRPC stream to the model's tracking ensemble (NAME_track), which keeps the
+    tracks on the server. Each line: {"frame", "timestamp", "image", "width", "height", "detections":
+    [{"box", "score", "keypoints", "track_id"}], "dropped", "latency_ms"}. A file is processed frame
+    by frame (progress bar); a camera or URL is live (newest frame first, a fps/latency line on
+    stderr; Ctrl-C stops). Exit codes: 0 done; 1 nothing or not all written (server, stream or
+    source failed); 2 bad command line; 3 done but some frames were refused (their lines carry "error").
+    """
+    from .tracking import draw_tracks, is_live_source, live_frames, track_model, video_file_frames
+
+    is_live = is_live_source(source) if live is None else live
+    total, fps = None, 15.0
+    if is_live_source(source):
+        frames: Any = live_frames(int(source) if source.isdigit() else source, keep_rgb=draw_video is not None)
+    else:
+        if not Path(source).is_file():
+            _fail(f"{source}: no such video file (a camera is an index like 0, a stream a URL)", EXIT_USAGE)
+        try:
+            info = video_info(source)
+        except ValueError as exc:
+            _fail(str(exc))
+        total, fps = info.frame_count or None, info.fps
+        frames = video_file_frames(source, keep_rgb=draw_video is not None)
+    failed = written = 0
+    sink: VideoSink | None = None
+    status = _TrackStatus(enabled=_progress(progress), live=is_live, total=total)
+    out = sys.stdout if str(output) == "-" else None
+    try:
+        handle = out or open(output, "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    try:
+        with _client(url, model, timeout, 1, ssl, root_certificates, header) as client:
+            client.check_ready(track_model(client.model))
+            skeleton = client.model_metadata().skeleton
+            for result in client.track(
+                frames, live=is_live, max_in_flight=max_in_flight, conf=conf, iou=iou, max_det=max_det
+            ):
+                handle.write(json.dumps(result.to_dict()) + "\n")
+                handle.flush()
+                written += 1
+                failed += not result.ok
+                status.update(result)
+                if draw_video is not None and result.frame is not None and result.frame.rgb is not None:
+                    if sink is None:
+                        height, width = result.frame.rgb.shape[:2]
+                        sink = VideoSink(draw_video, fps, width, height)
+                    sink.write(draw_tracks(result.frame.rgb, result.poses, skeleton, kpt_threshold))
+    except KeyboardInterrupt:
+        pass  # a live source runs until stopped; the stream was closed (END sent) on the way out
+    except PoseClientError as exc:
+        status.close()
+        _fail(f"{exc} ({written} frame(s) written)")
+    except (OSError, ValueError) as exc:
+        status.close()
+        _fail(str(exc))
+    finally:
+        status.close()
+        if sink is not None:
+            sink.close()
+        if out is None:
+            handle.close()
+    if failed:
+        typer.echo(f'{failed} of {written} frame(s) were refused; their lines carry "error"', err=True)
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+class _TrackStatus:
+    """A tqdm bar for a file; for a live source, a line with fps, latency and dropped frames, redrawn each second."""
+
+    def __init__(self, *, enabled: bool, live: bool, total: int | None) -> None:
+        from .streaming import progress_bar
+
+        self.enabled, self.live = enabled, live
+        self.bar = progress_bar(enabled and not live, total, "track")
+        self.started = time.monotonic()
+        self.shown = self.started
+        self.frames = 0
+        self.latencies: list[float] = []
+
+    def update(self, result: Any) -> None:
+        self.frames += 1
+        self.latencies.append(result.latency_s)
+        if self.bar is not None:
+            self.bar.update(1)
+        now = time.monotonic()
+        if self.enabled and self.live and now - self.shown >= 1.0:
+            recent = sorted(self.latencies[-50:])
+            fps = self.frames / (now - self.started)
+            line = (
+                f"frame {result.index}  {fps:.1f} fps  latency p50 {recent[len(recent) // 2] * 1e3:.0f} ms  "
+                f"dropped {result.dropped}"
+            )
+            sys.stderr.write("\r" + line.ljust(70))
+            sys.stderr.flush()
+            self.shown = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled and self.live and self.frames:
+            sys.stderr.write("\n")
+            self.frames = 0
+
+
+@app.command()
 def models(
     url: UrlOption = DEFAULT_URL,
     as_json: Annotated[
@@ -608,3 +767,35 @@ def serve(
         _fail(str(exc))
     # A process killed by a signal reports -N; shells expect 128 + N.
     raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+@app.command()
+def ui(
+    url: UrlOption = DEFAULT_URL,
+    model: Annotated[str, typer.Option("--model", "-m", help="The model the page opens with.")] = DEFAULT_MODEL,
+    host: Annotated[
+        str, typer.Option(help="Address the page listens on; other than loopback, anyone who reaches it can use it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the page.")] = 8080,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.01, help="Largest photo or camera frame accepted, in MiB (checked before decoding).")
+    ] = 20.0,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """A web page to see the poses: drop photos or start a camera, and watch the skeletons drawn.
+
+    Serves on http://HOST:PORT/ until Ctrl-C and talks to Triton at --url through the SDK. Needs
+    the `ui` extra (pip install "posetriton[ui]").
+    """
+    try:
+        from posetriton.ui import UiSettings, serve
+        from posetriton.ui.app import exposure_warning
+    except ImportError as exc:
+        _fail(f"posetriton ui needs the 'ui' extra (pip install \"posetriton[ui]\"): {exc}")
+    warning = exposure_warning(host)
+    if warning:
+        typer.echo(warning, err=True)
+    settings = UiSettings(url=url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"posetriton ui: http://{shown}:{port}/ (Triton at {url}, model {model}); Ctrl-C stops it", err=True)
+    serve(settings, host=host, port=port)

@@ -53,6 +53,7 @@ from .inputs import (
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
+from .tracking import TrackedFrame, TrackSession, track_sync
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -296,6 +297,35 @@ class PoseClient(ClientCore):
                 raise
             return FailedImage(frame.name, exc.reason)
         return result.renamed(frame.name)
+
+    # --- video tracking (NAME_track) ---------------------------------------------------------
+
+    def track(
+        self,
+        frames: Iterable[Frame | ImageInput],
+        *,
+        live: bool = False,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        sequence_id: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[TrackedFrame]:
+        """Poses with track IDs for each frame of one video, in frame order (``posetriton.client.tracking``).
+
+        The frames travel on one bidirectional gRPC stream to ``NAME_track`` as one sequence
+        (``sequence_id``, random by default), at most ``max_in_flight`` at a time. ``live=True``
+        (a camera or stream) reads the source in a thread and sends only the newest frame when a
+        slot frees up, counting the others in ``TrackedFrame.dropped``; otherwise every frame is sent.
+        A refused frame yields a ``TrackedFrame`` with ``error``; a lost stream or sequence raises
+        ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence).
+        """
+        session = TrackSession(
+            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det),
+            sequence_id=sequence_id, url=self.url,
+        )  # fmt: skip
+        return track_sync(self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
 
     # --- plumbing ----------------------------------------------------------------------------
 

@@ -32,7 +32,12 @@ BOXES = "BOXES"  # FP32 [B, N, 4] xyxy, original-image pixels
 SCORES = "SCORES"  # FP32 [B, N]
 KEYPOINTS = "KEYPOINTS"  # FP32 [B, N, K, 3] (x, y, confidence)
 IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [B, 2] (width, height) of the upright original image
-TRACK_IDS = "TRACK_IDS"  # NAME_track only: INT64 [B, N], one track ID per pose
+# Video (NAME_track ensemble, posetriton.tracking): one more input and one more output.
+FRAME_INDEX = "FRAME_INDEX"  # INT64 [B, 1]: the frame's position in its video, sent by the client
+TRACK_IDS = "TRACK_IDS"  # INT64 [B, N]: track ID per pose row, UNTRACKED for none (and for padding)
+UNTRACKED = -1
+# Triton's sequence control inputs of the tracker step.
+CONTROL_START, CONTROL_END, CONTROL_CORRID = "START", "END", "CORRID"
 OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE)
 
 # (x1, y1, x2, y2, person_score) precede the keypoints in a candidate row.
@@ -47,9 +52,10 @@ PIXELS_SUFFIX = "_pixels"
 PREPROCESS_SUFFIX = "_preprocess"
 NETWORK_SUFFIX = "_network"
 POSTPROCESS_SUFFIX = "_postprocess"
-TRACK_SUFFIX = "_track"  # the tracking step and its ensemble NAME_track (video, sequence batching)
+TRACK_SUFFIX = "_track"  # ensemble NAME_track: NAME's outputs plus TRACK_IDS (video, sequence batching)
+TRACKER_SUFFIX = "_tracker"  # its stateful step, after NAME_postprocess
 # Steps load with an ensemble but are not meant to be called directly.
-STEP_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX)
+STEP_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX, TRACKER_SUFFIX)
 MODEL_SUFFIXES = (PIXELS_SUFFIX, *STEP_SUFFIXES, TRACK_SUFFIX)
 
 

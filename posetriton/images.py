@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +41,7 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _REDUCED_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 # EXIF orientation -> the transposition that makes the stored pixels upright, as ImageOps.exif_transpose
 # (tests/test_images.py checks all eight).
-_UPRIGHT = {
+_UPRIGHT: dict[int, Callable[[npt.NDArray[Any]], npt.NDArray[Any]]] = {
     2: lambda a: cv2.flip(a, 1),
     3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
     4: lambda a: cv2.flip(a, 0),
@@ -146,7 +148,7 @@ def _decode_with_opencv(data: bytes, opened: Image.Image, scale: int) -> npt.NDA
     if pixels is None or pixels.shape != (-(-height // scale), -(-width // scale), 3):
         return None
     upright = _UPRIGHT.get(orientation)
-    return pixels if upright is None else upright(pixels)
+    return np.asarray(pixels if upright is None else upright(pixels), dtype=np.uint8)
 
 
 def _decode_with_pillow(data: bytes, opened: Image.Image) -> npt.NDArray[np.uint8]:

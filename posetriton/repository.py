@@ -34,8 +34,23 @@ else:  # the NGC Triton image runs Python 3.10
     import tomli as tomllib
 
 from posetriton import contract
-from posetriton.contract import CANDIDATES, CANVAS, IMAGE, LETTERBOX, LETTERBOX_WIDTH, PIXELS
+from posetriton.contract import (
+    CANDIDATES,
+    CANVAS,
+    CONTROL_CORRID,
+    CONTROL_END,
+    CONTROL_START,
+    FRAME_INDEX,
+    IMAGE,
+    LETTERBOX,
+    LETTERBOX_WIDTH,
+    PIXELS,
+    TRACK_IDS,
+    TRACK_SUFFIX,
+    TRACKER_SUFFIX,
+)
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.tracking import TrackerSpec
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
@@ -413,12 +428,15 @@ def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]
             files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
         if preprocess_variant == "nvjpeg":
             files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
+    files.update(track_files(model))
     return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
 
 
 def write_model(model: ServedModel, repository: Path, network_files: dict[str, Path]) -> list[Path]:
     """Write the model's five entries; ``network_files`` (model.onnx, .xml, .bin) go in the network's version folder."""
     for stale in (model.name, *(model.step(r) for r in ("pixels", "preprocess", "network", "postprocess"))):
+        shutil.rmtree(repository / stale, ignore_errors=True)
+    for stale in track_models(model):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []
     onnx_file = network_files.get("model.onnx")
@@ -430,8 +448,85 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
         written.append(path)
     (repository / model.name / VERSION).mkdir(exist_ok=True)
     (repository / model.step("pixels") / VERSION).mkdir(exist_ok=True)
+    (repository / track_models(model)[0] / VERSION).mkdir(exist_ok=True)
     version_dir = repository / model.step("network") / VERSION
     for target_name, source in network_files.items():
         shutil.copyfile(source, version_dir / target_name)
         written.append(version_dir / target_name)
     return written
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+# NAME_track = NAME's steps + NAME_tracker (stateful, Triton's sequence batcher): poses with track IDs per video.
+# Kept apart from NAME so that NAME stays stateless (no correlation ID needed); see posetriton.tracking.
+TRACK_IDLE_MICROSECONDS = 10_000_000  # a stream silent this long is dropped, and its tracking state freed
+TRACK_MAX_SEQUENCES = 1024  # open streams per tracker instance; more wait in Triton's backlog
+TRACKER_INSTANCES = 1
+
+
+def track_models(model: ServedModel) -> tuple[str, str]:
+    """(the tracking ensemble, its tracker step): ``NAME_track``, ``NAME_tracker``."""
+    return model.name + TRACK_SUFFIX, model.name + TRACKER_SUFFIX
+
+
+def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
+    """The tracker step: ``oldest`` sequence batching, i.e. requests of many streams batched together, every
+    request of one stream on one instance, in order; the model keeps each stream's state by correlation ID
+    (``direct`` would pin each stream to a batch slot, capping open streams at instances x max_batch_size)."""
+    k = model.postprocess.num_keypoints
+    control = [
+        f'  {{ name: "{CONTROL_START}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }}',
+        f'  {{ name: "{CONTROL_END}" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }}',
+        f'  {{ name: "{CONTROL_CORRID}" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}',
+    ]
+    return "\n".join(
+        [
+            _header(track_models(model)[1], 'backend: "python"', model.tuning.max_batch_size),
+            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1")]),
+            _block("output", [_tensor(TRACK_IDS, "TYPE_INT64", "-1")]),
+            "sequence_batching {",
+            f"  max_sequence_idle_microseconds: {TRACK_IDLE_MICROSECONDS}",
+            f"  oldest {{ max_candidate_sequences: {TRACK_MAX_SEQUENCES} max_queue_delay_microseconds: 0 }}",
+            "  control_input [\n" + ",\n".join(control) + "\n  ]",
+            "}",
+            _instances(TRACKER_INSTANCES, "KIND_CPU"),
+            _parameters({"num_keypoints": str(k), **(spec or TrackerSpec()).to_parameters()}),
+        ]
+    )
+
+
+def track_ensemble_config(model: ServedModel) -> str:
+    """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after postprocess, and TRACK_IDS out.
+
+    Derived from NAME's own ensemble so the two never drift apart: every change there (steps, outputs,
+    metadata) carries over.
+    """
+    track, tracker = track_models(model)
+    text = ensemble_config(model, pixels=False)
+    source = _tensor("IMAGE", "TYPE_STRING", "1")
+    detections = [name for name, _, _ in OUTPUTS]
+    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX)]
+    maps.append(f'output_map {{ key: "{TRACK_IDS}" value: "{TRACK_IDS}" }}')
+    step = f'  {{ model_name: "{tracker}" model_version: -1\n    ' + "\n    ".join(maps) + " }"
+    for old, new in (
+        (f'name: "{model.name}"\n', f'name: "{track}"\n'),
+        (_block("input", [source]), _block("input", [source, _tensor(FRAME_INDEX, "TYPE_INT64", "1")])),
+        (
+            _block("output", _outputs(model)),
+            _block("output", [*_outputs(model), _tensor(TRACK_IDS, "TYPE_INT64", "-1")]),
+        ),
+        ("\n ]\n}", ",\n" + step + "\n ]\n}"),
+    ):
+        if text.count(old) != 1:
+            raise AssertionError(f"cannot derive {track} from {model.name}'s ensemble: {old!r} not found once")
+        text = text.replace(old, new)
+    return text
+
+
+def track_files(model: ServedModel) -> dict[str, str]:
+    track, tracker = track_models(model)
+    return {
+        f"{track}/config.pbtxt": track_ensemble_config(model),
+        f"{tracker}/config.pbtxt": tracker_config(model),
+        f"{tracker}/{VERSION}/model.py": _shim("track"),
+    }

@@ -25,8 +25,9 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     files = render(CATALOG[name])
     configs = {path.split("/")[0]: parse(text) for path, text in files.items() if path.endswith("config.pbtxt")}
-    assert set(configs) == {name, f"{name}_pixels", f"{name}_preprocess", f"{name}_network", f"{name}_postprocess"}
-    for ensemble in (name, f"{name}_pixels"):
+    steps = {f"{name}_preprocess", f"{name}_network", f"{name}_postprocess", f"{name}_tracker"}
+    assert set(configs) == {name, f"{name}_pixels", f"{name}_track", *steps}
+    for ensemble in (name, f"{name}_pixels", f"{name}_track"):
         produced = {i.name for i in configs[ensemble].input}
         for step in configs[ensemble].ensemble_scheduling.step:
             model = configs[step.model_name]

@@ -1,0 +1,402 @@
+"""The ASGI app behind ``posetriton ui``: the page, a photo endpoint, a camera WebSocket, all through the SDK.
+
+Routes:
+
+* ``GET /`` the page, ``GET /static/...`` its script and style (package data, no build step);
+* ``GET /api/config`` where Triton is, the default model and the upload limit;
+* ``GET /api/models`` the pose ensembles the server has ready, with skeleton, keypoint names and
+  default thresholds (what the page draws with and sets its sliders to);
+* ``POST /api/predict?model=&conf=&iou=&max_det=`` the body is one image file as it is; the
+  answer is the SDK's JSON result (``ImagePoses.to_dict``) plus ``latency_ms``, or
+  ``{"error": message}`` with a status that says why (400 refused by the server, 413 too large,
+  415 not an image, 404 no such model, 503 Triton unreachable, 504 deadline);
+* ``WS /api/camera?model=&conf=&iou=&max_det=&mode=`` binary messages are encoded frames, text
+  messages JSON thresholds; each finished frame is answered with a JSON message (see
+  :mod:`posetriton.ui.camera`). ``mode=frames`` asks for one request per frame even when the
+  model has a tracker.
+
+Uploads are held in memory only, limited in size before they are read and in type before they are
+decoded. WebSockets from another origin are refused, so a web page elsewhere cannot drive the
+camera endpoint through the user's browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from posetriton.client import (
+    DEFAULT_MODEL,
+    DEFAULT_URL,
+    AsyncPoseClient,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelMetadata,
+    ModelNotReadyError,
+    PoseClientError,
+    ServerUnavailableError,
+)
+from posetriton.contract import IMAGE, THRESHOLD_NAMES, TRACK_SUFFIX, ContractError, Thresholds
+
+from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, TrackingEngine, error_message
+from .limits import (
+    ACCEPTED_TYPES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    UploadRefused,
+    check_image,
+    read_limited,
+    thresholds_from_query,
+)
+
+# A large photo on a busy CPU server takes seconds; a page should not hang for the SDK's default (minutes).
+DEFAULT_TIMEOUT_S = 30.0
+# A closed camera connection waits this long for the frame in flight before cancelling it.
+ENGINE_STOP_S = 5.0
+# The page's own script may talk to this app; everything else is refused by the browser.
+_CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_STATUS_FOR_ERROR: tuple[tuple[type[PoseClientError], int], ...] = (
+    (InvalidInputError, 400),
+    (ModelNotReadyError, 404),
+    (ServerUnavailableError, 503),
+    (DeadlineExceededError, 504),
+)
+
+
+@dataclass(frozen=True)
+class UiSettings:
+    """Where Triton is, which model the page opens with, and the upload limit."""
+
+    url: str = DEFAULT_URL
+    model: str = DEFAULT_MODEL
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    # Camera frames of one connection in flight to Triton at once in per-frame mode (answers stay in order);
+    # the tracker pipelines its own (TrackingEngine), in order too.
+    camera_in_flight: int = 1
+    # Host headers answered; others get 400, so a DNS-rebinding page cannot reach a loopback app ("*": any).
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str) -> tuple[str, ...]:
+    """The Host headers to answer when listening on ``host``: loopback names only when it is loopback.
+
+    Starlette compares the part before the first ':', which cannot name an IPv6 literal: those allow any.
+    """
+    if ":" in host or not is_loopback(host):
+        return ("*",)
+    return tuple(dict.fromkeys(("127.0.0.1", "localhost", host)))
+
+
+def exposure_warning(host: str) -> str | None:
+    """The warning to print when the app listens on an address other machines can reach, else None."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: posetriton ui listens on {host}, reachable from other machines: anyone who can reach it can "
+        "send images to Triton through it and see the results; it has no authentication. "
+        "Use --host 127.0.0.1 unless that is what you want."
+    )
+
+
+class TritonGateway:
+    """The app's side of Triton: SDK clients (the SDK binds a client to one model), created once, closed at shutdown.
+
+    A model gets a client only after the server confirmed it is a pose ensemble that takes encoded
+    images, so arbitrary names in requests cannot make the app open channels. Clients are made on
+    first use, inside the server's event loop (a gRPC asyncio channel belongs to the loop it was made in).
+    """
+
+    def __init__(self, settings: UiSettings) -> None:
+        self.settings = settings
+        self._discovery_client: AsyncPoseClient | None = None
+        self._clients: dict[str, AsyncPoseClient] = {}
+        self._metadata: dict[str, ModelMetadata] = {}
+
+    @property
+    def _discovery(self) -> AsyncPoseClient:
+        if self._discovery_client is None:
+            self._discovery_client = AsyncPoseClient(self.settings.url, self.settings.model, self.settings.timeout_s)
+        return self._discovery_client
+
+    async def close(self) -> None:
+        clients = [*self._clients.values()]
+        if self._discovery_client is not None:
+            clients.append(self._discovery_client)
+        for client in clients:
+            await client.close()
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The pose ensembles that take encoded images, with what the page needs to draw and to set its sliders."""
+        found = []
+        for meta in await self._discovery.list_models():  # the SDK lists neither steps nor NAME_track
+            if meta.input_name != IMAGE:
+                continue
+            self._metadata[meta.name] = meta
+            found.append(
+                {
+                    **meta.to_dict(),
+                    "defaults": {name: _number(meta.parameters.get(f"default.{name}")) for name in THRESHOLD_NAMES},
+                    "max_det_limit": meta.max_det_limit,
+                    "tracking": await self.tracking_available(meta.name),
+                }
+            )
+        return found
+
+    async def metadata(self, model: str) -> ModelMetadata:
+        meta = self._metadata.get(model)
+        if meta is None:
+            if model.endswith(TRACK_SUFFIX):  # a tracking ensemble takes frames of a sequence, not single photos
+                base = model.removesuffix(TRACK_SUFFIX)
+                raise ModelNotReadyError(f"model {model!r} is a tracking ensemble; choose {base!r}")
+            meta = await self._discovery.model_metadata(model)
+            if not meta.is_pose_model or meta.input_name != IMAGE:
+                raise ModelNotReadyError(f"model {model!r} is not a pose ensemble that takes encoded images")
+            self._metadata[model] = meta
+        return meta
+
+    async def client(self, model: str) -> AsyncPoseClient:
+        await self.metadata(model)
+        if model not in self._clients:
+            self._clients[model] = AsyncPoseClient(self.settings.url, model, self.settings.timeout_s)
+        return self._clients[model]
+
+    async def tracking_available(self, model: str) -> bool:
+        """Whether live mode can use the server-side tracker: the server has NAME_track ready."""
+        try:
+            return bool(await self._discovery.is_model_ready(model + TRACK_SUFFIX))
+        except ModelNotReadyError:
+            return False
+
+    async def camera_engine(self, model: str, track: bool = True) -> CameraEngine:
+        """The tracker when asked for and the server has it for this model, else one request per frame."""
+        client = await self.client(model)
+        if track and await self.tracking_available(model):
+            return TrackingEngine(client)
+        return PerFrameEngine(client, self.settings.camera_in_flight)
+
+
+def _number(text: str | None) -> float | int | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _client_error(exc: PoseClientError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS_FOR_ERROR if isinstance(exc, kind)), 502)
+    if isinstance(exc, InvalidInputError):
+        # server_message is None when the SDK refused the image before sending it (an unreadable header).
+        return _error(status, exc.reason, refused_by="server" if exc.server_message is not None else "client")
+    return _error(status, str(exc))
+
+
+def _same_origin(origin: str | None, host: str | None) -> bool:
+    """A browser always sends Origin on a WebSocket; it must name this app (the Host it connected to)."""
+    if origin is None:
+        return True  # not a browser (a script or a test client): nothing cross-site to guard against
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+
+
+def create_app(settings: UiSettings | None = None) -> Starlette:
+    """The ASGI app. It connects to Triton lazily: the page loads (and says so) even when Triton is down."""
+    settings = settings or UiSettings()
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    gateway = TritonGateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await gateway.close()
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page, headers={"Content-Security-Policy": _CONTENT_SECURITY_POLICY})
+
+    async def config(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "url": settings.url,
+                "model": settings.model,
+                "max_upload_bytes": settings.max_upload_bytes,
+                "accepted_types": list(ACCEPTED_TYPES),
+            }
+        )
+
+    async def models(request: Request) -> Response:
+        try:
+            return JSONResponse({"models": await gateway.models(), "default": settings.model})
+        except PoseClientError as exc:
+            return _client_error(exc)
+
+    async def predict(request: Request) -> Response:
+        model = request.query_params.get("model") or settings.model
+        try:
+            body = await read_limited(
+                request.stream(), request.headers.get("content-length"), settings.max_upload_bytes
+            )
+            check_image(body, settings.max_upload_bytes)
+            client = await gateway.client(model)
+            limits = thresholds_from_query(request.query_params, (await gateway.metadata(model)).max_det_limit)
+            start = time.perf_counter()
+            poses = await client.predict(body, conf=limits.conf, iou=limits.iou, max_det=limits.max_det)
+        except UploadRefused as exc:
+            return _error(exc.status, str(exc))
+        except ContractError as exc:
+            return _error(400, str(exc))
+        except PoseClientError as exc:
+            return _client_error(exc)
+        latency_ms = round((time.perf_counter() - start) * 1000, 1)
+        return JSONResponse({**poses.to_dict(), "model": model, "latency_ms": latency_ms})
+
+    async def camera(websocket: WebSocket) -> None:
+        if not _same_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
+            await websocket.close(code=1008, reason="cross-origin WebSocket refused")
+            return
+        await websocket.accept()
+        model = websocket.query_params.get("model") or settings.model
+        try:
+            meta = await gateway.metadata(model)
+            thresholds = thresholds_from_query(websocket.query_params, meta.max_det_limit)
+            engine = await gateway.camera_engine(model, track=websocket.query_params.get("mode") != "frames")
+        except (PoseClientError, ContractError) as exc:
+            await websocket.send_json({"type": "fatal", "error": str(exc)})
+            await websocket.close()
+            return
+        await CameraSession(websocket, engine, thresholds, meta, settings.max_upload_bytes).run(model)
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/config", config),
+            Route("/api/models", models),
+            Route("/api/predict", predict, methods=["POST"]),
+            WebSocketRoute("/api/camera", camera),
+            Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),
+        ],
+        lifespan=lifespan,
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))],
+    )
+
+
+class CameraSession:
+    """One camera connection: read frames into the newest-wins mailbox while the engine answers them."""
+
+    def __init__(
+        self, websocket: WebSocket, engine: CameraEngine, thresholds: Thresholds, meta: ModelMetadata,
+        max_frame_bytes: int,
+    ) -> None:  # fmt: skip
+        self.websocket = websocket
+        self.engine = engine
+        self.thresholds = thresholds
+        self.meta = meta
+        self.max_frame_bytes = max_frame_bytes
+        self.frames = LatestFrame()
+        self._send_lock = asyncio.Lock()
+        self._open = True
+
+    async def emit(self, message: Message) -> None:
+        if not self._open:
+            return
+        async with self._send_lock:  # engines may answer from several tasks
+            try:
+                await self.websocket.send_json(message)
+            except (WebSocketDisconnect, RuntimeError):  # the page went away mid-frame
+                self._open = False
+
+    async def run(self, model: str) -> None:
+        await self.emit({"type": "ready", "model": model, "tracking": self.engine.tracking})
+        engine = asyncio.create_task(self.engine.run(self.frames, lambda: self.thresholds, self.emit))
+        try:
+            await self._read()
+        finally:
+            self._open = False
+            self.frames.close()
+            # The engine finishes the frame it is on (at most one request per worker), then stops.
+            done, _ = await asyncio.wait({engine}, timeout=ENGINE_STOP_S)
+            if not done:
+                engine.cancel()
+                await asyncio.gather(engine, return_exceptions=True)
+
+    async def _read(self) -> None:
+        seq = 0
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None:
+                frame = CameraFrame(seq, data, time.perf_counter())
+                seq += 1
+                try:
+                    check_image(data, self.max_frame_bytes)
+                except UploadRefused as exc:
+                    await self.emit(error_message(frame, str(exc), self.frames.dropped))
+                    continue
+                self.frames.put(frame)
+            elif message.get("text") is not None:
+                try:
+                    self.thresholds = self._settings(message["text"])
+                except ValueError as exc:  # ContractError and JSON errors alike; the old thresholds stay
+                    await self.emit({"type": "settings_error", "error": str(exc)})
+                    continue
+                await self.emit({"type": "settings", **self.thresholds.to_parameters()})
+
+    def _settings(self, text: str) -> Thresholds:
+        """A text message sets the thresholds: ``{"conf": 0.4, "iou": 0.6, "max_det": 20}`` (null: model default)."""
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ContractError("a settings message is a JSON object of conf, iou, max_det")
+        chosen = {key: value for key, value in values.items() if value is not None}
+        return Thresholds.from_parameters(chosen).check(self.meta.max_det_limit)
+
+
+def serve(settings: UiSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Run the app with uvicorn until Ctrl-C (WebSocket messages capped at the upload limit)."""
+    import uvicorn
+
+    settings = dataclasses.replace(settings, allowed_hosts=allowed_hosts(host))
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=log_level, access_log=False,
+        ws_max_size=settings.max_upload_bytes + 1024,
+    )  # fmt: skip

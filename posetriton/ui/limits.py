@@ -1,0 +1,83 @@
+"""What the web app accepts, checked before a byte is decoded: the size of the upload and its image type.
+
+The type is read from the leading bytes (the signature), never from a file name or a header the
+browser chose, and nothing is written to disk: an upload is read into memory up to the limit and
+refused as soon as it goes past it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+from posetriton.contract import ContractError, Thresholds
+
+# Signatures of the formats the served models decode (JPEG, PNG, WebP, BMP, GIF).
+_SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
+    ("image/jpeg", b"\xff\xd8\xff", 0),
+    ("image/png", b"\x89PNG\r\n\x1a\n", 0),
+    ("image/gif", b"GIF87a", 0),
+    ("image/gif", b"GIF89a", 0),
+    ("image/bmp", b"BM", 0),
+    ("image/webp", b"WEBP", 8),  # RIFF....WEBP
+)
+ACCEPTED_TYPES = tuple(dict.fromkeys(kind for kind, _, _ in _SIGNATURES))
+# Enough for a 24-megapixel JPEG straight from a phone.
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+
+
+class UploadRefused(ValueError):
+    """An upload the app will not pass on; ``status`` is the HTTP status that says why (413, 415)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def image_type(head: bytes) -> str | None:
+    """The MIME type the leading bytes announce, or None when they are not an image format the models decode."""
+    for kind, signature, offset in _SIGNATURES:
+        if head[offset : offset + len(signature)] == signature and (offset == 0 or head[:4] == b"RIFF"):
+            return kind
+    return None
+
+
+def check_image(data: bytes, max_bytes: int) -> str:
+    """The image type of ``data``; UploadRefused when it is too large, empty or not an accepted format."""
+    if len(data) > max_bytes:
+        raise UploadRefused(too_large_message(len(data), max_bytes), 413)
+    kind = image_type(data[:16])
+    if kind is None:
+        what = "an empty upload" if not data else f"{len(data)} bytes starting {data[:8]!r}"
+        raise UploadRefused(f"not an image this server accepts ({what}); send {', '.join(ACCEPTED_TYPES)}", 415)
+    return kind
+
+
+def too_large_message(size: int | None, max_bytes: int) -> str:
+    got = f"{size / 2**20:.1f} MiB" if size is not None else "more"
+    return f"the upload is too large ({got}); the limit is {max_bytes / 2**20:g} MiB"
+
+
+async def read_limited(chunks: AsyncIterator[bytes], declared_length: str | None, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 from its Content-Length alone or as soon as it passes ``max_bytes``."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > max_bytes:
+        raise UploadRefused(too_large_message(int(declared_length), max_bytes), 413)
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise UploadRefused(too_large_message(None, max_bytes), 413)
+    return bytes(body)
+
+
+def thresholds_from_query(query: Mapping[str, str], max_det_limit: int | None = None) -> Thresholds:
+    """``conf``, ``iou`` and ``max_det`` from a query string (absent or empty: the model's default), checked."""
+    values: dict[str, float | int] = {}
+    for name, kind in (("conf", float), ("iou", float), ("max_det", int)):
+        text = query.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            values[name] = kind(text)
+        except ValueError:
+            raise ContractError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    return Thresholds(**values).check(max_det_limit)  # type: ignore[arg-type]
