@@ -261,6 +261,8 @@ def main() -> None:
         "single_p50_ms": {
             p.name: single_ms(latency, d, args.rounds) for p, d in zip(photo_paths, encoded, strict=True)
         },
+        # The network call alone (LATENCY), to hold against the network step's compute_infer in the profile.
+        "network_single_p50_ms": network_single_ms(latency, canvases, args.rounds),
     }
     del throughput, latency
     results["raw_network_images_per_s"] = raw_network_throughput(xml, precision, canvases, args.seconds)

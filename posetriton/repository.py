@@ -86,6 +86,9 @@ class Tuning:
     # OpenVINO on CPU (posetriton.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
     # (LATENCY) and splits a batch across the THROUGHPUT streams (docs/benchmarks.md).
     network_performance_hint: str = "ADAPTIVE"
+    # OpenVINO pins its stream threads to cores by default; in the server the preprocess and postprocess stubs
+    # share those cores, and a pinned thread cannot move off a busy one (docs/benchmarks.md, per-step profile).
+    network_cpu_pinning: bool = False
     # GPU: ONNX Runtime-TensorRT fallback (configs/gpu_ort_trt*.pbtxt) and GPU preprocessing.
     ort_trt_precision: str = "FP16"
     ort_trt_workspace_bytes: int = 4 << 30
@@ -390,7 +393,12 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
             _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes),
             _instances(t.network_instances, "KIND_CPU"),
             _parameters(
-                {"precision": precision, "model_file": "model.xml", "performance_hint": t.network_performance_hint}
+                {
+                    "precision": precision,
+                    "model_file": "model.xml",
+                    "performance_hint": t.network_performance_hint,
+                    "cpu_pinning": str(t.network_cpu_pinning).lower(),
+                }
             ),
         ]
     )

@@ -33,6 +33,7 @@ class TritonPythonModel:
             num_streams=int(params["num_streams"]) if params.get("num_streams") else None,
             # The model's own setting, else the container's CPU limit (k8s downward API), else OpenVINO's choice.
             num_threads=int(params["num_threads"]) if params.get("num_threads") else container_cpu_limit(),
+            cpu_pinning=params["cpu_pinning"] == "true" if params.get("cpu_pinning") else None,
         )
 
     def execute(self, requests: list) -> list:
