@@ -271,6 +271,7 @@ class AsyncPoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         sequence_id: int | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[TrackedFrame]:
@@ -280,7 +281,7 @@ class AsyncPoseClient(ClientCore):
         with ``live=True`` a frame that arrives while every slot is busy replaces the unsent one.
         """
         session = TrackSession(
-            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det),
+            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
             sequence_id=sequence_id, url=self.url,
         )  # fmt: skip
         return track_async(

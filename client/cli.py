@@ -457,16 +457,13 @@ def track(
     model: ModelOption = DEFAULT_MODEL,
     url: UrlOption = DEFAULT_URL,
     conf: Annotated[
-        float | None,
-        typer.Option(min=0.0, max=1.0, help="Minimum person score. (default: the model's)", show_default=False),
+        float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
     ] = None,
     iou: Annotated[
-        float | None,
-        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
+        float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
     ] = None,
     max_det: Annotated[
-        int | None,
-        typer.Option(min=1, help="Most poses kept per frame. (default: the model's)", show_default=False),
+        int | None, typer.Option(help="Most poses kept per frame. (default: the model's)", show_default=False)
     ] = None,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Frames in flight on the stream at once.")] = (
         DEFAULT_IN_FLIGHT
@@ -499,6 +496,7 @@ def track(
     """
     from .tracking import draw_tracks, is_live_source, live_frames, track_model, video_file_frames
 
+    thresholds = _thresholds(conf, iou, max_det, None)
     is_live = is_live_source(source) if live is None else live
     total, fps = None, 15.0
     if is_live_source(source):
@@ -524,9 +522,7 @@ def track(
         with _client(url, model, timeout, 1, ssl, root_certificates, header) as client:
             client.check_ready(track_model(client.model))
             skeleton = client.model_metadata().skeleton
-            for result in client.track(
-                frames, live=is_live, max_in_flight=max_in_flight, conf=conf, iou=iou, max_det=max_det
-            ):
+            for result in client.track(frames, live=is_live, max_in_flight=max_in_flight, thresholds=thresholds):
                 handle.write(json.dumps(result.to_dict()) + "\n")
                 handle.flush()
                 written += 1

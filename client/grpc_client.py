@@ -309,6 +309,7 @@ class PoseClient(ClientCore):
         conf: float | None = None,
         iou: float | None = None,
         max_det: int | None = None,
+        thresholds: Thresholds | None = None,
         sequence_id: int | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[TrackedFrame]:
@@ -322,7 +323,7 @@ class PoseClient(ClientCore):
         ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence).
         """
         session = TrackSession(
-            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det),
+            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
             sequence_id=sequence_id, url=self.url,
         )  # fmt: skip
         return track_sync(self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
