@@ -54,8 +54,10 @@ NETWORK_SUFFIX = "_network"
 POSTPROCESS_SUFFIX = "_postprocess"
 TRACK_SUFFIX = "_track"  # ensemble NAME_track: NAME's outputs plus TRACK_IDS (video, sequence batching)
 TRACKER_SUFFIX = "_tracker"  # its stateful step, after NAME_postprocess
+# The steps of ensemble NAME (and NAME_pixels), in order.
+PIPELINE_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX)
 # Steps load with an ensemble but are not meant to be called directly.
-STEP_SUFFIXES = (PREPROCESS_SUFFIX, NETWORK_SUFFIX, POSTPROCESS_SUFFIX, TRACKER_SUFFIX)
+STEP_SUFFIXES = (*PIPELINE_SUFFIXES, TRACKER_SUFFIX)
 MODEL_SUFFIXES = (PIXELS_SUFFIX, *STEP_SUFFIXES, TRACK_SUFFIX)
 
 

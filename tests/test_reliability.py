@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import PoseClient, RetryPolicy
-from posetriton.contract import STEP_SUFFIXES
+from posetriton.contract import PIPELINE_SUFFIXES
 from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.watchdog import python_stubs
 from tests.conftest import UL_MODEL, free_port
@@ -180,9 +180,9 @@ def pending_requests(metrics_port: int, ensemble: str) -> int:
     pending-request gauges. The ensemble's own gauge stays 0: its requests wait in its steps."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in STEP_SUFFIXES)
+    steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in PIPELINE_SUFFIXES)
     found = re.findall(rf'^nv_inference_pending_request_count{{model="(?:{steps})",version="1"}} (\d+)', text, re.M)
-    assert len(found) == len(STEP_SUFFIXES), f"Triton exposes no pending-request count for the steps of {ensemble}"
+    assert len(found) == len(PIPELINE_SUFFIXES), f"Triton exposes no pending-request count for the steps of {ensemble}"
     return sum(int(count) for count in found)
 
 
