@@ -91,6 +91,16 @@ UrlOption = Annotated[
     str, typer.Option(help="Triton's gRPC address, HOST:PORT.", envvar="POSETRITON_URL", callback=_check_url)
 ]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Served model (ensemble) name.")]
+# Thresholds: checked once, by posetriton.contract.Thresholds (see _thresholds), not by Typer.
+ConfOption = Annotated[
+    float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
+]
+IouOption = Annotated[
+    float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
+]
+MaxDetOption = Annotated[
+    int | None, typer.Option(help="Most poses kept per image or frame. (default: the model's)", show_default=False)
+]
 TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each request (the gRPC deadline).")]
 RetriesOption = Annotated[
     int, typer.Option(min=1, help="Attempts per request when the server is unavailable (exponential backoff).")
@@ -157,15 +167,9 @@ def predict(
     ] = OutputFormat.json,
     model: ModelOption = DEFAULT_MODEL,
     url: UrlOption = DEFAULT_URL,
-    conf: Annotated[
-        float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
-    ] = None,
-    iou: Annotated[
-        float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
-    ] = None,
-    max_det: Annotated[
-        int | None, typer.Option(help="Most poses kept per image. (default: the model's)", show_default=False)
-    ] = None,
+    conf: ConfOption = None,
+    iou: IouOption = None,
+    max_det: MaxDetOption = None,
     draw: Annotated[
         Path | None,
         typer.Option(
@@ -456,15 +460,9 @@ def track(
     ] = None,
     model: ModelOption = DEFAULT_MODEL,
     url: UrlOption = DEFAULT_URL,
-    conf: Annotated[
-        float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
-    ] = None,
-    iou: Annotated[
-        float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
-    ] = None,
-    max_det: Annotated[
-        int | None, typer.Option(help="Most poses kept per frame. (default: the model's)", show_default=False)
-    ] = None,
+    conf: ConfOption = None,
+    iou: IouOption = None,
+    max_det: MaxDetOption = None,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Frames in flight on the stream at once.")] = (
         DEFAULT_IN_FLIGHT
     ),
