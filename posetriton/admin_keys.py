@@ -84,13 +84,14 @@ class AdminKey:
         return {self.name: self.value}
 
     @property
-    def grpc_headers(self) -> dict[str, str]:
-        """For tritonclient / PoseClient ``headers=``: e.g. the shared-memory key to register system shared memory."""
-        return {f"{GRPC_RESTRICTED_PREFIX}{self.name}": self.value}
+    def grpc_header(self) -> str:
+        """The gRPC metadata name Triton expects this key in."""
+        return f"{GRPC_RESTRICTED_PREFIX}{self.name}"
 
     @property
-    def grpc_header(self) -> str:
-        return f"{GRPC_RESTRICTED_PREFIX}{self.name}"
+    def grpc_headers(self) -> dict[str, str]:
+        """For tritonclient / PoseClient ``headers=``: e.g. the shared-memory key to register system shared memory."""
+        return {self.grpc_header: self.value}
 
 
 @dataclass(frozen=True)

@@ -310,8 +310,9 @@ async function startCamera() {
   const query = new URLSearchParams({ model: model.name, mode, ...thresholds() });
   camera.socket = new WebSocket(`${scheme}://${location.host}/api/camera?${query}`);
   camera.socket.addEventListener("message", onCameraMessage);
-  camera.socket.addEventListener("close", () => {
-    if (camera.stream) $("camera-message").textContent = "the connection to the app closed";
+  camera.socket.addEventListener("close", (event) => {
+    // The app names a refusal (e.g. too many camera connections) in the close reason.
+    if (camera.stream) $("camera-message").textContent = event.reason || "the connection to the app closed";
   });
   camera.timer = setInterval(captureFrame, 1000 / CAPTURE_FPS);
   $("camera-start").disabled = true;
