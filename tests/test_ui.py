@@ -693,3 +693,33 @@ def test_camera_connections_are_capped_and_the_page_says_why(
         wait_until(lambda: _cameras_open(ui_url) == MAX_CAMERAS - 1, "the closed connection's slot to free")
         with connect(socket_url, open_timeout=30) as again:
             assert json.loads(again.recv(timeout=30))["type"] == "ready"
+
+
+def test_photos_in_analysis_are_capped(served_url: str) -> None:
+    """With --max-uploads 1, a photo still arriving holds the one slot: another is answered 503 at once, saying
+    why; once the first is answered the slot is free again."""
+    port = free_port()
+    command = [str(POSETRITON), "ui", "--url", served_url, "--port", str(port), "--max-uploads", "1"]
+    photo = _png_header_only(8, 8)
+    with _running_ui(command, f"http://127.0.0.1:{port}") as url:
+        config = lambda: httpx.get(f"{url}/api/config", timeout=30).json()  # noqa: E731
+        assert config()["max_uploads"] == 1 and config()["uploads_in_progress"] == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
+            slow.sendall(
+                f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(photo)}\r\n\r\n".encode()
+                + photo[:-1]
+            )
+            wait_until(lambda: config()["uploads_in_progress"] == 1, "the slow upload to take the slot")
+            busy = httpx.post(f"{url}/api/predict", content=photo, timeout=30)
+            assert (busy.status_code, busy.json()) == (
+                503,
+                {"error": "busy: the app analyses at most 1 at once; try again in a moment"},
+            )
+            slow.sendall(photo[-1:])
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := slow.recv(65536)):
+                answer += chunk
+        assert not answer.startswith(b"HTTP/1.1 503"), answer
+        wait_until(lambda: config()["uploads_in_progress"] == 0, "the slot to free")
+        assert httpx.post(f"{url}/api/predict", content=photo, timeout=60).status_code != 503

@@ -308,6 +308,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
                 "max_cameras": cameras.limit,
                 "cameras_open": cameras.in_use,
                 "max_uploads": uploads.limit,
+                "uploads_in_progress": uploads.in_use,
             }
         )
 
@@ -319,7 +320,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
 
     async def predict(request: Request) -> Response:
         if not uploads.take():
-            return _error(503, f"busy: {uploads.limit} photos are being analysed already; try again in a moment")
+            return _error(503, f"busy: the app analyses at most {uploads.limit} at once; try again in a moment")
         try:
             return await _predict(request)
         finally:
