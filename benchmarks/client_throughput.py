@@ -92,10 +92,10 @@ def main() -> None:
     with TritonServer(options) as server:
         url = server.grpc_url
         sync_plain = PoseClient(url, args.model)
-        sync_shm = PoseClient(url, args.model, shared_memory=True, headers=server.admin_headers)
+        sync_shm = PoseClient(url, args.model, shared_memory=True, headers=server.shared_memory_headers)
 
         async def open_async(shared_memory: bool) -> AsyncPoseClient:  # a gRPC aio channel belongs to its loop
-            return AsyncPoseClient(url, args.model, shared_memory=shared_memory, headers=server.admin_headers)
+            return AsyncPoseClient(url, args.model, shared_memory=shared_memory, headers=server.shared_memory_headers)
 
         async_plain = loop.run_until_complete(open_async(False))
         async_shm = loop.run_until_complete(open_async(True))

@@ -775,6 +775,19 @@ def ui(
         float, typer.Option(min=0.01, help="Largest photo or camera frame accepted, in MiB (checked before decoding).")
     ] = 20.0,
     timeout: TimeoutOption = 30.0,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also answer requests that name the page NAME or NAME:PORT (a DNS name, a reverse proxy); "
+            "repeat for several. (default: the names of --host: loopback ones for a loopback address)",
+            show_default=False,
+        ),
+    ] = None,
+    max_cameras: Annotated[
+        int, typer.Option(min=1, help="Camera connections open at once (each one tracking sequence on the server).")
+    ] = 4,
+    max_uploads: Annotated[int, typer.Option(min=1, help="Photos analysed at once; more are answered 503.")] = 8,
 ) -> None:
     """A web page to see the poses: drop photos or start a camera, and watch the skeletons drawn.
 
@@ -784,12 +797,21 @@ def ui(
     try:
         from posetriton.ui import UiSettings, serve
         from posetriton.ui.app import exposure_warning
+        from posetriton.ui.origins import HostPolicy
     except ImportError as exc:
         _fail(f"posetriton ui needs the 'ui' extra (pip install \"posetriton[ui]\"): {exc}")
     warning = exposure_warning(host)
     if warning:
         typer.echo(warning, err=True)
-    settings = UiSettings(url=url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout)
+    settings = UiSettings(
+        url=url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout,
+        max_cameras=max_cameras, max_uploads=max_uploads,
+    )  # fmt: skip
+    try:
+        hosts = HostPolicy.for_bind(host, port, allowed_host or ())
+    except ValueError as exc:
+        _fail(str(exc))
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"posetriton ui: http://{shown}:{port}/ (Triton at {url}, model {model}); Ctrl-C stops it", err=True)
-    serve(settings, host=host, port=port)
+    typer.echo(f"posetriton ui answers requests naming {hosts.describe()}", err=True)
+    serve(settings, host=host, port=port, allowed_hosts=tuple(allowed_host or ()))

@@ -5,9 +5,10 @@ version. The stub takes its interpreter from the first ``python3`` on PATH, so t
 started with this interpreter's environment first on PATH: the Python-backend models then
 import ``posetriton`` and its dependencies from here.
 
-The control APIs (model repository, shared memory, logging, trace) are restricted behind a key
-made for each server start (``TritonServer.admin_key``); clients keep inference, health, metadata
-and statistics. ``POSETRITON_TRITONSERVER`` names another ``tritonserver`` binary to run.
+The control APIs are restricted behind two keys made for each server start
+(``TritonServer.admin_keys``, see ``posetriton.admin_keys``): one for model control, logging and
+trace, one for shared memory; clients keep inference, health, metadata and statistics.
+``POSETRITON_TRITONSERVER`` names another ``tritonserver`` binary to run.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from posetriton.admin_keys import AdminKeys, command_line_exposure
 from posetriton.watchdog import (
     EXIT_GAVE_UP,
     KILL_GRACE_S,
     TRITON_EXIT_TIMEOUT_S,
-    AdminKey,
     StubWatchdog,
     http_ready,
     wait_or_kill,
@@ -131,10 +132,11 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="posetriton-")
-        # Made here, for this server only; written (mode 0600, in a private temporary folder) for clients on
-        # this host that register system shared memory.
-        self.admin_key = AdminKey.generate()
-        self.admin_key_file = Path(self._workdir.name) / "admin-key"
+        # Made here, for this server only; written (mode 0600, in a private temporary folder) for its owner and
+        # for clients on this host that register system shared memory.
+        self.admin_keys = AdminKeys.generate()
+        self.control_key_file = Path(self._workdir.name) / "control-key"
+        self.shm_key_file = Path(self._workdir.name) / "shm-key"
         self.gave_up: str | None = None
         self.log_path = options.log_file or Path(self._workdir.name) / "tritonserver.log"
 
@@ -167,7 +169,7 @@ class TritonServer:
             f"--log-verbose={o.log_verbose}",
         ]
         if o.restrict_control_apis:
-            args += self.admin_key.triton_args()
+            args += self.admin_keys.triton_args()
         # Explicit control (all models unless some are named) lets the stub watchdog reload a model.
         args.append("--model-control-mode=explicit")
         args += [f"--load-model={name}" for name in (o.models if o.models is not None else ["*"])]
@@ -201,7 +203,7 @@ class TritonServer:
         root = _pytriton_root()
         backend_dir = _backend_directory(root, Path(self._workdir.name))
         if o.restrict_control_apis:
-            self.admin_key.write(self.admin_key_file)
+            self._write_keys()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
         # Its own process group: a Triton that hangs on exit is killed together with its stubs.
@@ -212,15 +214,37 @@ class TritonServer:
         log.close()
         self._wait_ready(timeout)
         if o.stub_watchdog:
-            headers = self.admin_key.http_headers if o.restrict_control_apis else None
+            headers = self.admin_keys.control.http_headers if o.restrict_control_apis else None
             self.watchdog = StubWatchdog(self.process.pid, self.http_url, headers=headers, give_up=self._give_up)
             self.watchdog.start()
         return self
 
+    # --- keys of the restricted APIs -------------------------------------------------------------
+
+    def _write_keys(self) -> None:
+        """Each key alone in its file, created exclusively (mode 0600) in this server's private folder."""
+        self.admin_keys.control.write(self.control_key_file)
+        self.admin_keys.shared_memory.write(self.shm_key_file)
+
     @property
-    def admin_headers(self) -> dict[str, str]:
-        """gRPC metadata that opens the restricted APIs (e.g. ``PoseClient(..., headers=server.admin_headers)``)."""
-        return self.admin_key.grpc_headers
+    def control_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens model control, logging and trace (``load_model(..., headers=...)``)."""
+        return self.admin_keys.control.grpc_headers
+
+    @property
+    def shared_memory_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens system shared memory (``PoseClient(..., shared_memory=True, headers=...)``)."""
+        return self.admin_keys.shared_memory.grpc_headers
+
+    def restricted_apis_notice(self) -> str:
+        """What ``posetriton serve`` says about the keys: headers, files, and who else can read them."""
+        control, shm = self.admin_keys.control, self.admin_keys.shared_memory
+        return (
+            f"Model control, logging and trace need the header '{control.name}' (HTTP) / '{control.grpc_header}' "
+            f"(gRPC) with the key in {self.control_key_file}; system shared memory needs '{shm.name}' / "
+            f"'{shm.grpc_header}' with the key in {self.shm_key_file} (both files mode 0600, this user only).\n"
+            f"{command_line_exposure()}."
+        )
 
     def _give_up(self, reason: str) -> None:
         """The watchdog cannot heal this server: stop it, so that its owner sees it end (non-zero)."""
@@ -319,13 +343,7 @@ def serve_forever(options: ServerOptions, timeout: float = 120.0) -> int:
             f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
             f"metrics http://{options.host}:{options.metrics_port}/metrics (config '{options.config_name}'); "
             f"log: {server.log_path}. Ctrl-C stops it."
-            + (
-                f"\nControl APIs (model repository, shared memory, logging, trace) need the header "
-                f"'{server.admin_key.name}' (HTTP) / '{next(iter(server.admin_headers))}' (gRPC) with the key in "
-                f"{server.admin_key_file}."
-                if options.restrict_control_apis
-                else ""
-            ),
+            + (f"\n{server.restricted_apis_notice()}" if options.restrict_control_apis else ""),
             flush=True,
         )
         process = server.process

@@ -12,8 +12,9 @@ that whoever runs it (Kubernetes, systemd) starts a fresh one.
 
 The control APIs Triton exposes next to inference (model repository, shared memory, logging,
 trace) are closed to clients: Triton runs with ``--grpc-restricted-protocol`` and
-``--http-restricted-api`` behind a key made afresh at every start (``AdminKey.generate``); only
-the watchdog and the launcher, which reload models, send it.
+``--http-restricted-api`` behind two keys made afresh at every start (``AdminKeys.generate``, see
+``posetriton.admin_keys``): model control (with logging and trace), which only the watchdog and the
+launcher send for their reloads, and shared memory, for clients on the same host.
 
 ``posetriton.launcher`` runs the watchdog beside the server it starts. In a container, where
 Triton is the entry point, ``python -m posetriton.watchdog -- tritonserver ARGS...`` runs Triton
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -38,58 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posetriton.admin_keys import AdminKeys, command_line_exposure
+
 STUB_BINARY = "triton_python_backend_stub"
-# The APIs only the server's own tooling may call: loading a model runs its Python code in the server,
-# and the shared-memory API maps memory by name. Inference, health, metadata, model configuration and
-# statistics stay open to clients.
-RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
-ADMIN_HEADER = "posetriton-admin-key"
-# Triton prefixes the key of --grpc-restricted-protocol with this in the gRPC metadata it expects.
-GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
 # Triton's own default for --exit-timeout-secs; we kill it this long after that if it has not exited.
 TRITON_EXIT_TIMEOUT_S = 30
 KILL_GRACE_S = 5
 # Exit status when the watchdog gave up (a reload failed, or too many reloads): restart me.
 EXIT_GAVE_UP = 70
-
-
-@dataclass(frozen=True)
-class AdminKey:
-    """The secret that opens the restricted control APIs of one server process, made at its start."""
-
-    value: str
-    name: str = ADMIN_HEADER
-
-    @classmethod
-    def generate(cls) -> AdminKey:
-        return cls(secrets.token_hex(32))
-
-    def triton_args(self) -> list[str]:
-        apis = ",".join(RESTRICTED_APIS)
-        return [
-            f"--grpc-restricted-protocol={apis}:{self.name}={self.value}",
-            f"--http-restricted-api={apis}:{self.name}={self.value}",
-        ]
-
-    def write(self, path: Path) -> None:
-        """The value alone, readable by this user only (for a client in the same pod or on the same host)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(self.value + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> AdminKey:
-        return cls(path.read_text().strip())
-
-    @property
-    def http_headers(self) -> dict[str, str]:
-        return {self.name: self.value}
-
-    @property
-    def grpc_headers(self) -> dict[str, str]:
-        """For tritonclient / PoseClient ``headers=``: e.g. to register system shared memory."""
-        return {f"{GRPC_RESTRICTED_PREFIX}{self.name}": self.value}
 
 
 @dataclass(frozen=True)
@@ -287,8 +243,8 @@ def _report(message: str) -> None:
 
 
 def supervise(
-    command: list[str], interval: float = 2.0, admin_key_file: Path | None = None, max_reloads: int = 3,
-    window_s: float = 600.0,
+    command: list[str], interval: float = 2.0, control_key_file: Path | None = None, max_reloads: int = 3,
+    window_s: float = 600.0, shm_key_file: Path | None = None,
 ) -> int:  # fmt: skip
     """Run ``tritonserver`` as a child with a stub watchdog beside it; return its exit code.
 
@@ -297,13 +253,16 @@ def supervise(
     watchdog reloads models through the repository API, so Triton must run with
     ``--model-control-mode=explicit`` (and ``--load-model=*`` to load everything at start).
 
-    The control APIs are restricted behind a key made here, at every start; it never appears in a
-    manifest or an image (``admin_key_file``, mode 0600, hands it to an operator in the pod).
+    The control APIs are restricted behind two keys made here, at every start (see ``start_keys``);
+    they never appear in a manifest or an image.
     Triton is killed when it has not exited ``KILL_GRACE_S`` after its own ``--exit-timeout-secs``.
     When the watchdog gives up, Triton is stopped and we exit ``EXIT_GAVE_UP``.
     """
     if not command:
-        raise SystemExit("usage: python -m posetriton.watchdog [--interval S] [--admin-key-file F] -- tritonserver ...")
+        raise SystemExit(
+            "usage: python -m posetriton.watchdog [--interval S] [--control-key-file F] [--shm-key-file F] "
+            "-- tritonserver ..."
+        )
     if _flag_value(command, "--model-control-mode", "none") != "explicit":
         raise SystemExit(
             "posetriton.watchdog: Triton must run with --model-control-mode=explicit (and --load-model=*): "
@@ -313,10 +272,8 @@ def supervise(
     http_url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:" + _flag_value(
         command, "--http-port", "8000"
     )
-    key = AdminKey.generate()
-    if admin_key_file is not None:
-        key.write(admin_key_file)
-    server = subprocess.Popen([*command, *key.triton_args()], start_new_session=True)
+    keys = start_keys(control_key_file, shm_key_file)
+    server = subprocess.Popen([*command, *keys.triton_args()], start_new_session=True)
     watchdog: StubWatchdog | None = None
     stopping = threading.Event()
     gave_up = threading.Event()
@@ -342,7 +299,8 @@ def supervise(
             time.sleep(0.5)
         if server.poll() is None and not stopping.is_set():
             watchdog = StubWatchdog(
-                server.pid, http_url, interval, headers=key.http_headers, give_up=give_up, max_reloads=max_reloads,
+                server.pid, http_url, interval, headers=keys.control.http_headers, give_up=give_up,
+                max_reloads=max_reloads,
                 window_s=window_s,
             )  # fmt: skip
             watchdog.start()
@@ -361,17 +319,39 @@ def supervise(
             watchdog.stop()
 
 
+def start_keys(control_key_file: Path | None, shm_key_file: Path | None) -> AdminKeys:
+    """The keys of this start, each written (mode 0600, created exclusively) where asked, and who can see them.
+
+    A file left by an earlier start of the same container (the pod's ``/tmp`` outlives it) is
+    replaced; a symlink or another user's file in its place is refused.
+    """
+    keys = AdminKeys.generate()
+    for key, path in ((keys.control, control_key_file), (keys.shared_memory, shm_key_file)):
+        if path is not None:
+            key.write(path, replace_own=True)
+    _report(
+        f"restricted APIs: {', '.join(keys.control.apis)} need header '{keys.control.name}'"
+        + (f" (key in {control_key_file})" if control_key_file else " (key not written to any file)")
+        + f"; {', '.join(keys.shared_memory.apis)} needs header '{keys.shared_memory.name}'"
+        + (f" (key in {shm_key_file})" if shm_key_file else " (key not written to any file)")
+        + f". {command_line_exposure()}"
+    )
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     options: dict[str, str] = {}
-    while args and args[0] in ("--interval", "--admin-key-file", "--max-reloads", "--reload-window"):
+    entry_options = ("--interval", "--control-key-file", "--shm-key-file", "--max-reloads", "--reload-window")
+    while args and args[0] in entry_options:
         options[args[0]], args = args[1], args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
-    key_file = options.get("--admin-key-file")
+    control_key, shm_key = options.get("--control-key-file"), options.get("--shm-key-file")
     return supervise(
-        args, float(options.get("--interval", 2.0)), Path(key_file) if key_file else None,
+        args, float(options.get("--interval", 2.0)), Path(control_key) if control_key else None,
         int(options.get("--max-reloads", 3)), float(options.get("--reload-window", 600.0)),
+        Path(shm_key) if shm_key else None,
     )  # fmt: skip
 
 

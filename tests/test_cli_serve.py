@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,15 @@ def test_serve_runs_until_ctrl_c_and_frees_its_ports(model_repository: Path, tmp
         assert f"Triton is ready: gRPC 127.0.0.1:{grpc}, HTTP http://127.0.0.1:{http}" in stdout.read_text()
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", grpc)) == 0, "the gRPC port is served"
+        # It names both keys' headers and files and says who else can read tritonserver's command line; the
+        # values themselves are in the files only, never in what serve or Triton print.
+        said = stdout.read_text()
+        key_files = re.findall(r"with the key in (\S+?)[;\s]", said)
+        assert len(key_files) == 2 and "posetriton-control-key" in said and "posetriton-shm-key" in said, said
+        assert "tritonserver's command line" in said and "hidepid" in said, said
+        for key_file in key_files:
+            value = Path(key_file).read_text().strip()
+            assert len(value) == 64 and all(value not in text for text in (said, stderr.read_text(), log.read_text()))
 
         process.send_signal(signal.SIGINT)
         code = process.wait(STOP_TIMEOUT_S)

@@ -33,13 +33,15 @@ from typing import Any
 
 import pytest
 
+from posetriton.admin_keys import CONTROL_HEADER, AdminKey, read_shared_memory_key
 from posetriton.client import PoseClient, PoseClientError
 from posetriton.contract import STEP_SUFFIXES
 from posetriton.cpu_limit import CPU_LIMIT_ENV, container_cpu_limit
 from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
 from posetriton.repository import CPU_CONFIGS, load_catalog
-from posetriton.watchdog import EXIT_GAVE_UP, AdminKey, python_stubs
+from posetriton.watchdog import EXIT_GAVE_UP, python_stubs
 from tests.conftest import UL_MODEL, free_port
+from tests.test_launcher import _http_call
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -625,6 +627,9 @@ def test_secure_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True, variant
         assert pod["securityContext"]["runAsUser"] == image_uid, f"{variant}: runAsUser differs from the image USER"
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, variant
+        # Triton's command line carries the API keys: no other container may see its processes.
+        assert pod["shareProcessNamespace"] is False and not pod.get("hostPID"), variant
+        assert [c["name"] for c in pod["containers"]] == ["triton"], f"{variant}: Triton's container is alone"
         for container in pod["containers"] + pod.get("initContainers", []):
             context = container["securityContext"]
             where = f"{variant}: container {container['name']}"
@@ -851,14 +856,14 @@ class ManifestTriton(TritonServer):
         super().__init__(
             ServerOptions(
                 repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                stub_watchdog=False,
+                stub_watchdog=False, restrict_control_apis=False,  # the entry point makes its own keys
             )
         )  # fmt: skip
         self.manifest_command = list(container["command"]) + list(container["args"])
         self.drop = drop
-        self.key_file = Path(self._workdir.name) / "admin-key"
+        self.key_file = Path(self._workdir.name) / "shm-key"
         # The entry point's own options ("--option value", before "--"): the key file's path here.
-        self.entry_options = {"--admin-key-file": str(self.key_file)}
+        self.entry_options = {"--shm-key-file": str(self.key_file)}
         if max_reloads is not None:
             self.entry_options["--max-reloads"] = str(max_reloads)
 
@@ -933,6 +938,27 @@ def _dead_stub_is_reloaded(server: ManifestTriton, photo: Path) -> None:
     assert "reloaded" in server.log_text(), "the watchdog reports what it did in the container log"
 
 
+def _entry_point_keys_open_their_own_groups(server: ManifestTriton, container: dict[str, Any]) -> None:
+    """The entry point made two keys at this start: the shared-memory key, written (mode 0600) where the manifest
+    says, opens shared memory only; the control key is written nowhere: it lives in the watchdog and on Triton's
+    command line, which only this container's user (and root) can read."""
+    index, shm_status = f"{server.http_url}/v2/repository/index", f"{server.http_url}/v2/systemsharedmemory/status"
+    assert _http_call(index)[0] == 403 and _http_call(shm_status)[0] == 403
+    assert oct(server.key_file.stat().st_mode & 0o777) == "0o600"
+    shm = read_shared_memory_key(server.key_file)
+    assert _http_call(shm_status, shm.http_headers)[0] == 200 and _http_call(index, shm.http_headers)[0] == 403
+    argv = Path(f"/proc/{server.triton_pid()}/cmdline").read_text().split("\0")
+    (restricted,) = [a for a in argv if a.startswith("--http-restricted-api=") and CONTROL_HEADER in a]
+    control = AdminKey(restricted.rsplit("=", 1)[1])
+    status, body = _http_call(index, control.http_headers)
+    assert status == 200 and {m["name"] for m in json.loads(body)} >= {UL_MODEL, f"{UL_MODEL}_preprocess"}
+    for value in (shm.value, control.value):
+        assert value not in json.dumps(container), "the secrets are never in the manifest"
+        assert value not in server.log_text(), "nor in the container's log"
+    assert [p.name for p in server.key_file.parent.iterdir() if p.is_file() and control.value in p.read_text()] == []
+    assert "restricted APIs: model-repository, logging, trace need header" in server.log_text()
+
+
 def test_cpu_overlay_arguments_start_the_real_triton(
     rendered: dict[str, list[dict[str, Any]]], model_repository: Path, manifest_server: list[ManifestTriton]
 ) -> None:
@@ -946,19 +972,7 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         status, _ = _get(f"{server.http_url}{triton[probe]['httpGet']['path']}")
         assert status == 200, probe
-    # The control APIs are closed without the key the entry point made at this start; it hands the key,
-    # mode 0600, to whoever runs in the pod as the same user.
-    index = f"{server.http_url}/v2/repository/index"
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(urllib.request.Request(index, data=b"{}", method="POST"), timeout=10)
-    assert refused.value.code == 403
-    assert oct(server.key_file.stat().st_mode & 0o777) == "0o600"
-    key = AdminKey.read(server.key_file)
-    assert key.value not in json.dumps(triton), "the secret is never in the manifest"
-    with urllib.request.urlopen(
-        urllib.request.Request(index, data=b"{}", method="POST", headers=key.http_headers), timeout=10
-    ) as answer:
-        assert {m["name"] for m in json.loads(answer.read())} >= {UL_MODEL, f"{UL_MODEL}_preprocess"}
+    _entry_point_keys_open_their_own_groups(server, triton)
     _, metrics = _get(f"http://127.0.0.1:{server.options.metrics_port}/metrics")
     selector = re.search(r'model=~"([^"]+)"', _adapter_rule()["metricsQuery"])
     assert selector, "the adapter query selects models by a regular expression"

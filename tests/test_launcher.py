@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from posetriton import launcher
 from posetriton.client import AccessDeniedError, PoseClient
 from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
-from posetriton.watchdog import ADMIN_HEADER, KILL_GRACE_S, http_ready, python_stubs
+from posetriton.watchdog import KILL_GRACE_S, http_ready, python_stubs
 from posetriton.watchdog import main as watchdog_main
 from tests.conftest import UL_MODEL, free_port, start_server
 
@@ -147,8 +147,12 @@ def test_container_entry_point_kills_a_triton_that_ignores_sigterm(tmp_path: Pat
 # --- control APIs closed to clients -----------------------------------------------------------
 
 
-def _http_post(url: str, headers: dict[str, str] | None = None, body: bytes = b"{}") -> tuple[int, str]:
-    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+def _http_call(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """POST for the repository and logging APIs, GET for a status (what Triton's HTTP API expects of each)."""
+    post = not url.endswith("/status")
+    request = urllib.request.Request(url, data=b"{}" if post else None, method="POST" if post else "GET")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return int(response.status), response.read().decode()
@@ -156,60 +160,80 @@ def _http_post(url: str, headers: dict[str, str] | None = None, body: bytes = b"
         return int(error.code), error.read().decode()
 
 
-def test_control_apis_need_the_per_start_admin_key(model_repository: Path, photo_paths: list[Path]) -> None:
-    """Without the key a client can neither load, unload, register shared memory nor change logging or
-    tracing, and is told which header is missing; inference, health, metadata and statistics stay open."""
+def test_each_key_opens_only_its_own_api_group(model_repository: Path, photo_paths: list[Path]) -> None:
+    """Two keys per start: the control key opens model loading, logging and trace, the shared-memory key system
+    shared memory; neither opens the other's group, a wrong or missing key is refused naming the header, and
+    inference, health, metadata and statistics stay open. No key value reaches Triton's log."""
     photo = photo_paths[0]
     with start_server(model_repository, models=[UL_MODEL], restrict_control_apis=True) as server:
-        key_file = server.admin_key_file
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and key_file.read_text().strip() == server.admin_key.value
-        assert len(server.admin_key.value) == 64 and TritonServer(server.options).admin_key != server.admin_key
-        header = next(iter(server.admin_headers))
-        assert header == f"triton-grpc-protocol-{ADMIN_HEADER}"
-        refused = f"This protocol is restricted, expecting header '{header}'"
+        keys = server.admin_keys
+        for key, path in ((keys.control, server.control_key_file), (keys.shared_memory, server.shm_key_file)):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == key.value
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert TritonServer(server.options).admin_keys.values != keys.values, "new keys at every start"
         with grpcclient.InferenceServerClient(server.grpc_url) as triton:
-            calls = {
-                "load": lambda h: triton.load_model(UL_MODEL, headers=h),
-                "unload": lambda h: triton.unload_model(UL_MODEL, headers=h),
-                "repository index": lambda h: triton.get_model_repository_index(headers=h),
-                "register shared memory": lambda h: triton.register_system_shared_memory("x", "/x", 64, headers=h),
-                "shared memory status": lambda h: triton.get_system_shared_memory_status(headers=h),
-                "log settings": lambda h: triton.update_log_settings({"log_verbose_level": 1}, headers=h),
-                "trace settings": lambda h: triton.update_trace_settings(settings={"trace_rate": "2"}, headers=h),
+            groups = {
+                keys.control: {
+                    "load": lambda h: triton.load_model(UL_MODEL, headers=h),
+                    "unload": lambda h: triton.unload_model(UL_MODEL, headers=h),
+                    "repository index": lambda h: triton.get_model_repository_index(headers=h),
+                    "log settings": lambda h: triton.update_log_settings({"log_verbose_level": 1}, headers=h),
+                    "trace settings": lambda h: triton.update_trace_settings(settings={"trace_rate": "2"}, headers=h),
+                },
+                keys.shared_memory: {
+                    "register shared memory": lambda h: triton.register_system_shared_memory("x", "/x", 64, headers=h),
+                    "shared memory status": lambda h: triton.get_system_shared_memory_status(headers=h),
+                },
             }
-            for what, call in calls.items():
-                for headers in (None, {header: "wrong"}):
-                    with pytest.raises(grpcclient.InferenceServerException) as error:
-                        call(headers)
-                    assert error.value.message() == refused, what
+            for own, calls in groups.items():
+                other = keys.shared_memory if own is keys.control else keys.control
+                refused = f"This protocol is restricted, expecting header '{own.grpc_header}'"
+                wrong_keys = (None, {own.grpc_header: "wrong"}, {own.grpc_header: other.value}, other.grpc_headers)
+                for what, call in calls.items():
+                    for headers in wrong_keys:
+                        with pytest.raises(grpcclient.InferenceServerException) as error:
+                            call(headers)
+                        assert error.value.message() == refused, (what, headers and list(headers))
+            # Each key opens its own group.
+            assert triton.get_model_repository_index(headers=server.control_headers).models
+            assert triton.get_log_settings(headers=server.control_headers) is not None
+            assert triton.get_system_shared_memory_status(headers=server.shared_memory_headers) is not None
             # Open to clients: health, metadata, configuration, statistics.
             assert triton.is_server_ready() and triton.is_model_ready(UL_MODEL)
             assert triton.get_model_metadata(UL_MODEL).name == UL_MODEL
             assert triton.get_inference_statistics(UL_MODEL).model_stats
-            assert triton.get_system_shared_memory_status(headers=server.admin_headers) is not None
-        for path in (f"/v2/repository/models/{UL_MODEL}/unload", "/v2/repository/index", "/v2/logging"):
-            status, body = _http_post(f"{server.http_url}{path}")
-            assert (status, json.loads(body)) == (
-                403,
-                {"error": f"This API is restricted, expecting header '{ADMIN_HEADER}'"},
-            )
+        control, shm = keys.control, keys.shared_memory
+        for path, own, other in (
+            (f"/v2/repository/models/{UL_MODEL}/unload", control, shm),
+            ("/v2/repository/index", control, shm),
+            ("/v2/logging", control, shm),
+            ("/v2/systemsharedmemory/status", shm, control),
+        ):
+            for headers in (None, other.http_headers, {own.name: other.value}):
+                status, body = _http_call(f"{server.http_url}{path}", headers)
+                expected = {"error": f"This API is restricted, expecting header '{own.name}'"}
+                assert (status, json.loads(body)) == (403, expected), (path, headers and list(headers))
+        # Each owner opens its own group (the launcher's watchdog uses the repository API).
+        assert _http_call(f"{server.http_url}/v2/repository/index", control.http_headers)[0] == 200
+        assert _http_call(f"{server.http_url}/v2/systemsharedmemory/status", shm.http_headers)[0] == 200
         # Inference needs no key, and model discovery falls back to the statistics.
         with PoseClient(server.grpc_url, UL_MODEL) as client:
             expected = client.predict(photo)
             assert expected.poses and client.ready_models() == [UL_MODEL]
-        # System shared memory from the SDK: refused clearly without the key, the same results with it.
-        with (
-            PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, retry=3) as client,
-            pytest.raises(AccessDeniedError, match=f"pass it with headers={{'{header}': ...}}"),
-        ):
-            client.predict(photo)
-        with PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, headers=server.admin_headers) as client:
+        # System shared memory from the SDK: refused clearly without its key (the control key is not it), the
+        # same results with it.
+        for headers in (None, server.control_headers):
+            with (
+                PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, retry=3, headers=headers) as client,
+                pytest.raises(AccessDeniedError, match=f"pass it with headers={{'{shm.grpc_header}': ...}}"),
+            ):
+                client.predict(photo)
+        with PoseClient(server.grpc_url, UL_MODEL, shared_memory=True, headers=server.shared_memory_headers) as client:
             got = client.predict(photo)
         assert [p.score for p in got.poses] == [p.score for p in expected.poses]
-        # The owner of the key can still use the repository API (the launcher's watchdog does).
-        status, _ = _http_post(f"{server.http_url}/v2/repository/index", server.admin_key.http_headers)
-        assert status == 200
-    assert not key_file.exists(), "the key file goes with the server's temporary folder"
+        log = server.log_text()
+        assert all(value not in log for value in keys.values), "no key value is in Triton's log"
+    assert not server.control_key_file.exists() and not server.shm_key_file.exists(), "the key files go with the server"
 
 
 # --- a server that cannot heal ends -----------------------------------------------------------

@@ -7,6 +7,8 @@ server; every expectation is what the SDK gets from the same server for the same
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
@@ -14,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,7 +31,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from posetriton.client import InvalidInputError, PoseClient
@@ -51,6 +54,8 @@ CHROMIUM_ARGS = [
 ]
 # Small enough that a test can go past it cheaply; the photos used here are well under it.
 MAX_UPLOAD_MB = 2
+# Camera connections the test app admits (posetriton ui --max-cameras): small, so that a test can reach it.
+MAX_CAMERAS = 2
 # Keypoints the page draws (its KPT_THRESHOLD).
 KPT_THRESHOLD = 0.5
 WAIT_MS = 60_000
@@ -69,10 +74,16 @@ def ui_url(served_url: str) -> Iterator[str]:
     port = free_port()
     command = [
         str(POSETRITON), "ui", "--url", served_url, "--model", UL_MODEL,
-        "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB),
+        "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-cameras", str(MAX_CAMERAS),
     ]  # fmt: skip
+    with _running_ui(command, f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _running_ui(command: list[str], url: str) -> Iterator[str]:
+    """``posetriton ui`` started with ``command``, once it answers at ``url``; stopped afterwards."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -330,10 +341,121 @@ def test_uploads_are_limited_before_they_are_read(ui_url: str) -> None:
 
 
 def test_host_names_other_than_loopback_are_refused(ui_url: str) -> None:
-    """A page elsewhere that rebinds its own name to 127.0.0.1 still sends that name as Host: refused."""
-    assert httpx.get(f"{ui_url}/", timeout=30).status_code == 200
-    assert httpx.get(f"{ui_url}/", headers={"Host": "rebound.example"}, timeout=30).status_code == 400
-    assert httpx.get(f"{ui_url}/api/models", headers={"Host": "rebound.example"}, timeout=30).status_code == 400
+    """A page elsewhere that rebinds its own name to 127.0.0.1 still sends that name as Host: refused, on a
+    request and on a WebSocket handshake; the loopback names with this port are answered."""
+    port = urlsplit(ui_url).port
+    for host in ("127.0.0.1", "localhost", "[::1]"):
+        assert httpx.get(f"{ui_url}/", headers={"Host": f"{host}:{port}"}, timeout=30).status_code == 200, host
+    for host in ("rebound.example", f"rebound.example:{port}", f"localhost:{port + 1}", f"127.0.0.1.nip.io:{port}"):
+        for path in ("/", "/api/models"):
+            refused = httpx.get(f"{ui_url}{path}", headers={"Host": host}, timeout=30)
+            assert refused.status_code == 400, (host, path)
+            assert f"this app does not answer to Host '{host}'" in refused.json()["error"]
+    assert _handshake_status(ui_url, {"Host": f"rebound.example:{port}"}) == 400
+
+
+def _handshake_status(ui_url: str, headers: dict[str, str]) -> int:
+    """The HTTP status of a WebSocket handshake to the camera endpoint with these headers (raw: any Host)."""
+    parts = urlsplit(ui_url)
+    lines = [
+        "GET /api/camera HTTP/1.1", "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", *(f"{k}: {v}" for k, v in headers.items()),
+    ]  # fmt: skip
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as raw:
+        raw.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = raw.recv(65536)
+    return int(answer.split(b" ", 2)[1])
+
+
+@contextlib.contextmanager
+def _page_elsewhere() -> Iterator[str]:
+    """A page of another origin on this machine (another port: another site to the browser)."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>elsewhere</title><p>another site"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_elsewhere_can_neither_post_photos_nor_open_the_camera(
+    browser: Browser, ui_url: str, photo_paths: list[Path]
+) -> None:
+    """In Chromium, a page of another origin sends a photo to the app (a no-cors POST, which the browser sends
+    without asking) and opens a camera WebSocket to it: the app answers 403 to both, naming the origin."""
+    photo = _photo(photo_paths, "bus.jpg").read_bytes()
+    with _page_elsewhere() as elsewhere:
+        context = browser.new_context()
+        page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"{elsewhere}/")
+        with page.expect_response(f"{ui_url}/api/predict") as answer:
+            page.evaluate(
+                "([url, bytes]) => fetch(url, {method: 'POST', mode: 'no-cors', body: new Uint8Array(bytes)})",
+                [f"{ui_url}/api/predict", list(photo[:4096])],
+            )
+        assert answer.value.status == 403, "the browser sent it (no-cors), the app refused it"
+        assert answer.value.request.headers["referer"] == f"{elsewhere}/", "sent by the page elsewhere"
+        closed = page.evaluate(
+            """(url) => new Promise((resolve) => {
+                const socket = new WebSocket(url);
+                socket.onopen = () => resolve("open");
+                socket.onclose = (event) => resolve(`closed ${event.code}`);
+            })""",
+            ui_url.replace("http://", "ws://") + "/api/camera",
+        )
+        context.close()
+    assert closed == "closed 1006", "the handshake failed: the socket never opened"
+    assert any("403" in line and "/api/camera" in line for line in console), console
+    # What the page could not read (its answers are opaque to it), with the same Origin from a script:
+    refused = httpx.post(f"{ui_url}/api/predict", content=photo, headers={"Origin": elsewhere}, timeout=30)
+    assert (refused.status_code, refused.json()) == (
+        403,
+        {"error": f"cross-origin request refused: Origin '{elsewhere}' is not this app ({_allowed(ui_url)})"},
+    )
+    # The app's own page, served at the same address, is answered (its POSTs carry its own Origin).
+    same_site = httpx.post(f"{ui_url}/api/predict", content=photo, headers={"Origin": ui_url}, timeout=60)
+    assert same_site.status_code == 200 and same_site.json()["detections"]
+
+
+def _allowed(ui_url: str) -> str:
+    port = urlsplit(ui_url).port
+    return ", ".join(sorted((f"127.0.0.1:{port}", f"[::1]:{port}", f"localhost:{port}")))
+
+
+def test_an_ipv6_bind_answers_its_own_names_only(served_url: str) -> None:
+    """Bound to ::1 the app answers [::1], localhost and 127.0.0.1 with its port; any other Host gets 400 and
+    any other Origin 403 (Starlette's TrustedHostMiddleware, used before, could not parse IPv6 and let all in)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        probe.bind(("::1", 0))
+        port = int(probe.getsockname()[1])
+    command = [str(POSETRITON), "ui", "--url", served_url, "--host", "::1", "--port", str(port)]
+    with _running_ui(command, f"http://[::1]:{port}") as url:
+        assert httpx.get(f"{url}/api/config", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/", headers={"Host": f"localhost:{port}"}, timeout=30).status_code == 200
+        for host in ("rebound.example", f"[::2]:{port}", f"[::1]:{port + 1}"):
+            assert httpx.get(f"{url}/", headers={"Host": host}, timeout=30).status_code == 400, host
+        refused = httpx.post(
+            f"{url}/api/predict", content=_png_header_only(8, 8), headers={"Origin": "http://[::1]:1"}, timeout=30
+        )
+        assert refused.status_code == 403 and "cross-origin request refused" in refused.json()["error"]
+        assert _handshake_status(url, {"Host": f"[::1]:{port}", "Origin": "http://rebound.example"}) == 403
 
 
 def test_the_page_says_so_when_triton_is_unreachable(playwright: Playwright) -> None:
@@ -528,3 +650,76 @@ def test_camera_socket_refuses_other_origins_and_bad_frames(ui_url: str) -> None
             "type": "settings_error",
             "error": "conf must be in [0, 1], got 3.0",
         }
+
+
+def _cameras_open(ui_url: str) -> int:
+    return int(httpx.get(f"{ui_url}/api/config", timeout=30).json()["cameras_open"])
+
+
+def test_camera_connections_are_capped_and_the_page_says_why(
+    playwright: Playwright, ui_url: str, photo_paths: list[Path], tmp_path: Path
+) -> None:
+    """MAX_CAMERAS sockets are served; one more is told why and closed with 1013 (try again later), in a script
+    and on the page; once one closes, a new one is served again."""
+    wait_until(lambda: _cameras_open(ui_url) == 0, "camera connections of earlier tests to end")
+    socket_url = ui_url.replace("http://", "ws://") + f"/api/camera?model={UL_MODEL}&mode=frames"
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connect(socket_url, open_timeout=30)) for _ in range(MAX_CAMERAS)]
+        for camera in held:
+            assert json.loads(camera.recv(timeout=30))["type"] == "ready"
+        assert _cameras_open(ui_url) == MAX_CAMERAS
+        expected = f"too many camera connections: {MAX_CAMERAS} are open, the limit; close one and start again"
+        with connect(socket_url, open_timeout=30) as extra:
+            assert json.loads(extra.recv(timeout=30)) == {"type": "fatal", "error": expected}
+            with pytest.raises(ConnectionClosed) as closed:
+                extra.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        # In the browser: the camera starts, the app refuses it, and the page shows the reason.
+        clip = tmp_path / "camera.y4m"
+        write_y4m(clip, panning_clip(_photo(photo_paths, "bus.jpg"), steps=4))
+        chromium = launch(playwright, "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={clip}")
+        try:
+            page = chromium.new_page()
+            page.goto(ui_url)
+            page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
+            page.click("#tab-camera")
+            page.click("#camera-start")
+            wait_until(lambda: "too many camera connections" in page.inner_text("#camera-message"), "the refusal")
+            page.click("#camera-stop")
+        finally:
+            chromium.close()
+        assert _cameras_open(ui_url) == MAX_CAMERAS, "a refused connection holds no slot"
+        held.pop().close()
+        wait_until(lambda: _cameras_open(ui_url) == MAX_CAMERAS - 1, "the closed connection's slot to free")
+        with connect(socket_url, open_timeout=30) as again:
+            assert json.loads(again.recv(timeout=30))["type"] == "ready"
+
+
+def test_photos_in_analysis_are_capped(served_url: str) -> None:
+    """With --max-uploads 1, a photo still arriving holds the one slot: another is answered 503 at once, saying
+    why; once the first is answered the slot is free again."""
+    port = free_port()
+    command = [str(POSETRITON), "ui", "--url", served_url, "--port", str(port), "--max-uploads", "1"]
+    photo = _png_header_only(8, 8)
+    with _running_ui(command, f"http://127.0.0.1:{port}") as url:
+        config = lambda: httpx.get(f"{url}/api/config", timeout=30).json()  # noqa: E731
+        assert config()["max_uploads"] == 1 and config()["uploads_in_progress"] == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
+            slow.sendall(
+                f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(photo)}\r\n\r\n".encode()
+                + photo[:-1]
+            )
+            wait_until(lambda: config()["uploads_in_progress"] == 1, "the slow upload to take the slot")
+            busy = httpx.post(f"{url}/api/predict", content=photo, timeout=30)
+            assert (busy.status_code, busy.json()) == (
+                503,
+                {"error": "busy: the app analyses at most 1 at once; try again in a moment"},
+            )
+            slow.sendall(photo[-1:])
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := slow.recv(65536)):
+                answer += chunk
+        assert not answer.startswith(b"HTTP/1.1 503"), answer
+        wait_until(lambda: config()["uploads_in_progress"] == 0, "the slot to free")
+        assert httpx.post(f"{url}/api/predict", content=photo, timeout=60).status_code != 503

@@ -6,13 +6,14 @@ Kept apart from tests/test_ui.py, whose Playwright fixture holds an event loop i
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
 from posetriton.contract import ContractError, Thresholds
-from posetriton.ui.app import allowed_hosts
 from posetriton.ui.camera import CameraFrame, LatestFrame
 from posetriton.ui.limits import UploadRefused, check_image, image_type, thresholds_from_query
+from posetriton.ui.origins import HostPolicy, parse_authority
 from tests.test_ui import _png_header_only
 
 
@@ -75,8 +76,45 @@ def test_thresholds_come_from_the_query_checked() -> None:
         thresholds_from_query({"max_det": "500"}, max_det_limit=300)
 
 
-def test_loopback_binds_answer_loopback_host_names_only() -> None:
-    assert allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost")
-    assert allowed_hosts("localhost") == ("127.0.0.1", "localhost")
-    assert allowed_hosts("0.0.0.0") == ("*",)  # reachable by names this app cannot know
-    assert allowed_hosts("::1") == ("*",)  # Starlette's check cannot parse IPv6 literals
+def test_loopback_binds_answer_loopback_names_with_their_port() -> None:
+    for bind in ("127.0.0.1", "localhost", "::1", "[::1]", "0:0::1"):
+        hosts = HostPolicy.for_bind(bind, 8080)
+        for name in ("127.0.0.1:8080", "localhost:8080", "LOCALHOST:8080", "[::1]:8080", "[0:0:0:0:0:0:0:1]:8080"):
+            assert hosts.host_allowed(name), (bind, name)
+        for name in ("localhost:8081", "localhost", "rebound.example:8080", "127.0.0.2:8080", "[::2]:8080", None):
+            assert not hosts.host_allowed(name), (bind, name)
+        for origin in ("http://localhost:8080", "http://127.0.0.1:8080", "http://[::1]:8080"):
+            assert hosts.origin_allowed(origin), (bind, origin)
+        for origin in ("http://rebound.example:8080", "http://localhost:8081", "null", "file://", "http://localhost"):
+            assert not hosts.origin_allowed(origin), (bind, origin)
+    assert HostPolicy.for_bind("127.0.0.2", 80).host_allowed("127.0.0.2"), "port 80 is omitted by browsers"
+    assert HostPolicy.for_bind("127.0.0.1", 443).origin_allowed("https://localhost")
+
+
+def test_other_binds_answer_their_own_address_ipv6_included() -> None:
+    v6 = HostPolicy.for_bind("2001:db8::5", 9000)
+    assert v6.host_allowed("[2001:db8::5]:9000") and v6.host_allowed("[2001:DB8:0::5]:9000")
+    assert not v6.host_allowed("2001:db8::5:9000"), "an IPv6 Host without brackets is malformed"
+    assert not v6.host_allowed("localhost:9000") and not v6.host_allowed("rebound.example:9000")
+    assert v6.origin_allowed("http://[2001:db8::5]:9000") and not v6.origin_allowed("http://evil.example:9000")
+    lan = HostPolicy.for_bind("192.168.1.20", 8080, extra=("poses.lan", "proxy.example:443"))
+    assert lan.host_allowed("192.168.1.20:8080") and lan.host_allowed("poses.lan:8080")
+    assert lan.origin_allowed("https://proxy.example") and not lan.host_allowed("localhost:8080")
+    with pytest.raises(ValueError, match="--allowed-host takes NAME or NAME:PORT"):
+        HostPolicy.for_bind("127.0.0.1", 8080, extra=("http://x/",))
+
+
+def test_wildcard_binds_answer_loopback_and_this_machines_names_only() -> None:
+    for bind in ("0.0.0.0", "::"):
+        hosts = HostPolicy.for_bind(bind, 8080)
+        assert hosts.host_allowed("localhost:8080") and hosts.host_allowed("[::1]:8080")
+        assert hosts.host_allowed(f"{socket.gethostname()}:8080")
+        assert not hosts.host_allowed("rebound.example:8080") and not hosts.host_allowed("0.0.0.0:8080")
+        assert not hosts.host_allowed("[::]:8080")
+
+
+def test_authorities_are_parsed_strictly() -> None:
+    assert parse_authority("[::1]:8080", 80) == ("::1", 8080)
+    assert parse_authority("Example.ORG.", 80) == ("example.org", 80)
+    for bad in ("", "a:b", "host:0", "host:70000", "[::1", "[::1]x", "user@host:80", "host/path", "a b:1"):
+        assert parse_authority(bad, 80) is None, bad

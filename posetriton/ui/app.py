@@ -16,8 +16,12 @@ Routes:
   model has a tracker.
 
 Uploads are held in memory only, limited in size before they are read and in type before they are
-decoded. WebSockets from another origin are refused, so a web page elsewhere cannot drive the
-camera endpoint through the user's browser.
+decoded. Every request must name this app in its Host header and, when it carries an Origin (a
+browser's WebSocket or POST always does), there too (:mod:`posetriton.ui.origins`): a page elsewhere,
+rebound to 127.0.0.1 or not, can drive neither the photo endpoint nor the camera through the
+user's browser. What one app holds is bounded: ``max_cameras`` camera connections (each one tracking
+sequence on the server), ``max_uploads`` photos being analysed, ``max_queued_frames`` frames
+buffered per connection (docs/reliability.md, "Web page").
 """
 
 from __future__ import annotations
@@ -25,22 +29,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from posetriton.client import (
@@ -65,11 +68,16 @@ from .limits import (
     read_limited,
     thresholds_from_query,
 )
+from .origins import HostPolicy, is_loopback
 
 # A large photo on a busy CPU server takes seconds; a page should not hang for the SDK's default (minutes).
 DEFAULT_TIMEOUT_S = 30.0
 # A closed camera connection waits this long for the frame in flight before cancelling it.
 ENGINE_STOP_S = 5.0
+# WebSocket close code "Try Again Later" (RFC 6455 registry): the camera cap is reached.
+CLOSE_TRY_AGAIN_LATER = 1013
+# Connections uvicorn admits beyond the cameras and uploads: the page, its files, /api/models, refusals.
+CONNECTION_MARGIN = 32
 # The page's own script may talk to this app; everything else is refused by the browser.
 _CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
@@ -94,32 +102,19 @@ class UiSettings:
     # Camera frames of one connection in flight to Triton at once in per-frame mode (answers stay in order);
     # the tracker pipelines its own (TrackingEngine), in order too.
     camera_in_flight: int = 1
-    # Host headers answered; others get 400, so a DNS-rebinding page cannot reach a loopback app ("*": any).
-    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    # Host and Origin headers answered (posetriton.ui.origins); serve() derives them from the bind address.
+    hosts: HostPolicy = dataclasses.field(default_factory=lambda: HostPolicy.for_bind("127.0.0.1", 8080))
+    # Camera connections open at once: each holds a tracking sequence on the server and a few frames here.
+    max_cameras: int = 4
+    # Photos being analysed at once (each held in memory, up to max_upload_bytes); more get 503.
+    max_uploads: int = 8
+    # Camera frames the WebSocket buffers before it stops reading from the socket (uvicorn's ws_max_queue).
+    max_queued_frames: int = 4
 
     def __post_init__(self) -> None:
-        if self.max_upload_bytes < 1:
-            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def allowed_hosts(host: str) -> tuple[str, ...]:
-    """The Host headers to answer when listening on ``host``: loopback names only when it is loopback.
-
-    Starlette compares the part before the first ':', which cannot name an IPv6 literal: those allow any.
-    """
-    if ":" in host or not is_loopback(host):
-        return ("*",)
-    return tuple(dict.fromkeys(("127.0.0.1", "localhost", host)))
+        for name in ("max_upload_bytes", "max_cameras", "max_uploads", "max_queued_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 def exposure_warning(host: str) -> str | None:
@@ -232,11 +227,60 @@ def _client_error(exc: PoseClientError) -> JSONResponse:
     return _error(status, str(exc))
 
 
-def _same_origin(origin: str | None, host: str | None) -> bool:
-    """A browser always sends Origin on a WebSocket; it must name this app (the Host it connected to)."""
-    if origin is None:
-        return True  # not a browser (a script or a test client): nothing cross-site to guard against
-    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+class HostOriginGuard:
+    """ASGI middleware: a Host not in the allow-list gets 400, an Origin not in it 403, before any route runs.
+
+    A refused WebSocket gets the HTTP denial response (uvicorn supports it), so the handshake fails
+    with the status and the message; a page elsewhere never sees an open socket.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: HostPolicy) -> None:
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host"), headers.get("origin")
+        refusal: JSONResponse | None = None
+        if not self.hosts.host_allowed(host):
+            refusal = _error(
+                400, f"this app does not answer to Host {host!r}: it answers {self.hosts.describe()} "
+                "(posetriton ui --allowed-host adds a name)",
+            )  # fmt: skip
+        elif origin is not None and not self.hosts.origin_allowed(origin):
+            refusal = _error(
+                403, f"cross-origin request refused: Origin {origin!r} is not this app ({self.hosts.describe()})"
+            )
+        if refusal is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await refusal(scope, receive, send)
+        else:
+            websocket = WebSocket(scope, receive, send)
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await websocket.send_denial_response(refusal)
+            else:
+                await websocket.close(code=1008, reason="refused: Host or Origin is not this app")
+
+
+class Slots:
+    """A count of things in use with a limit: taken without waiting, or refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def take(self) -> bool:
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def give_back(self) -> None:
+        self.in_use -= 1
 
 
 def create_app(settings: UiSettings | None = None) -> Starlette:
@@ -244,6 +288,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
     settings = settings or UiSettings()
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     gateway = TritonGateway(settings)
+    cameras, uploads = Slots(settings.max_cameras), Slots(settings.max_uploads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -260,6 +305,10 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
                 "model": settings.model,
                 "max_upload_bytes": settings.max_upload_bytes,
                 "accepted_types": list(ACCEPTED_TYPES),
+                "max_cameras": cameras.limit,
+                "cameras_open": cameras.in_use,
+                "max_uploads": uploads.limit,
+                "uploads_in_progress": uploads.in_use,
             }
         )
 
@@ -270,6 +319,14 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             return _client_error(exc)
 
     async def predict(request: Request) -> Response:
+        if not uploads.take():
+            return _error(503, f"busy: the app analyses at most {uploads.limit} at once; try again in a moment")
+        try:
+            return await _predict(request)
+        finally:
+            uploads.give_back()
+
+    async def _predict(request: Request) -> Response:
         model = request.query_params.get("model") or settings.model
         try:
             body = await read_limited(
@@ -290,10 +347,18 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
         return JSONResponse({**poses.to_dict(), "model": model, "latency_ms": latency_ms})
 
     async def camera(websocket: WebSocket) -> None:
-        if not _same_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
-            await websocket.close(code=1008, reason="cross-origin WebSocket refused")
-            return
         await websocket.accept()
+        if not cameras.take():  # accepted first, so that the page can show why
+            message = f"too many camera connections: {cameras.limit} are open, the limit; close one and start again"
+            await websocket.send_json({"type": "fatal", "error": message})
+            await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason=message[:120])
+            return
+        try:
+            await _camera(websocket)
+        finally:
+            cameras.give_back()
+
+    async def _camera(websocket: WebSocket) -> None:
         model = websocket.query_params.get("model") or settings.model
         try:
             meta = await gateway.metadata(model)
@@ -315,7 +380,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))],
+        middleware=[Middleware(HostOriginGuard, hosts=settings.hosts)],
     )
 
 
@@ -391,12 +456,21 @@ class CameraSession:
         return Thresholds.from_parameters(chosen).check(self.meta.max_det_limit)
 
 
-def serve(settings: UiSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
-    """Run the app with uvicorn until Ctrl-C (WebSocket messages capped at the upload limit)."""
+def serve(
+    settings: UiSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+    allowed_hosts: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Run the app with uvicorn until Ctrl-C, answering the Host names of ``host:port`` (and ``allowed_hosts``).
+
+    WebSocket messages are capped at the upload limit and ``max_queued_frames`` of them are buffered
+    per connection; connections beyond the app's own caps plus a margin for the page's files are
+    answered 503 by uvicorn before the app sees them.
+    """
     import uvicorn
 
-    settings = dataclasses.replace(settings, allowed_hosts=allowed_hosts(host))
+    settings = dataclasses.replace(settings, hosts=HostPolicy.for_bind(host, port, allowed_hosts))
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level=log_level, access_log=False,
-        ws_max_size=settings.max_upload_bytes + 1024,
+        ws_max_size=settings.max_upload_bytes + 1024, ws_max_queue=settings.max_queued_frames,
+        limit_concurrency=settings.max_cameras + settings.max_uploads + CONNECTION_MARGIN,
     )  # fmt: skip

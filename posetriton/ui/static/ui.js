@@ -159,7 +159,8 @@ async function runPhoto(photo) {
   }
   const query = new URLSearchParams({ model: model.name, ...thresholds() });
   const started = performance.now();
-  let response;
+  let response, result, error;
+  await takeUploadSlot(); // the app analyses max_uploads photos at once and answers 503 beyond: queue here
   try {
     response = await fetch(`/api/predict?${query}`, {
       method: "POST",
@@ -167,12 +168,14 @@ async function runPhoto(photo) {
       headers: { "Content-Type": photo.file.type || "application/octet-stream" },
       signal: photo.controller.signal,
     });
-  } catch (error) {
-    if (error.name !== "AbortError") showPhotoError(photo, `the request failed: ${error.message}`);
+    result = response.ok ? await response.json() : null;
+    error = response.ok ? null : await readError(response);
+  } catch (failure) {
+    if (failure.name !== "AbortError") showPhotoError(photo, `the request failed: ${failure.message}`);
     return;
+  } finally {
+    giveUploadSlot();
   }
-  const result = response.ok ? await response.json() : null;
-  const error = response.ok ? null : await readError(response);
   if (generation !== photo.generation) return; // a newer request (slider moved) owns this card now
   if (error) {
     showPhotoError(photo, error);
@@ -190,6 +193,23 @@ async function runPhoto(photo) {
     `${Math.round(total)} ms (Triton ${Math.round(result.latency_ms)} ms) · ${result.model}`;
   card.querySelector(".message").textContent = "";
   card.dataset.state = "done";
+}
+
+const uploadSlots = { free: null, waiting: [] };
+
+async function takeUploadSlot() {
+  if (uploadSlots.free === null) uploadSlots.free = (state.config && state.config.max_uploads) || 4;
+  if (uploadSlots.free > 0) {
+    uploadSlots.free -= 1;
+    return;
+  }
+  await new Promise((resolve) => uploadSlots.waiting.push(resolve));
+}
+
+function giveUploadSlot() {
+  const next = uploadSlots.waiting.shift();
+  if (next) next();
+  else uploadSlots.free += 1;
 }
 
 function showPhotoError(photo, message) {
@@ -310,8 +330,9 @@ async function startCamera() {
   const query = new URLSearchParams({ model: model.name, mode, ...thresholds() });
   camera.socket = new WebSocket(`${scheme}://${location.host}/api/camera?${query}`);
   camera.socket.addEventListener("message", onCameraMessage);
-  camera.socket.addEventListener("close", () => {
-    if (camera.stream) $("camera-message").textContent = "the connection to the app closed";
+  camera.socket.addEventListener("close", (event) => {
+    // The app names a refusal (e.g. too many camera connections) in the close reason.
+    if (camera.stream) $("camera-message").textContent = event.reason || "the connection to the app closed";
   });
   camera.timer = setInterval(captureFrame, 1000 / CAPTURE_FPS);
   $("camera-start").disabled = true;
