@@ -43,14 +43,11 @@ def export_network(model: ServedModel, workdir: Path, photos: list[Path], option
     from build_engines.export import export_network as export
     from build_engines.registry import ExportOptions
 
+    # A catalogue model with its own weights (``source.weights``) gets them resolved here; otherwise the family
+    # module checks the source it was given (and says which ones it takes).
     weights_file = None
     if model.source.get("weights"):
         weights_file = resolve_weights(str(options.get("checkpoint") or model.source["weights"]))
-    elif not (options.get("checkpoint") or options.get("weights_url") or options.get("seed") is not None):
-        raise typer.BadParameter(
-            f"{model.name}: the published YOLO-NAS Pose weights cannot be downloaded by super-gradients 3.7.1; "
-            "pass --checkpoint FILE, --weights-url URL, or --seed N for a deterministic random init (tests)"
-        )
     export_options = ExportOptions(
         checkpoint=None if weights_file else options.get("checkpoint"),
         weights_url=options.get("weights_url"),
@@ -93,10 +90,14 @@ def build(
     repository: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path("triton_models"),
     workdir: Annotated[Path, typer.Option(help="Where intermediate ONNX files and reports go.")] = Path("build/export"),
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Weights file (super-gradients .pth or Ultralytics .pt).")
+        Path | None, typer.Option(help="Weights file in the family's own format (e.g. a .pth or .pt).")
     ] = None,
-    weights_url: Annotated[str | None, typer.Option(help="URL of published YOLO-NAS Pose weights to download.")] = None,
-    seed: Annotated[int | None, typer.Option(help="YOLO-NAS Pose: deterministic random init (for tests).")] = None,
+    weights_url: Annotated[
+        str | None, typer.Option(help="URL of published weights to download (families that take one).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Deterministic random init (families that take one; for tests).")
+    ] = None,
     photos: Annotated[Path, typer.Option(help="Folder of real photos used for the parity checks.")] = SAMPLES,
     catalog: Annotated[Path, typer.Option(help="Model catalogue (TOML).")] = CATALOG,
     parity_tolerance: Annotated[

@@ -1,38 +1,29 @@
 """Export a catalogue model to the served ONNX and OpenVINO IR, proving parity on the way.
 
-The family module registered for the model's ``source.kind`` (:mod:`build_engines.registry`) builds the unified
-graph; this module gives it the served interface (uint8 canvas in, top-k candidates out,
-:func:`build_engines.onnx_graph.to_served_graph`), checks it against PyTorch on real photos
-(:mod:`build_engines.parity`) and refuses to return a graph that misses.
+The module the model's family names (:mod:`build_engines.registry`) builds the unified graph; this module gives
+it the served interface (uint8 canvas in, top-k candidates out, :func:`build_engines.onnx_graph.to_served_graph`),
+checks it against PyTorch on real photos (:mod:`build_engines.parity`) and refuses to return a graph that misses.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import onnx
 
 from build_engines.onnx_graph import check_served_interface, check_unified_interface, clean_and_check, to_served_graph
 from build_engines.parity import ExportResult, parity_canvases, verify_export
-from build_engines.registry import EXPORTERS, ExportOptions
+from build_engines.registry import ExportOptions, family_exporter
 from posetriton.processing import to_network_input
 from posetriton.repository import ServedModel
-
-# Importing a family module registers it.
-FAMILY_MODULES = ("build_engines.yolo_nas_pose", "build_engines.ultralytics_pose")
 
 
 def export_network(model: ServedModel, out_dir: Path, photos: list[Path], options: ExportOptions) -> ExportResult:
     """Export ``model`` into ``out_dir``: ``<name>.onnx`` (served) and its IR; raises ParityError on a miss."""
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
-    kind = model.source.get("kind", "")
-    if kind not in EXPORTERS:
-        raise ValueError(f"{model.name}: unknown source kind {kind!r}; known: {sorted(EXPORTERS)}")
+    exporter = family_exporter(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     canvases = parity_canvases(photos, model.letterbox)
-    family = EXPORTERS[kind](model, out_dir, options)
+    family = exporter(model, out_dir, options)
     keypoints = model.postprocess.num_keypoints
     check_unified_interface(family.unified, model.letterbox.input_size, model.num_anchors, keypoints)
 

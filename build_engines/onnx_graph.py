@@ -1,13 +1,14 @@
 """Rewrite each family's raw ONNX into the served graph, then clean and check it.
 
-Two stages. ``unify_*`` turn a family's raw outputs into ``candidates`` ``[batch, A, 5 + 3K]`` over all A anchors
-(float32 ``images`` ``[batch, 3, S, S]`` in, the family's channel order): per anchor ``x1, y1, x2, y2``
-(network-input pixels), the person score in [0, 1], then K keypoints as ``(x, y, confidence)``. The export
-checks that stage against PyTorch anchor by anchor. :func:`to_served_graph` then gives it the served interface
-(:mod:`posetriton.contract`): the letterboxed ``canvas`` uint8 ``[batch, S, S, 3]`` in decoded RGB order comes
-in (Cast, channel reorder for BGR families, NHWC->NCHW, /255 are prepended), and only the best ``k`` anchors by
-person score go out (TopK + GatherND appended), sorted by score. Only layout ops and that selection are added,
-so the numbers the network computes are unchanged; the servers post-process every family with the same code.
+Two stages. Each family module (:mod:`build_engines.registry`) turns its raw outputs into ``candidates``
+``[batch, A, 5 + 3K]`` over all A anchors, with the building blocks below (float32 ``images``
+``[batch, 3, S, S]`` in, the family's channel order): per anchor ``x1, y1, x2, y2`` (network-input pixels),
+the person score in [0, 1], then K keypoints as ``(x, y, confidence)``. The export checks that stage against
+PyTorch anchor by anchor. :func:`to_served_graph` then gives it the served interface (:mod:`posetriton.contract`):
+the letterboxed ``canvas`` uint8 ``[batch, S, S, 3]`` in decoded RGB order comes in (Cast, channel reorder for
+BGR families, NHWC->NCHW, /255 are prepended), and only the best ``k`` anchors by person score go out (TopK +
+GatherND appended), sorted by score. Only layout ops and that selection are added, so the numbers the network
+computes are unchanged; the servers post-process every family with the same code.
 """
 
 from __future__ import annotations
@@ -35,61 +36,6 @@ class GraphContractError(ValueError):
     """The ONNX graph does not have the inputs or outputs the rewrite or the served contract expects."""
 
 
-def unify_yolo_nas_outputs(
-    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
-) -> onnx.ModelProto:
-    """Merge super-gradients' four decoded YOLO-NAS Pose outputs into ``candidates``.
-
-    Expects the outputs in the order super-gradients' traced forward returns them: boxes xyxy ``[B, A, 4]``,
-    person scores ``[B, A, 1]``, keypoint xy ``[B, A, K, 2]`` and keypoint scores ``[B, A, K]``; scores are already
-    sigmoided and all coordinates are in input pixels, so only the layout changes.
-    """
-    graph = gs.import_onnx(model)
-    if len(graph.outputs) != 4:
-        raise GraphContractError(f"YOLO-NAS Pose export must have 4 outputs, got {[t.name for t in graph.outputs]}")
-    boxes, scores, keypoint_xy, keypoint_scores = graph.outputs
-    _check_rank(boxes, 3)
-    _check_rank(scores, 3)
-    _check_rank(keypoint_xy, 4)
-    _check_rank(keypoint_scores, 3)
-
-    axis = _int64("unify_last_axis", [-1])
-    keypoint_conf = _layer(graph, "Unsqueeze", [keypoint_scores, axis], "unify_keypoint_conf")  # [B, A, K, 1]
-    keypoints = _layer(graph, "Concat", [keypoint_xy, keypoint_conf], "unify_keypoints", axis=-1)  # [B, A, K, 3]
-    # Reshape's 0 copies batch and anchors from the input, so the batch stays dynamic.
-    flat_shape = _int64("unify_flat_shape", [0, 0, -1])
-    keypoints_flat = _layer(graph, "Reshape", [keypoints, flat_shape], "unify_keypoints_flat")  # [B, A, 3K]
-    candidates = _layer(graph, "Concat", [boxes, scores, keypoints_flat], OUTPUT_NAME, axis=-1)
-    return _finish(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))
-
-
-def unify_ultralytics_outputs(
-    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
-) -> onnx.ModelProto:
-    """Turn Ultralytics' pose output ``[B, 5 + 3K, A]`` (cx, cy, w, h, score, keypoints) into ``candidates``.
-
-    Boxes become xyxy exactly as Ultralytics' own ``xywh2xyxy`` computes them (``cx -/+ w / 2`` in float32), so
-    the served boxes equal the ones Ultralytics feeds its NMS. Keypoints are already ``(x, y, visibility)``
-    interleaved with sigmoided visibility. A dynamic-size export gets its input fixed to ``input_size`` here; only
-    the batch stays dynamic.
-    """
-    graph = gs.import_onnx(model)
-    if len(graph.outputs) != 1:
-        raise GraphContractError(f"Ultralytics pose export must have 1 output, got {[t.name for t in graph.outputs]}")
-    (raw,) = graph.outputs
-    _check_rank(raw, 3)
-
-    transposed = _layer(graph, "Transpose", [raw], "unify_anchors_last", perm=[0, 2, 1])  # [B, A, 5 + 3K]
-    centre = _slice_last(graph, transposed, 0, 2, "unify_centre")
-    size = _slice_last(graph, transposed, 2, 4, "unify_size")
-    rest = _slice_last(graph, transposed, SCORE_COLUMN, np.iinfo(np.int64).max, "unify_score_keypoints")
-    half = _layer(graph, "Div", [size, gs.Constant("unify_two", np.array(2.0, dtype=np.float32))], "unify_half_size")
-    top_left = _layer(graph, "Sub", [centre, half], "unify_top_left")
-    bottom_right = _layer(graph, "Add", [centre, half], "unify_bottom_right")
-    candidates = _layer(graph, "Concat", [top_left, bottom_right, rest], OUTPUT_NAME, axis=-1)
-    return _finish(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))
-
-
 def to_served_graph(unified: onnx.ModelProto, letterbox: LetterboxSpec, topk: int) -> onnx.ModelProto:
     """The unified graph with the served interface: uint8 ``canvas`` NHWC RGB in, the best ``topk`` rows out.
 
@@ -104,12 +50,12 @@ def to_served_graph(unified: onnx.ModelProto, letterbox: LetterboxSpec, topk: in
     (candidates,) = graph.outputs
     size = letterbox.input_size
     canvas = gs.Variable(CANVAS, dtype=np.uint8, shape=[BATCH_DIM, size, size, 3])
-    pixels = _layer(graph, "Cast", [canvas], "canvas_float", to=onnx.TensorProto.FLOAT)
+    pixels = layer(graph, "Cast", [canvas], "canvas_float", to=onnx.TensorProto.FLOAT)
     if letterbox.channel_order == "BGR":
-        pixels = _layer(graph, "Gather", [pixels, _int64("canvas_bgr_order", [2, 1, 0])], "canvas_bgr", axis=3)
-    nchw = _layer(graph, "Transpose", [pixels], "canvas_nchw", perm=[0, 3, 1, 2])
+        pixels = layer(graph, "Gather", [pixels, int64_constant("canvas_bgr_order", [2, 1, 0])], "canvas_bgr", axis=3)
+    nchw = layer(graph, "Transpose", [pixels], "canvas_nchw", perm=[0, 3, 1, 2])
     scale = gs.Constant("canvas_255", np.array(255.0, dtype=np.float32))
-    scaled = _layer(graph, "Div", [nchw, scale], "canvas_scaled")
+    scaled = layer(graph, "Div", [nchw, scale], "canvas_scaled")
     for node in list(images.outputs):
         for index, tensor in enumerate(node.inputs):
             if tensor is images:
@@ -118,17 +64,19 @@ def to_served_graph(unified: onnx.ModelProto, letterbox: LetterboxSpec, topk: in
 
     anchors = candidates.shape[1] if candidates.shape else None
     k = min(topk, anchors) if isinstance(anchors, int) else topk
-    score = _slice_last(graph, candidates, SCORE_COLUMN, SCORE_COLUMN + 1, "topk_score")
-    score = _layer(graph, "Squeeze", [score, _int64("topk_squeeze_axis", [-1])], "topk_scores")  # [B, A]
+    score = slice_last(graph, candidates, SCORE_COLUMN, SCORE_COLUMN + 1, "topk_score")
+    score = layer(graph, "Squeeze", [score, int64_constant("topk_squeeze_axis", [-1])], "topk_scores")  # [B, A]
     values = gs.Variable("topk_values", dtype=np.float32)
     indices = gs.Variable("topk_indices", dtype=np.int64)
     graph.layer(
-        op="TopK", name="topk_node", inputs=[score, _int64("topk_k", [k])], outputs=[values, indices],
+        op="TopK", name="topk_node", inputs=[score, int64_constant("topk_k", [k])], outputs=[values, indices],
         attrs={"axis": 1, "largest": 1, "sorted": 1},
     )  # fmt: skip
     rows = gs.Variable("topk_rows", dtype=np.int64)
-    graph.layer(op="Unsqueeze", name="topk_rows_node", inputs=[indices, _int64("topk_rows_axis", [-1])], outputs=[rows])
-    best = _layer(graph, "GatherND", [candidates, rows], "topk_candidates", batch_dims=1)  # [B, k, W]
+    graph.layer(
+        op="Unsqueeze", name="topk_rows_node", inputs=[indices, int64_constant("topk_rows_axis", [-1])], outputs=[rows]
+    )
+    best = layer(graph, "GatherND", [candidates, rows], "topk_candidates", batch_dims=1)  # [B, k, W]
     best.name = OUTPUT_NAME
     candidates.name = "all_candidates"
     best.shape = [BATCH_DIM, k, candidates.shape[2] if candidates.shape else None]
@@ -199,7 +147,7 @@ def _check_interface(
     _check_tensor(outputs[0], want_output[1], want_output[2])
 
 
-def _finish(
+def finish_unified(
     graph: gs.Graph, candidates: gs.Variable, source: onnx.ModelProto, sizes: tuple[int, int, int]
 ) -> onnx.ModelProto:
     """Make ``candidates`` the only output and pin the input to the served shape.
@@ -223,24 +171,28 @@ def _finish(
     return unified
 
 
-def _layer(graph: gs.Graph, op: str, inputs: list[gs.Tensor], name: str, **attrs: object) -> gs.Variable:
+def layer(graph: gs.Graph, op: str, inputs: list[gs.Tensor], name: str, **attrs: object) -> gs.Variable:
     """Append one node and return its single output, named after the node for readable graphs."""
     output = gs.Variable(name, dtype=np.float32)
     graph.layer(op=op, name=f"{name}_node", inputs=inputs, outputs=[output], attrs=attrs)
     return output
 
 
-def _slice_last(graph: gs.Graph, tensor: gs.Tensor, start: int, end: int, name: str) -> gs.Variable:
+def slice_last(graph: gs.Graph, tensor: gs.Tensor, start: int, end: int, name: str) -> gs.Variable:
     """``tensor[..., start:end]`` as an ONNX Slice (constant bounds, batch untouched)."""
-    bounds = [_int64(f"{name}_start", [start]), _int64(f"{name}_end", [end]), _int64(f"{name}_axis", [-1])]
-    return _layer(graph, "Slice", [tensor, *bounds], name)
+    bounds = [
+        int64_constant(f"{name}_start", [start]),
+        int64_constant(f"{name}_end", [end]),
+        int64_constant(f"{name}_axis", [-1]),
+    ]
+    return layer(graph, "Slice", [tensor, *bounds], name)
 
 
-def _int64(name: str, values: list[int]) -> gs.Constant:
+def int64_constant(name: str, values: list[int]) -> gs.Constant:
     return gs.Constant(name, np.array(values, dtype=np.int64))
 
 
-def _check_rank(tensor: gs.Tensor, rank: int) -> None:
+def check_rank(tensor: gs.Tensor, rank: int) -> None:
     if tensor.shape is not None and len(tensor.shape) != rank:
         raise GraphContractError(f"output {tensor.name!r} must have rank {rank}, got shape {tensor.shape}")
 

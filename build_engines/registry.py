@@ -1,11 +1,14 @@
-"""The families the export knows, keyed by a catalogue model's ``source.kind``.
+"""The families the export knows: each catalogue family names its module (``exporter`` in ``models.toml``).
 
-A family module turns its weights into the unified candidates graph (float input, every anchor) and says how
-PyTorch computes the same candidates; :mod:`build_engines.export` does the rest for every family alike.
+A family module defines ``export(model, out_dir, options) -> FamilyExport``: it turns its weights into the
+unified candidates graph (float input, every anchor) and says how PyTorch computes the same candidates;
+:mod:`build_engines.export` does the rest for every family alike. Adding a family is its catalogue entry and its
+module: nothing here lists them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +47,21 @@ class FamilyExport:
 
 
 Exporter = Callable[["ServedModel", Path, ExportOptions], FamilyExport]
-EXPORTERS: dict[str, Exporter] = {}
 
 
-def register(kind: str) -> Callable[[Exporter], Exporter]:
-    def add(exporter: Exporter) -> Exporter:
-        EXPORTERS[kind] = exporter
-        return exporter
+class FamilyModuleError(ValueError):
+    """A catalogue family's ``exporter`` module cannot be imported or does not define ``export``."""
 
-    return add
+
+def family_exporter(model: ServedModel) -> Exporter:
+    """The ``export`` function of the module the model's family names (a dotted module path)."""
+    if not model.exporter:
+        raise FamilyModuleError(f"{model.name}: family {model.family!r} names no exporter module in the catalogue")
+    try:
+        module = importlib.import_module(model.exporter)
+    except ModuleNotFoundError as exc:
+        raise FamilyModuleError(f"{model.name}: exporter module {model.exporter!r} not found ({exc})") from None
+    export = getattr(module, "export", None)
+    if not callable(export):
+        raise FamilyModuleError(f"{model.name}: exporter module {model.exporter!r} defines no export() function")
+    return export  # type: ignore[no-any-return]

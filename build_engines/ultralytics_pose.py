@@ -18,17 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from build_engines.onnx_graph import FLOAT_INPUT_NAME, clean_and_check, unify_ultralytics_outputs
+from build_engines.onnx_graph import (
+    FLOAT_INPUT_NAME,
+    OUTPUT_NAME,
+    GraphContractError,
+    check_rank,
+    clean_and_check,
+    finish_unified,
+    layer,
+    slice_last,
+)
 from build_engines.parity import PARITY_SCORE_FLOOR, candidate_differences, enforce, ort_session
-from build_engines.registry import OPSET, ExportOptions, FamilyExport, register
+from build_engines.registry import OPSET, ExportOptions, FamilyExport
+from posetriton.contract import SCORE_COLUMN, candidate_width
 from posetriton.repository import ServedModel
 
 
-@register("ultralytics")
-def export_ultralytics_pose(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:
+def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:
     """Export the model's ``.pt`` (``options.weights_file``) to the unified graph plus the static reference ONNX."""
     weights = Path(options.weights_file) if options.weights_file else None
     if weights is None or not weights.is_file():
@@ -146,3 +156,30 @@ def _ultralytics_raw(model: nn.Module, batch: np.ndarray) -> np.ndarray:
         outputs = model(torch.from_numpy(batch))
     raw = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     return raw.detach().cpu().numpy()
+
+
+def unify_ultralytics_outputs(
+    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
+) -> onnx.ModelProto:
+    """Turn Ultralytics' pose output ``[B, 5 + 3K, A]`` (cx, cy, w, h, score, keypoints) into ``candidates``.
+
+    Boxes become xyxy exactly as Ultralytics' own ``xywh2xyxy`` computes them (``cx -/+ w / 2`` in float32), so
+    the served boxes equal the ones Ultralytics feeds its NMS. Keypoints are already ``(x, y, visibility)``
+    interleaved with sigmoided visibility. A dynamic-size export gets its input fixed to ``input_size`` here; only
+    the batch stays dynamic.
+    """
+    graph = gs.import_onnx(model)
+    if len(graph.outputs) != 1:
+        raise GraphContractError(f"Ultralytics pose export must have 1 output, got {[t.name for t in graph.outputs]}")
+    (raw,) = graph.outputs
+    check_rank(raw, 3)
+
+    transposed = layer(graph, "Transpose", [raw], "unify_anchors_last", perm=[0, 2, 1])  # [B, A, 5 + 3K]
+    centre = slice_last(graph, transposed, 0, 2, "unify_centre")
+    size = slice_last(graph, transposed, 2, 4, "unify_size")
+    rest = slice_last(graph, transposed, SCORE_COLUMN, np.iinfo(np.int64).max, "unify_score_keypoints")
+    half = layer(graph, "Div", [size, gs.Constant("unify_two", np.array(2.0, dtype=np.float32))], "unify_half_size")
+    top_left = layer(graph, "Sub", [centre, half], "unify_top_left")
+    bottom_right = layer(graph, "Add", [centre, half], "unify_bottom_right")
+    candidates = layer(graph, "Concat", [top_left, bottom_right, rest], OUTPUT_NAME, axis=-1)
+    return finish_unified(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))

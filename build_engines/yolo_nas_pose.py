@@ -19,12 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from build_engines.onnx_graph import FLOAT_INPUT_NAME, clean_and_check, unify_yolo_nas_outputs
+from build_engines.onnx_graph import (
+    FLOAT_INPUT_NAME,
+    OUTPUT_NAME,
+    GraphContractError,
+    check_rank,
+    clean_and_check,
+    finish_unified,
+    int64_constant,
+    layer,
+)
 from build_engines.photos import network_batch, sample_photos
-from build_engines.registry import OPSET, ExportOptions, FamilyExport, register
+from build_engines.registry import OPSET, ExportOptions, FamilyExport
+from posetriton.contract import candidate_width
 from posetriton.repository import ServedModel
 from posetriton.spec import LetterboxSpec
 
@@ -45,8 +56,7 @@ class WeightsDownloadError(RuntimeError):
     """Published weights could not be downloaded."""
 
 
-@register("super_gradients")
-def export_yolo_nas_pose(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:
+def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:
     """Build ``model.source["variant"]`` with its weights and export the unified graph (float input, every anchor)."""
     name = yolo_nas_pose_name(model.source["variant"])
     _check_single_weights_source(name, options.checkpoint, options.weights_url, options.seed)
@@ -313,3 +323,31 @@ def _torch_export_yolo_nas(model: nn.Module, path: Path, input_size: int) -> Non
             output_names=names,
             dynamic_axes=dynamic_axes,
         )
+
+
+def unify_yolo_nas_outputs(
+    model: onnx.ModelProto, input_size: int, num_anchors: int, num_keypoints: int
+) -> onnx.ModelProto:
+    """Merge super-gradients' four decoded YOLO-NAS Pose outputs into ``candidates``.
+
+    Expects the outputs in the order super-gradients' traced forward returns them: boxes xyxy ``[B, A, 4]``,
+    person scores ``[B, A, 1]``, keypoint xy ``[B, A, K, 2]`` and keypoint scores ``[B, A, K]``; scores are already
+    sigmoided and all coordinates are in input pixels, so only the layout changes.
+    """
+    graph = gs.import_onnx(model)
+    if len(graph.outputs) != 4:
+        raise GraphContractError(f"YOLO-NAS Pose export must have 4 outputs, got {[t.name for t in graph.outputs]}")
+    boxes, scores, keypoint_xy, keypoint_scores = graph.outputs
+    check_rank(boxes, 3)
+    check_rank(scores, 3)
+    check_rank(keypoint_xy, 4)
+    check_rank(keypoint_scores, 3)
+
+    axis = int64_constant("unify_last_axis", [-1])
+    keypoint_conf = layer(graph, "Unsqueeze", [keypoint_scores, axis], "unify_keypoint_conf")  # [B, A, K, 1]
+    keypoints = layer(graph, "Concat", [keypoint_xy, keypoint_conf], "unify_keypoints", axis=-1)  # [B, A, K, 3]
+    # Reshape's 0 copies batch and anchors from the input, so the batch stays dynamic.
+    flat_shape = int64_constant("unify_flat_shape", [0, 0, -1])
+    keypoints_flat = layer(graph, "Reshape", [keypoints, flat_shape], "unify_keypoints_flat")  # [B, A, 3K]
+    candidates = layer(graph, "Concat", [boxes, scores, keypoints_flat], OUTPUT_NAME, axis=-1)
+    return finish_unified(graph, candidates, model, (input_size, num_anchors, candidate_width(num_keypoints)))

@@ -49,7 +49,15 @@ from posetriton.contract import (
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
 )
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.spec import (
+    COCO_KEYPOINT_NAMES,
+    COCO_SKELETON,
+    KEYPOINT_LAYOUTS,
+    LetterboxSpec,
+    PostprocessSpec,
+    SpecError,
+    check_keypoint_layout,
+)
 from posetriton.tracking import TrackerSpec
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
@@ -103,6 +111,8 @@ class ServedModel:
     letterbox: LetterboxSpec
     postprocess: PostprocessSpec
     source: dict[str, Any]
+    # The build_engines module that exports the family (build-time only; build_engines.registry).
+    exporter: str = ""
     description: str = ""
     license: str = ""
     # The network returns only the best `candidates_topk` anchors by person score (a TopK in the graph).
@@ -116,6 +126,11 @@ class ServedModel:
         if self.candidates_topk < 1:
             raise SpecError(f"{self.name}: candidates_topk must be positive, got {self.candidates_topk}")
         contract.num_anchors(self.letterbox.input_size, self.strides)  # raises on a size the strides do not divide
+        check_keypoint_layout(self.keypoint_names, self.skeleton)
+        if len(self.keypoint_names) != self.postprocess.num_keypoints:
+            raise SpecError(
+                f"{self.name}: {len(self.keypoint_names)} keypoint names for {self.postprocess.num_keypoints} keypoints"
+            )
 
     @property
     def candidate_width(self) -> int:
@@ -161,21 +176,40 @@ def load_catalog(path: Path) -> dict[str, ServedModel]:
             raise SpecError(f"{path}: model {name!r} names unknown family {family_name!r}; known: {sorted(families)}")
         family = families[family_name]
         try:
+            names, skeleton = _keypoint_layout(family)
+            postprocess = {"num_keypoints": len(names), **family.get("postprocess", {}), **entry.get("postprocess", {})}
             models[name] = ServedModel(
                 name=name,
                 family=family_name,
                 letterbox=LetterboxSpec(**{**family.get("letterbox", {}), **entry.get("letterbox", {})}),
-                postprocess=PostprocessSpec(**{**family.get("postprocess", {}), **entry.get("postprocess", {})}),
+                postprocess=PostprocessSpec(**postprocess),
                 source=dict(entry.get("source", {})),
+                exporter=str(family.get("exporter", "")),
                 description=entry.get("description", family.get("description", "")),
                 license=entry.get("license", family.get("license", "")),
                 candidates_topk=int(entry.get("candidates_topk", family.get("candidates_topk", 300))),
                 strides=tuple(entry.get("strides", family.get("strides", contract.DEFAULT_STRIDES))),
+                keypoint_names=names,
+                skeleton=skeleton,
                 tuning=Tuning(**{**data.get("tuning", {}), **entry.get("tuning", {})}),
             )
-        except TypeError as exc:
+        except (TypeError, SpecError) as exc:
             raise SpecError(f"{path}: model {name!r}: {exc}") from None
     return models
+
+
+def _keypoint_layout(family: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    """A family's keypoint names and skeleton: a layout it names (``keypoints``) or the ones it lists."""
+    listed = "keypoint_names" in family or "skeleton" in family
+    if "keypoints" in family:
+        if listed:
+            raise SpecError("give either keypoints = LAYOUT or keypoint_names + skeleton, not both")
+        if family["keypoints"] not in KEYPOINT_LAYOUTS:
+            raise SpecError(f"unknown keypoint layout {family['keypoints']!r}; known: {sorted(KEYPOINT_LAYOUTS)}")
+        return KEYPOINT_LAYOUTS[family["keypoints"]]
+    if not listed:
+        return COCO_KEYPOINT_NAMES, COCO_SKELETON
+    return tuple(family.get("keypoint_names", ())), tuple(tuple(edge) for edge in family.get("skeleton", ()))
 
 
 def _tensor(name: str, data_type: str, dims: str, extra: str = "") -> str:

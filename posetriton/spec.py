@@ -44,8 +44,23 @@ COCO_SKELETON: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 
+# The keypoint layouts a catalogue family can name (``keypoints = "coco_person"``) instead of listing its own.
+KEYPOINT_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[tuple[int, int], ...]]] = {
+    "coco_person": (COCO_KEYPOINT_NAMES, COCO_SKELETON),
+}
+
+
 class SpecError(ValueError):
     """A model specification value is missing or out of range."""
+
+
+def check_keypoint_layout(names: tuple[str, ...], skeleton: tuple[tuple[int, int], ...]) -> None:
+    """Names unique and non-empty; every skeleton edge joins two different keypoints of the layout."""
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise SpecError(f"keypoint names must be unique non-empty strings, got {list(names)}")
+    for edge in skeleton:
+        if len(edge) != 2 or not all(isinstance(i, int) and 0 <= i < len(names) for i in edge) or edge[0] == edge[1]:
+            raise SpecError(f"skeleton edge {list(edge)} must join two of the {len(names)} keypoints (0-based)")
 
 
 def _coerce(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,39 @@ def test_catalogue_errors_name_the_problem(tmp_path: Path) -> None:
         LetterboxSpec.from_parameters({"input_size": "abc"})
 
 
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        ('keypoints = "hands"', "unknown keypoint layout 'hands'"),
+        ('keypoints = "coco_person"\nkeypoint_names = ["a"]', "either keypoints = LAYOUT or keypoint_names"),
+        ('keypoint_names = ["a", "b"]\nskeleton = [[0, 2]]', r"skeleton edge \[0, 2\] must join two of the 2"),
+        ('keypoint_names = ["a", "a"]', "must be unique"),
+        ('keypoint_names = ["a", "b"]\npostprocess = { num_keypoints = 3 }', "2 keypoint names for 3 keypoints"),
+    ],
+)
+def test_catalogue_keypoint_layout_errors_name_the_problem(tmp_path: Path, family: str, message: str) -> None:
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[families.f]\n{family}\n[models.x]\nfamily = "f"\n')
+    with pytest.raises(SpecError, match=message):
+        load_catalog(catalog)
+
+
+def test_a_family_listing_its_keypoints_needs_no_code(tmp_path: Path) -> None:
+    """Names and skeleton come from the catalogue into the ensemble's parameters; the count follows the names."""
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(
+        '[families.hand]\nexporter = "some.module"\nkeypoint_names = ["wrist", "thumb", "index"]\n'
+        'skeleton = [[0, 1], [0, 2]]\n[models.hand_pose]\nfamily = "hand"\n'
+    )
+    model = load_catalog(catalog)["hand_pose"]
+    assert (model.exporter, model.postprocess.num_keypoints) == ("some.module", 3)
+    ensemble = parse(render(model)["hand_pose/config.pbtxt"])
+    assert json.loads(ensemble.parameters["keypoint_names"].string_value) == ["wrist", "thumb", "index"]
+    assert json.loads(ensemble.parameters["skeleton"].string_value) == [[0, 1], [0, 2]]
+    post = parse(render(model)["hand_pose_postprocess/config.pbtxt"])
+    assert [list(o.dims) for o in post.output if o.name == contract.KEYPOINTS] == [[-1, 3, 3]]
+
+
 def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() -> None:
     """Nothing is pinned to 640 / 17 / 8400: the contract's values come from the family."""
     base = CATALOG["yolo11n_pose"]
@@ -83,6 +117,8 @@ def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() 
         base,
         letterbox=dataclasses.replace(base.letterbox, input_size=320),
         postprocess=dataclasses.replace(base.postprocess, num_keypoints=5),
+        keypoint_names=("a", "b", "c", "d", "e"),
+        skeleton=((0, 1), (1, 2)),
         candidates_topk=5000,
     )
     assert model.num_anchors == contract.num_anchors(320) == 2100 and model.num_candidates == 2100
