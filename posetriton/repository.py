@@ -50,7 +50,8 @@ from posetriton.contract import (
     TRACKER_SUFFIX,
 )
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON, LetterboxSpec, PostprocessSpec, SpecError
-from posetriton.tracking import TrackerSpec
+from posetriton.tracking import StreamLimits, TrackerSpec
+from posetriton.validation import INPUT_SIZE_PARAMETER
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
@@ -213,9 +214,43 @@ def _network_io(model: ServedModel) -> str:
     )
 
 
-def _batching(delay_us: int, preferred: tuple[int, ...] = ()) -> str:
+def _batching(delay_us: int, preferred: tuple[int, ...] = (), queue: str = "") -> str:
     sizes = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
-    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us} }}"
+    policy = f"\n  {queue}\n" if queue else " "
+    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us}{policy}}}"
+
+
+# ------------------------------------------------------------------------------------------- overload control
+# Bounded queues with fast rejection (docs/reliability.md, overload): a request that finds its step's queue
+# full is refused at once with UNAVAILABLE "Exceeds maximum queue size", and one that waited past its timeout
+# is dropped before it is computed (REJECT) with UNAVAILABLE "Request timeout expired". The client's own
+# deadline (gRPC `timeout`, microseconds) overrides the default when shorter; Triton's ensemble hands it to
+# every step. The SDK maps both to ServerBusyError and retries within the caller's deadline.
+@dataclass(frozen=True)
+class QueueLimits:
+    """Per step: requests that may wait in its queue, and the longest wait of a request without a deadline."""
+
+    max_queue_size: int
+    default_timeout_us: int
+
+
+# Sized from the measured capacity of each step on 2 vCPUs (docs/reliability.md): the network step (the
+# bottleneck, ~20 img/s) holds about 0.5 s of work; the steps before and after it are 5-20x faster and hold
+# bursts of a full set of clients.
+QUEUE_LIMITS = {
+    "preprocess": QueueLimits(max_queue_size=32, default_timeout_us=10_000_000),
+    "network": QueueLimits(max_queue_size=12, default_timeout_us=10_000_000),
+    "postprocess": QueueLimits(max_queue_size=64, default_timeout_us=10_000_000),
+}
+
+
+def queue_policy(role: str) -> str:
+    """The ``default_queue_policy`` of step ``role``'s dynamic batcher."""
+    limits = QUEUE_LIMITS[role]
+    return (
+        f"default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {limits.default_timeout_us} "
+        f"allow_timeout_override: true max_queue_size: {limits.max_queue_size} }}"
+    )
 
 
 def _instances(count: int, kind: str) -> str:
@@ -284,7 +319,7 @@ def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
                     _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
                 ],
             ),
-            _batching(0),
+            _batching(0, queue=queue_policy("preprocess")),
             instances,
             _parameters(model.letterbox.to_parameters()),
         ]
@@ -303,9 +338,9 @@ def postprocess_config(model: ServedModel) -> str:
                 ],
             ),
             _block("output", _outputs(model)),
-            _batching(0),
+            _batching(0, queue=queue_policy("postprocess")),
             _instances(model.tuning.postprocess_instances, "KIND_CPU"),
-            _parameters(model.postprocess.to_parameters()),
+            _parameters({**model.postprocess.to_parameters(), INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}),
         ]
     )
 
@@ -390,7 +425,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
             _header(model.step("network"), 'backend: "python"', t.max_batch_size),
             f"# OpenVINO IR (model.xml) run by posetriton.serving.openvino_pose at {precision} precision.",
             _network_io(model),
-            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes),
+            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_policy("network")),
             _instances(t.network_instances, "KIND_CPU"),
             _parameters(
                 {
@@ -498,9 +533,26 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
             "  control_input [\n" + ",\n".join(control) + "\n  ]",
             "}",
             _instances(TRACKER_INSTANCES, "KIND_CPU"),
-            _parameters({"num_keypoints": str(k), **(spec or TrackerSpec()).to_parameters()}),
+            _parameters(
+                {
+                    "num_keypoints": str(k),
+                    **(spec or TrackerSpec()).to_parameters(),
+                    **stream_limits(model).to_parameters(),
+                }
+            ),
         ]
     )
+
+
+def stream_limits(model: ServedModel) -> StreamLimits:
+    """The tracker's caps, derived from what the model's postprocess step can produce: rows up to the
+    max_det a request may ask for, its default max_det tracked per frame, twice that in live tracks per
+    stream, and as many open streams as the sequence batcher has slots."""
+    post = model.postprocess
+    return StreamLimits(
+        max_rows=post.max_det_limit, max_tracked=post.max_det, max_tracks=2 * post.max_det,
+        max_sequences=TRACK_MAX_SEQUENCES,
+    )  # fmt: skip
 
 
 def track_ensemble_config(model: ServedModel) -> str:
