@@ -69,10 +69,16 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+# The share of what is left of a call's deadline that the server may spend queueing the request (Triton's
+# per-request timeout, checked in each step's queue); the rest is left for computing it. Without it a request
+# could wait in the network step's queue up to the whole deadline, then be computed for nobody.
+QUEUE_SHARE = 0.5
+
+
 class Deadline:
     """The end of one call, attempts and pauses included: each attempt gets what is left of it as its gRPC
-    deadline, and the server gets it too (Triton's request ``timeout``), so that a request whose caller has
-    given up is dropped from the server's queues before it is computed."""
+    deadline, and the server gets a share of it (:data:`QUEUE_SHARE`, Triton's request ``timeout``), so that
+    a request that could no longer be answered in time is dropped from the server's queues uncomputed."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
@@ -83,8 +89,9 @@ class Deadline:
         return max(self.end - self._clock(), 0.0)
 
     def server_timeout_us(self) -> int:
-        """What is left, in microseconds, for Triton's per-request timeout (at least 1: 0 would mean none)."""
-        return max(int(self.remaining() * 1e6), 1)
+        """The longest the server may queue the request, in microseconds, for Triton's per-request timeout (at
+        least 1: 0 would mean none)."""
+        return max(int(self.remaining() * QUEUE_SHARE * 1e6), 1)
 
 
 # Called before each retry with (attempt that failed, 1-based; the error; seconds until the next try).

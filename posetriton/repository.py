@@ -547,11 +547,13 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
 def stream_limits(model: ServedModel) -> StreamLimits:
     """The tracker's caps, derived from what the model's postprocess step can produce: rows up to the
     max_det a request may ask for, its default max_det tracked per frame, twice that in live tracks per
-    stream, and as many open streams as the sequence batcher has slots."""
+    stream. Triton's sequence batcher already holds an instance to its slots (more streams wait in its
+    backlog); the store's own cap is twice that, a backstop against leaked state that never races a slot
+    Triton freed a moment before the store's idle timer did."""
     post = model.postprocess
     return StreamLimits(
         max_rows=post.max_det_limit, max_tracked=post.max_det, max_tracks=2 * post.max_det,
-        max_sequences=TRACK_MAX_SEQUENCES,
+        max_sequences=2 * TRACK_MAX_SEQUENCES,
     )  # fmt: skip
 
 

@@ -13,7 +13,13 @@ deadlines, and sequence abuse, against the real Triton server (docs/reliability.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.launcher import TritonServer
@@ -238,3 +245,188 @@ def test_hostile_calls_to_every_step_fail_alone_and_fast(server: TritonServer, p
         # The live sequence refused a second START kept its own state: it goes on, then ends.
         client.infer(TRACKER, detections_inputs(2, frame=1), sequence_id=10**15 + 10, sequence_end=True,
                      client_timeout=30)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ overload
+CAPACITY_CLIENTS = 8  # closed loop, as the issue's measurement
+CAPACITY_S = 8.0
+OVERLOAD_FACTOR = 2.5  # offered load, in multiples of the capacity just measured
+OVERLOAD_S = 12.0
+# The client deadline: 2 s (the issue's), or longer on a machine too loaded to compute a batch of 8 (the
+# network step's preferred batch) in a third of it: the ratio, not the machine's speed, is under test.
+DEADLINE_S = 2.0
+BATCH = 8
+MEMORY_BOUND = 768 * 1024 * 1024  # growth of server + stubs over idle while overloaded
+
+
+@dataclass
+class Outcome:
+    sent: float
+    seconds: float
+    kind: str  # "ok", or the SDK error's class name
+    message: str = ""
+
+
+def _timed(client: Any, photo: bytes, sent: float, deadline_s: float) -> Outcome:
+    from posetriton.client import PoseClientError
+
+    try:
+        client.predict(photo, timeout_s=deadline_s)
+    except PoseClientError as exc:
+        return Outcome(sent, time.monotonic() - sent, type(exc).__name__, str(exc))
+    return Outcome(sent, time.monotonic() - sent, "ok")
+
+
+def test_overload_keeps_goodput_near_capacity(model_repository: Path, photo_paths: list[Path]) -> None:
+    from posetriton.client import PoseClient
+    from tests.test_reliability import memory_bytes, own_server
+
+    photo = next(p for p in photo_paths if p.name == "bus.jpg").read_bytes()
+    with own_server(model_repository) as server, PoseClient(server.grpc_url, UL_MODEL, timeout_s=60) as client:
+        pid = server.process.pid  # type: ignore[union-attr]
+        list(ThreadPoolExecutor(CAPACITY_CLIENTS).map(lambda _: client.predict(photo), range(2 * CAPACITY_CLIENTS)))
+        idle_memory = memory_bytes(pid)
+        # 1. capacity: closed loop, no deadline pressure
+        stop = time.monotonic() + CAPACITY_S
+        answered = [0] * CAPACITY_CLIENTS
+
+        def loop(slot: int) -> None:
+            while time.monotonic() < stop:
+                client.predict(photo)
+                answered[slot] += 1
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(CAPACITY_CLIENTS) as pool:
+            list(pool.map(loop, range(CAPACITY_CLIENTS)))
+        capacity = sum(answered) / (time.monotonic() - started)
+        deadline_s = max(DEADLINE_S, 3 * BATCH / capacity)
+        # 2. overload: open loop at OVERLOAD_FACTOR x capacity, each request with a DEADLINE_S deadline
+        rate = OVERLOAD_FACTOR * capacity
+        peak = [idle_memory]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.25):
+                peak[0] = max(peak[0], memory_bytes(pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        futures = []
+        with ThreadPoolExecutor(int(rate * DEADLINE_S * 2) + 8) as pool:
+            begin = time.monotonic()
+            for i in range(int(rate * OVERLOAD_S)):
+                wait = begin + i / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # the open-loop schedule, not a wait for the server
+                futures.append(pool.submit(_timed, client, photo, time.monotonic(), deadline_s))
+            outcomes = [f.result(timeout=deadline_s + 30) for f in futures]
+        offered_for = time.monotonic() - begin
+        sampling.set()
+        sampler.join()
+        # 3. recovery: the next request is served at once
+        recovery = _timed(client, photo, time.monotonic(), deadline_s)
+    kinds = Counter(o.kind for o in outcomes)
+    good = [o for o in outcomes if o.kind == "ok" and o.seconds <= deadline_s]
+    examples = {o.kind: o.message[:150] for o in outcomes if o.kind != "ok"}
+    goodput = len(good) / offered_for
+    busy = sorted(o.seconds for o in outcomes if o.kind == "ServerBusyError")
+    print(
+        f"\noverload: capacity {capacity:.1f} img/s ({CAPACITY_CLIENTS} clients, {CAPACITY_S:g} s); offered "
+        f"{len(outcomes)} requests at {rate:.1f}/s for {offered_for:.1f} s with {deadline_s:.1f} s deadlines: "
+        f"{dict(kinds)}; goodput {goodput:.1f} img/s = {goodput / capacity:.2f}x capacity; busy refusals in "
+        f"{np.median(busy) if busy else float('nan'):.2f} s median, {max(busy) if busy else float('nan'):.2f} s max; "
+        f"memory +{(peak[0] - idle_memory) / 1e6:.0f} MB over idle at peak; recovery {recovery.kind} in "
+        f"{recovery.seconds:.2f} s; {examples}"
+    )
+    assert rate >= 2 * capacity and len(outcomes) >= 2 * capacity * OVERLOAD_S * 0.9
+    assert goodput >= 0.8 * capacity, f"goodput {goodput:.1f} img/s under {0.8 * capacity:.1f}"
+    assert busy and max(busy) < deadline_s, "refusals must come before the deadline, not at it"
+    assert peak[0] - idle_memory < MEMORY_BOUND
+    assert recovery.kind == "ok" and recovery.seconds < deadline_s
+
+
+# ----------------------------------------------------------------------------------------------- sequences
+SLOTS = 4
+STRESS_IDLE_S = 3.0
+
+
+@pytest.fixture
+def few_slots_server(model_repository: Path, tmp_path: Path) -> Any:
+    """yolo11n_pose_track whose tracker has 4 sequence slots and a 3 s idle limit, on its own server."""
+    from tests.conftest import start_server
+
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    for entry in model_repository.iterdir():
+        if entry.name.startswith(UL_MODEL):
+            if entry.name == TRACKER:
+                shutil.copytree(entry, repository / entry.name)
+            else:
+                (repository / entry.name).symlink_to(entry)
+    config = repository / TRACKER / "config.pbtxt"
+    text = config.read_text()
+    for pattern, value in (
+        (r"max_sequence_idle_microseconds: \d+", f"max_sequence_idle_microseconds: {int(STRESS_IDLE_S * 1e6)}"),
+        (r"max_candidate_sequences: \d+", f"max_candidate_sequences: {SLOTS}"),
+        (
+            r'"limit.max_sequences" value \{ string_value: "\d+"',
+            f'"limit.max_sequences" value {{ string_value: "{2 * SLOTS}"',
+        ),
+    ):
+        text, count = re.subn(pattern, value, text)
+        assert count == 1, pattern
+    config.write_text(text)
+    triton = start_server(repository, models=[UL_MODEL + "_track"])
+    yield triton
+    triton.stop()
+
+
+def test_sequence_stress_ends_with_no_open_stream(few_slots_server: TritonServer) -> None:
+    """More streams than slots, all abandoned (no END), then a tracker stub killed with streams open: every
+    stream is served or clearly refused, and the open-stream gauge comes back to 0."""
+    from posetriton.watchdog import python_stubs
+    from tests.test_tracking import _poll, open_sequences
+
+    server, url = few_slots_server, few_slots_server.grpc_url
+
+    def start(sequence_id: int) -> tuple[float, np.ndarray]:
+        started = time.monotonic()
+        with grpcclient.InferenceServerClient(url) as client:
+            result = client.infer(TRACKER, detections_inputs(3), sequence_id=sequence_id, sequence_start=True,
+                                  client_timeout=60)  # fmt: skip
+        return time.monotonic() - started, result.as_numpy("TRACK_IDS")
+
+    # 1. 2 x SLOTS streams at once, each abandoned after its first frame: SLOTS start now, the others wait in
+    #    Triton's backlog until the first ones idle out, then start.
+    with ThreadPoolExecutor(2 * SLOTS) as pool:
+        answered = list(pool.map(start, range(1, 2 * SLOTS + 1)))
+    waits = sorted(seconds for seconds, _ in answered)
+    assert all((ids == [[1, 2, 3]]).all() for _, ids in answered), "every stream got its own fresh IDs"
+    assert waits[SLOTS - 1] < 0.8 * STRESS_IDLE_S <= waits[SLOTS], f"the backlog waited for a free slot: {waits}"
+    freed = _poll(lambda: open_sequences(server, TRACKER) == 0, 3 * STRESS_IDLE_S + 10)
+    # 2. streams open when the tracker's stub dies: the watchdog reloads it, their state is gone, the gauge
+    #    reads 0 again, and new streams are served.
+    for sequence_id in (101, 102, 103):
+        start(sequence_id)
+    assert open_sequences(server, TRACKER) == 3
+    (victim,) = [pid for pid, model in python_stubs(server.process.pid).values() if model == TRACKER]  # type: ignore[union-attr]
+    os.kill(victim, signal.SIGKILL)
+    recovered = _poll(lambda: TRACKER in {m for _, m in python_stubs(server.process.pid).values()}  # type: ignore[union-attr]
+                      and open_sequences(server, TRACKER) == 0, 60)  # fmt: skip
+    with grpcclient.InferenceServerClient(url) as client:
+        _poll(lambda: client.is_model_ready(TRACKER), 60)
+        try:
+            client.infer(TRACKER, detections_inputs(3, frame=1), sequence_id=101, client_timeout=30)
+            lost = "served"
+        except grpcclient.InferenceServerException as exc:
+            lost = str(exc.status()).removeprefix("StatusCode.")
+    assert lost == "INVALID_ARGUMENT", "a stream whose state died with the stub is refused, not silently restarted"
+    _, ids = start(104)
+    assert (ids == [[1, 2, 3]]).all()
+    final = _poll(lambda: open_sequences(server, TRACKER) == 0, 3 * STRESS_IDLE_S + 10)
+    answers = ", ".join(f"{w:.1f}" for w in waits)
+    print(
+        f"\nsequences: {2 * SLOTS} streams on {SLOTS} slots answered after {answers} s; "
+        f"all abandoned, gauge 0 {freed:.1f} s later; tracker stub killed with 3 open, reloaded and gauge 0 after "
+        f"{recovered:.1f} s; old stream refused ({lost}); the last stream idled out, gauge 0 after {final:.1f} s"
+    )
