@@ -338,7 +338,8 @@ def test_overload_keeps_goodput_near_capacity(model_repository: Path, photo_path
     print(
         f"\noverload: capacity {capacity:.1f} img/s ({CAPACITY_CLIENTS} clients, {CAPACITY_S:g} s); offered "
         f"{len(outcomes)} requests at {rate:.1f}/s for {offered_for:.1f} s with {deadline_s:.1f} s deadlines: "
-        f"{dict(kinds)} (busy: {dict(reasons)}); goodput {goodput:.1f} img/s = {goodput / capacity:.2f}x capacity; busy refusals in "
+        f"{dict(kinds)} (busy: {dict(reasons)}); goodput {goodput:.1f} img/s = {goodput / capacity:.2f}x capacity; "
+        "busy refusals in "
         f"{np.median(busy) if busy else float('nan'):.2f} s median, {max(busy) if busy else float('nan'):.2f} s max; "
         f"memory +{(peak[0] - idle_memory) / 1e6:.0f} MB over idle at peak; recovery {recovery.kind} in "
         f"{recovery.seconds:.2f} s; {examples}"
