@@ -83,16 +83,26 @@ class TrackerSpec:
             )
 
     def to_parameters(self) -> dict[str, str]:
-        return {f"track.{f.name}": str(getattr(self, f.name)) for f in fields(self)}
+        return _to_prefixed(self, "track.")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> TrackerSpec:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = parameters.get(f"track.{f.name}")
-            if raw is not None:
-                values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
-        return cls(**values)
+        return cls(**_from_prefixed(cls, parameters, "track."))
+
+
+def _to_prefixed(settings: Any, prefix: str) -> dict[str, str]:
+    """A settings dataclass as model-config parameters ``PREFIXNAME``."""
+    return {f"{prefix}{f.name}": str(getattr(settings, f.name)) for f in fields(settings)}
+
+
+def _from_prefixed(cls: Any, parameters: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    """The fields of a settings dataclass found among model-config parameters ``PREFIXNAME`` (int or float)."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = parameters.get(f"{prefix}{f.name}")
+        if raw is not None:
+            values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
+    return values
 
 
 def box_iou(a: NDArray[Any], b: NDArray[Any]) -> NDArray[Any]:
@@ -341,13 +351,11 @@ class StreamLimits:
             raise TrackingError(f"limit.max_tracks ({self.max_tracks}) must be at least limit.max_tracked")
 
     def to_parameters(self) -> dict[str, str]:
-        return {f"limit.{f.name}": str(getattr(self, f.name)) for f in fields(self)}
+        return _to_prefixed(self, "limit.")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> StreamLimits:
-        return cls(
-            **{f.name: int(parameters[f"limit.{f.name}"]) for f in fields(cls) if f"limit.{f.name}" in parameters}
-        )
+        return cls(**_from_prefixed(cls, parameters, "limit."))
 
 
 def cap_live_tracks(tracker: PoseTracker, max_tracks: int) -> int:
