@@ -97,7 +97,7 @@ class LetterboxSpec(_Spec):
     max_pixels: int = 50_000_000
     # The decode budget of one request: the pixels of all its images together (docs/reliability.md, decode
     # budget, gives the decode time and memory this bounds).
-    max_request_pixels: int = 100_000_000
+    max_request_pixels: int = 200_000_000
     # Opt-in: decode large JPEGs at a reduced size with libjpeg's DCT scaling (1/2, 1/4, 1/8), never below
     # the network input size. Faster on big photos, not pixel-identical (docs/benchmarks.md gives the deviation).
     reduced_jpeg_decode: bool = False

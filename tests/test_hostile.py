@@ -135,10 +135,10 @@ def probes() -> list[Probe]:
     def seq(n: int) -> dict[str, Any]:
         return {"sequence_id": 10**15 + n, **ONE_FRAME}
 
-    budget = [png_header_only(3000, 3000)] * 12  # 108 Mpx together, each under the per-image limit
+    budget = [png_header_only(3000, 3000)] * 24  # 216 Mpx together, each under the per-image limit
     return [
         # preprocess
-        Probe("preprocess: 12 images over the request's decode budget", PREPROCESS,
+        Probe("preprocess: 24 images over the request's decode budget", PREPROCESS,
               lambda: [image_input(budget)], "INVALID_ARGUMENT"),
         Probe("preprocess: a 10^10-pixel header", PREPROCESS,
               lambda: [image_input([png_header_only(100_000, 100_000)])], "INVALID_ARGUMENT"),
