@@ -346,7 +346,7 @@ def test_overload_keeps_goodput_near_capacity(model_repository: Path, photo_path
     )
     assert rate >= 2 * capacity and len(outcomes) >= 2 * capacity * OVERLOAD_S * 0.9
     assert goodput >= 0.8 * capacity, f"goodput {goodput:.1f} img/s under {0.8 * capacity:.1f}"
-    assert busy and max(busy) < deadline_s, "refusals must come before the deadline, not at it"
+    assert busy and np.median(busy) < deadline_s / 4, f"refusals must come fast, not at the deadline: {busy}"
     assert peak[0] - idle_memory < MEMORY_BOUND
     assert recovery.kind == "ok" and recovery.seconds < deadline_s
 
