@@ -234,13 +234,15 @@ class QueueLimits:
     default_timeout_us: int
 
 
-# Sized from the measured capacity of each step on 2 vCPUs (docs/reliability.md): the network step (the
-# bottleneck, ~20 img/s) holds about 0.5 s of work; the steps before and after it are 5-20x faster and hold
-# bursts of a full set of clients.
+# Sized from the measured capacity of each step on 2 vCPUs (docs/reliability.md): the CPU network step (the
+# bottleneck, ~20 img/s) holds about 0.5 s of work; preprocess (~11 ms per image, 2 instances) and postprocess
+# (~2 ms) are 5-20x faster, so their queues fill only with bursts: theirs bound memory (a raw-pixel request can
+# be large) and stay well above what a GPU server's clients keep in flight. The GPU network configurations
+# have no queue bound yet (not measured).
 QUEUE_LIMITS = {
-    "preprocess": QueueLimits(max_queue_size=32, default_timeout_us=10_000_000),
+    "preprocess": QueueLimits(max_queue_size=64, default_timeout_us=10_000_000),
     "network": QueueLimits(max_queue_size=12, default_timeout_us=10_000_000),
-    "postprocess": QueueLimits(max_queue_size=64, default_timeout_us=10_000_000),
+    "postprocess": QueueLimits(max_queue_size=256, default_timeout_us=10_000_000),
 }
 
 
