@@ -239,10 +239,13 @@ class QueueLimits:
 # (~2 ms) are 5-20x faster, so their queues fill only with bursts: theirs bound memory (a raw-pixel request can
 # be large) and stay well above what a GPU server's clients keep in flight. The GPU network configurations
 # have no queue bound yet (not measured).
+# The longest a request that carries no deadline may wait in a step's queue: the SDK's default deadline
+# (120 s). Triton lets a request's own timeout only shorten it, so it must not be 0 (0 would also ignore theirs).
+NO_DEADLINE_QUEUE_US = 120_000_000
 QUEUE_LIMITS = {
-    "preprocess": QueueLimits(max_queue_size=64, default_timeout_us=10_000_000),
-    "network": QueueLimits(max_queue_size=12, default_timeout_us=10_000_000),
-    "postprocess": QueueLimits(max_queue_size=256, default_timeout_us=10_000_000),
+    "preprocess": QueueLimits(max_queue_size=64, default_timeout_us=NO_DEADLINE_QUEUE_US),
+    "network": QueueLimits(max_queue_size=12, default_timeout_us=NO_DEADLINE_QUEUE_US),
+    "postprocess": QueueLimits(max_queue_size=256, default_timeout_us=NO_DEADLINE_QUEUE_US),
 }
 
 
