@@ -84,12 +84,17 @@ class TritonPythonModel:
             boxes, scores = _input(request, "BOXES")[0], _input(request, "SCORES")[0]
             keypoints = _input(request, "KEYPOINTS")[0]
             tracked = min(n, self.limits.max_tracked)  # the best poses first: postprocess rows are score-ordered
-            if start:  # kept only once its first frame was accepted, so a refused START leaves nothing behind
+            if start:  # kept only once its first frame passed the checks, so a refused START leaves nothing behind
                 self.sequences.start(sequence_id, tracker, self.limits.max_sequences)
                 owned = True
             cap_live_tracks(tracker, self.limits.max_tracks)
             ids = np.full((1, rows), -1, np.int64)
-            ids[0, :tracked] = tracker.update(boxes[:tracked], scores[:tracked], keypoints[:tracked], frame)
+            try:
+                ids[0, :tracked] = tracker.update(boxes[:tracked], scores[:tracked], keypoints[:tracked], frame)
+            except Exception:
+                if start:  # the client will START again with its next frame: that must not meet a live ID
+                    self.sequences.close(sequence_id)
+                raise
         except TrackerFull as exc:
             raise StepBusy(str(exc)) from None
         finally:
