@@ -12,6 +12,14 @@
    confident keypoints compared, after mapping both back to the full-size photo.
 
     .venv/bin/python benchmarks/decode.py --repository triton_models --model yolo11n_pose --markdown
+
+3. ``--budget``: what the preprocess step's decode limits cost. A photo resampled to 12, 25 and 50 Mpx (the
+   per-image limit) as JPEG and PNG goes through ``decode_image`` + ``letterbox``, as the step does: CPU
+   seconds per megapixel and the peak memory of the decoded pixels (3 bytes per pixel). The per-request
+   budget (``max_request_pixels``, summed over a request's images) is chosen from these figures
+   (docs/reliability.md, decode budget).
+
+    .venv/bin/python benchmarks/decode.py --budget
 """
 
 from __future__ import annotations
@@ -252,6 +260,36 @@ def markdown(rows: list[dict], deviation: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+BUDGET_SIZES_MPX = (12, 25, 50)
+
+
+def budget_table(photo: Path, model: ServedModel, repeats: int) -> list[dict]:
+    """Decode + letterbox CPU time and decoded bytes of large images, per format and size."""
+    rows = []
+    source = Image.open(photo).convert("RGB")
+    for mpx in BUDGET_SIZES_MPX:
+        scale = (mpx * 0.999e6 / (source.width * source.height)) ** 0.5  # just under the per-image limit at 50
+        big = source.resize((round(source.width * scale), round(source.height * scale)), Image.Resampling.BILINEAR)
+        for fmt, options in (("JPEG", {"quality": 90}), ("PNG", {"compress_level": 1})):
+            out = io.BytesIO()
+            big.save(out, fmt, **options)
+            data = out.getvalue()
+            times = []
+            for _ in range(repeats):
+                started = time.process_time()
+                pixels = decode_image(data, LIMIT)
+                letterbox(pixels, model.letterbox)
+                times.append(time.process_time() - started)
+            cpu = statistics.median(times)
+            pixels_count = big.width * big.height
+            rows.append({
+                "format": fmt, "size": f"{big.width}x{big.height}", "mpx": round(pixels_count / 1e6, 1),
+                "encoded_mb": round(len(data) / 1e6, 1), "cpu_s": round(cpu, 3),
+                "cpu_s_per_mpx": round(cpu / (pixels_count / 1e6), 4), "decoded_mb": round(pixels_count * 3 / 1e6),
+            })  # fmt: skip
+    return rows
+
+
 def machine() -> dict[str, object]:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
@@ -266,8 +304,14 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--markdown", action="store_true", help="also print the tables for docs/benchmarks.md")
+    parser.add_argument("--budget", action="store_true", help="only the decode-budget table (no model needed)")
     args = parser.parse_args()
     model = load_catalog(ROOT / "build_engines" / "models.toml")[args.model]
+    if args.budget:
+        photo = (args.photos or [ROOT / "samples" / "grace_hopper.jpg"])[0]
+        rows = budget_table(photo, model, max(3, args.repeats // 5))
+        print(json.dumps({"date": date.today().isoformat(), "machine": machine(), "budget": rows}, indent=2))
+        return
     load_before = os.getloadavg()[0]
     photos = samples(args.photos or default_photos())
     rows = decoder_table(photos, model.letterbox.input_size, args.repeats)

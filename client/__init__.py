@@ -22,6 +22,7 @@ from .errors import (
     InvalidInputError,
     ModelNotReadyError,
     PoseClientError,
+    ServerBusyError,
     ServerUnavailableError,
 )
 from .grpc_client import PoseClient
@@ -61,6 +62,7 @@ __all__ = [
     "PoseClient",
     "PoseClientError",
     "RetryPolicy",
+    "ServerBusyError",
     "ServerUnavailableError",
     "StreamItem",
     "Thresholds",

@@ -7,6 +7,7 @@ with ``await``), so the two behave the same by construction.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,19 +38,22 @@ _MAX_MESSAGE_BYTES = 2**31 - 1
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of transient failures (gRPC ``UNAVAILABLE`` only) with exponential backoff.
+    """Retries of transient failures (gRPC ``UNAVAILABLE``: a server down, or up but busy) with exponential
+    backoff, within the call's deadline.
 
     ``attempts`` counts every try, the first included (1 = never retry). The pause before
     retry ``n`` (0-based) is ``min(max_backoff_s, initial_backoff_s * multiplier ** n)``, less
-    a random part of up to ``jitter`` of it so that many clients do not retry in step. Errors
-    that another try cannot fix (a refused image, an unknown model, a deadline) are raised at once.
+    a random part of up to ``jitter`` of it so that many clients do not retry in step: the default
+    ``jitter=1`` is "full jitter" (a pause drawn uniformly up to the backoff), which spreads the retries of
+    clients refused together by a busy server. A retry whose pause would end past the call's deadline is not
+    made. Errors that another try cannot fix (a refused image, an unknown model, a deadline) are raised at once.
     """
 
     attempts: int = 3
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
-    jitter: float = 0.1
+    jitter: float = 1.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -63,6 +67,32 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+
+# The share of what is left of a call's deadline that the server may spend queueing the request (Triton's
+# per-request timeout, checked in each step's queue); the rest is left for computing it. Without it a request
+# could wait in the network step's queue up to the whole deadline, then be computed for nobody.
+QUEUE_SHARE = 0.5
+
+
+class Deadline:
+    """The end of one call, attempts and pauses included: each attempt gets what is left of it as its gRPC
+    deadline, and the server gets a share of it (:data:`QUEUE_SHARE`, Triton's request ``timeout``), so that
+    a request that could no longer be answered in time is dropped from the server's queues uncomputed."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self.end = clock() + seconds
+
+    def remaining(self) -> float:
+        return max(self.end - self._clock(), 0.0)
+
+    def server_timeout_us(self) -> int:
+        """The longest the server may queue the request, in microseconds, for Triton's per-request timeout (at
+        least 1: 0 would mean none)."""
+        return max(int(self.remaining() * QUEUE_SHARE * 1e6), 1)
+
 
 # Called before each retry with (attempt that failed, 1-based; the error; seconds until the next try).
 RetryHook = Callable[[int, PoseClientError, float], None]
@@ -213,11 +243,14 @@ class ClientCore:
             indices=request.indices if request else (),
         )
 
-    def _should_retry(self, error: PoseClientError, attempt: int) -> float | None:
-        """The pause before another try of a call whose try number ``attempt`` (1-based) failed, or None."""
+    def _should_retry(self, error: PoseClientError, attempt: int, deadline: Deadline | None = None) -> float | None:
+        """The pause before another try of a call whose try number ``attempt`` (1-based) failed, or None
+        (also when the pause would end past the call's ``deadline``)."""
         if not error.transient or attempt >= self.retry.attempts:
             return None
         delay = self.retry.delay(attempt - 1)
+        if deadline is not None and delay >= deadline.remaining():
+            return None
         if self.on_retry is not None:
             self.on_retry(attempt, error, delay)
         return delay

@@ -24,6 +24,7 @@ from ._core import (
     DEFAULT_MODEL,
     DEFAULT_TIMEOUT_S,
     ClientCore,
+    Deadline,
     Request,
     RetryHook,
     RetryPolicy,
@@ -282,7 +283,7 @@ class AsyncPoseClient(ClientCore):
         """
         session = TrackSession(
             self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
-            sequence_id=sequence_id, url=self.url,
+            sequence_id=sequence_id, url=self.url, frame_timeout_s=timeout_s or self.timeout_s,
         )  # fmt: skip
         return track_async(
             self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s
@@ -297,12 +298,13 @@ class AsyncPoseClient(ClientCore):
         region = await self._region(request.nbytes()) if self.shared_memory else None
         try:
             tensor = request.tensor(region)
+            deadline = Deadline(timeout)
             result = await self._call(
                 lambda: self._client.infer(
-                    request.model, [tensor], client_timeout=timeout, headers=self.headers,
-                    parameters=parameters or None,
+                    request.model, [tensor], client_timeout=deadline.remaining(), timeout=deadline.server_timeout_us(),
+                    headers=self.headers, parameters=parameters or None,
                 ),
-                model=request.model, timeout_s=timeout, request=request,
+                model=request.model, timeout_s=timeout, request=request, deadline=deadline,
             )  # fmt: skip
         finally:
             if region is not None:
@@ -339,7 +341,7 @@ class AsyncPoseClient(ClientCore):
 
     async def _call(
         self, operation: Callable[[], Awaitable[T]], *, model: str | None = None, timeout_s: float | None = None,
-        request: Request | None = None,
+        request: Request | None = None, deadline: Deadline | None = None,
     ) -> T:  # fmt: skip
         attempt = 1
         while True:
@@ -347,7 +349,7 @@ class AsyncPoseClient(ClientCore):
                 return await operation()
             except InferenceServerException as exc:
                 error = self._error(exc, model, timeout_s, request)
-                delay = self._should_retry(error, attempt)
+                delay = self._should_retry(error, attempt, deadline)
                 if delay is None:
                     raise error from exc
             await asyncio.sleep(delay)

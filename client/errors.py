@@ -26,6 +26,10 @@ _RESTRICTED = re.compile(r"protocol is restricted, expecting header '([^']+)'")
 
 # gRPC statuses worth another try: the server (or the path to it) is momentarily unavailable.
 TRANSIENT_STATUSES = frozenset({"UNAVAILABLE"})
+# Triton's answers of a server that is up but full (a step's bounded queue, a request that waited past its
+# timeout, the tracker's stream cap): UNAVAILABLE, or RESOURCE_EXHAUSTED where a front end says so.
+_BUSY = re.compile(r"exceeds maximum queue size|request timeout expired|open streams, its limit", re.IGNORECASE)
+BUSY_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 class PoseClientError(Exception):
@@ -53,6 +57,15 @@ class AccessDeniedError(PoseClientError):
     @property
     def transient(self) -> bool:
         return False  # Triton reports it as UNAVAILABLE, but retrying with the same headers cannot help
+
+
+class ServerBusyError(PoseClientError):
+    """The server is up but full: a step's queue is at its bound, or the request waited past its deadline
+    there and was dropped uncomputed. Transient: the client retries it with backoff within the caller's deadline."""
+
+    @property
+    def transient(self) -> bool:
+        return True
 
 
 class ModelNotReadyError(PoseClientError):
@@ -110,6 +123,8 @@ def translate(
     message = str(exc.message() or exc)
     if status == "INVALID_ARGUMENT":
         return invalid_input(message, names, indices or range(len(names)), status)
+    if status in BUSY_STATUSES and (_BUSY.search(message) or status == "RESOURCE_EXHAUSTED"):
+        return ServerBusyError(f"Triton at {url} is busy and refused the request for now: {message}", status)
     restricted = _RESTRICTED.search(message)
     if restricted:
         return AccessDeniedError(

@@ -25,6 +25,7 @@ from ._core import (
     DEFAULT_TIMEOUT_S,
     HEALTH_TIMEOUT_S,
     ClientCore,
+    Deadline,
     Request,
     RetryHook,
     RetryPolicy,
@@ -80,8 +81,10 @@ T = TypeVar("T")
 class PoseClient(ClientCore):
     """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed.
 
-    ``timeout_s`` is the gRPC deadline of each attempt (per call with ``timeout_s=``); ``retry``
-    retries ``UNAVAILABLE`` with exponential backoff (a :class:`RetryPolicy`, or an attempt count;
+    ``timeout_s`` is the deadline of each inference request (per call with ``timeout_s=``), its retries
+    and their pauses included; the server receives it too and drops the request uncomputed once it has
+    passed. ``retry`` retries ``UNAVAILABLE`` (a server down, or busy: :class:`ServerBusyError`) with
+    exponential backoff and full jitter within that deadline (a :class:`RetryPolicy`, or an attempt count;
     default 3 attempts). ``ssl`` with ``root_certificates`` / ``private_key`` /
     ``certificate_chain`` (PEM file paths) opens a TLS channel; ``headers`` travel with every
     call. ``shared_memory=True`` passes inputs through system shared memory (server on the same
@@ -324,7 +327,7 @@ class PoseClient(ClientCore):
         """
         session = TrackSession(
             self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
-            sequence_id=sequence_id, url=self.url,
+            sequence_id=sequence_id, url=self.url, frame_timeout_s=timeout_s or self.timeout_s,
         )  # fmt: skip
         return track_sync(self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
 
@@ -337,12 +340,13 @@ class PoseClient(ClientCore):
         region = self._region(request.nbytes()) if self.shared_memory else None
         try:
             tensor = request.tensor(region)
+            deadline = Deadline(timeout)
             result = self._call(
                 lambda: self._client.infer(
-                    request.model, [tensor], client_timeout=timeout, headers=self.headers,
-                    parameters=parameters or None,
+                    request.model, [tensor], client_timeout=deadline.remaining(), timeout=deadline.server_timeout_us(),
+                    headers=self.headers, parameters=parameters or None,
                 ),
-                model=request.model, timeout_s=timeout, request=request,
+                model=request.model, timeout_s=timeout, request=request, deadline=deadline,
             )  # fmt: skip
         finally:
             if region is not None:
@@ -381,7 +385,7 @@ class PoseClient(ClientCore):
 
     def _call(
         self, operation: Callable[[], T], *, model: str | None = None, timeout_s: float | None = None,
-        request: Request | None = None,
+        request: Request | None = None, deadline: Deadline | None = None,
     ) -> T:  # fmt: skip
         """Run one RPC, retrying transient failures per the retry policy; raise PoseClientError otherwise."""
         attempt = 1
@@ -390,7 +394,7 @@ class PoseClient(ClientCore):
                 return operation()
             except InferenceServerException as exc:
                 error = self._error(exc, model, timeout_s, request)
-                delay = self._should_retry(error, attempt)
+                delay = self._should_retry(error, attempt, deadline)
                 if delay is None:
                     raise error from exc
             time.sleep(delay)

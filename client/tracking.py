@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import random
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -150,8 +150,9 @@ def track_model(model: str) -> str:
 
 
 def new_sequence_id() -> int:
-    """A random correlation ID (Triton's are unsigned 64-bit; 0 means none)."""
-    return random.randrange(1, 2**63)
+    """A random correlation ID from the OS's CSPRNG (Triton's are unsigned 64-bit; 0 means none): another
+    client cannot guess a live stream's ID, and the tracker refuses a START on a live one anyway."""
+    return secrets.randbelow(2**63 - 1) + 1
 
 
 @dataclass
@@ -179,6 +180,7 @@ class TrackSession:
         sequence_id: int | None = None,
         keypoint_names: tuple[str, ...] = (),
         url: str = "",
+        frame_timeout_s: float | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -188,6 +190,9 @@ class TrackSession:
         self.sequence_id = sequence_id or new_sequence_id()
         self.keypoint_names = keypoint_names
         self.url = url
+        # Each frame's deadline on the server (Triton's request timeout): a frame that waited longer in a step's
+        # queue is dropped uncomputed and comes back with an error, the video going on.
+        self.frame_timeout_us = int(frame_timeout_s * 1e6) if frame_timeout_s else None
         self.started = False  # the server acknowledged a START
         self._start_pending = False
         self._next_id = 0
@@ -254,7 +259,7 @@ class TrackSession:
             sequence_start=start,
             sequence_end=end,
             priority=0,
-            timeout=None,
+            timeout=self.frame_timeout_us,
             parameters=self.parameters or None,
         )
 

@@ -79,6 +79,12 @@ def decode_image_reduced(data: bytes, max_pixels: int, min_side: int) -> tuple[n
     return pixels, (pixels.shape[1], pixels.shape[0])
 
 
+def declared_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` an encoded image's header declares, read without decoding any pixel (the per-image
+    limit is enforced here too), so a request's decode budget is known before its first decode."""
+    return _open(data, max_pixels).size
+
+
 def check_pixels(pixels: npt.NDArray[np.uint8], max_pixels: int) -> npt.NDArray[np.uint8]:
     """Validate a raw ``[H, W, 3]`` uint8 RGB array sent by a client."""
     if pixels.dtype != np.uint8:

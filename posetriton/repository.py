@@ -58,7 +58,8 @@ from posetriton.spec import (
     SpecError,
     check_keypoint_layout,
 )
-from posetriton.tracking import TrackerSpec
+from posetriton.tracking import StreamLimits, TrackerSpec
+from posetriton.validation import INPUT_SIZE_PARAMETER
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
@@ -247,9 +248,48 @@ def _network_io(model: ServedModel) -> str:
     )
 
 
-def _batching(delay_us: int, preferred: tuple[int, ...] = ()) -> str:
+def _batching(delay_us: int, preferred: tuple[int, ...] = (), queue: str = "") -> str:
     sizes = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
-    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us} }}"
+    policy = f"\n  {queue}\n" if queue else " "
+    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us}{policy}}}"
+
+
+# ------------------------------------------------------------------------------------------- overload control
+# Bounded queues with fast rejection (docs/reliability.md, overload): a request that finds its step's queue
+# full is refused at once with UNAVAILABLE "Exceeds maximum queue size", and one that waited past its timeout
+# is dropped before it is computed (REJECT) with UNAVAILABLE "Request timeout expired". The client's own
+# deadline (gRPC `timeout`, microseconds) overrides the default when shorter; Triton's ensemble hands it to
+# every step. The SDK maps both to ServerBusyError and retries within the caller's deadline.
+@dataclass(frozen=True)
+class QueueLimits:
+    """Per step: requests that may wait in its queue, and the longest wait of a request without a deadline."""
+
+    max_queue_size: int
+    default_timeout_us: int
+
+
+# Sized from the measured capacity of each step on 2 vCPUs (docs/reliability.md): the CPU network step (the
+# bottleneck, ~20 img/s) holds about 0.5 s of work; preprocess (~11 ms per image, 2 instances) and postprocess
+# (~2 ms) are 5-20x faster, so their queues fill only with bursts: theirs bound memory (a raw-pixel request can
+# be large) and stay well above what a GPU server's clients keep in flight. The GPU network configurations
+# have no queue bound yet (not measured).
+# The longest a request that carries no deadline may wait in a step's queue: the SDK's default deadline
+# (120 s). Triton lets a request's own timeout only shorten it, so it must not be 0 (0 would also ignore theirs).
+NO_DEADLINE_QUEUE_US = 120_000_000
+QUEUE_LIMITS = {
+    "preprocess": QueueLimits(max_queue_size=64, default_timeout_us=NO_DEADLINE_QUEUE_US),
+    "network": QueueLimits(max_queue_size=12, default_timeout_us=NO_DEADLINE_QUEUE_US),
+    "postprocess": QueueLimits(max_queue_size=256, default_timeout_us=NO_DEADLINE_QUEUE_US),
+}
+
+
+def queue_policy(role: str) -> str:
+    """The ``default_queue_policy`` of step ``role``'s dynamic batcher."""
+    limits = QUEUE_LIMITS[role]
+    return (
+        f"default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {limits.default_timeout_us} "
+        f"allow_timeout_override: true max_queue_size: {limits.max_queue_size} }}"
+    )
 
 
 def _instances(count: int, kind: str) -> str:
@@ -318,7 +358,7 @@ def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
                     _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
                 ],
             ),
-            _batching(0),
+            _batching(0, queue=queue_policy("preprocess")),
             instances,
             _parameters(model.letterbox.to_parameters()),
         ]
@@ -337,9 +377,9 @@ def postprocess_config(model: ServedModel) -> str:
                 ],
             ),
             _block("output", _outputs(model)),
-            _batching(0),
+            _batching(0, queue=queue_policy("postprocess")),
             _instances(model.tuning.postprocess_instances, "KIND_CPU"),
-            _parameters(model.postprocess.to_parameters()),
+            _parameters({**model.postprocess.to_parameters(), INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}),
         ]
     )
 
@@ -424,7 +464,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
             _header(model.step("network"), 'backend: "python"', t.max_batch_size),
             f"# OpenVINO IR (model.xml) run by posetriton.serving.openvino_pose at {precision} precision.",
             _network_io(model),
-            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes),
+            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_policy("network")),
             _instances(t.network_instances, "KIND_CPU"),
             _parameters(
                 {
@@ -532,9 +572,28 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
             "  control_input [\n" + ",\n".join(control) + "\n  ]",
             "}",
             _instances(TRACKER_INSTANCES, "KIND_CPU"),
-            _parameters({"num_keypoints": str(k), **(spec or TrackerSpec()).to_parameters()}),
+            _parameters(
+                {
+                    "num_keypoints": str(k),
+                    **(spec or TrackerSpec()).to_parameters(),
+                    **stream_limits(model).to_parameters(),
+                }
+            ),
         ]
     )
+
+
+def stream_limits(model: ServedModel) -> StreamLimits:
+    """The tracker's caps, derived from what the model's postprocess step can produce: rows up to the
+    max_det a request may ask for, its default max_det tracked per frame, twice that in live tracks per
+    stream. Triton's sequence batcher already holds an instance to its slots (more streams wait in its
+    backlog); the store's own cap is twice that, a backstop against leaked state that never races a slot
+    Triton freed a moment before the store's idle timer did."""
+    post = model.postprocess
+    return StreamLimits(
+        max_rows=post.max_det_limit, max_tracked=post.max_det, max_tracks=2 * post.max_det,
+        max_sequences=2 * TRACK_MAX_SEQUENCES,
+    )  # fmt: skip
 
 
 def track_ensemble_config(model: ServedModel) -> str:

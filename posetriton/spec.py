@@ -110,6 +110,9 @@ class LetterboxSpec(_Spec):
     per_axis_scale: bool = False
     # Decoded images above this many pixels are refused (decompression bombs, memory).
     max_pixels: int = 50_000_000
+    # The decode budget of one request: the pixels of all its images together (docs/reliability.md, decode
+    # budget, gives the decode time and memory this bounds).
+    max_request_pixels: int = 200_000_000
     # Opt-in: decode large JPEGs at a reduced size with libjpeg's DCT scaling (1/2, 1/4, 1/8), never below
     # the network input size. Faster on big photos, not pixel-identical (docs/benchmarks.md gives the deviation).
     reduced_jpeg_decode: bool = False
@@ -125,6 +128,10 @@ class LetterboxSpec(_Spec):
             raise SpecError(f"pad_value must be in [0, 255], got {self.pad_value}")
         if self.max_pixels < 1:
             raise SpecError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_request_pixels < self.max_pixels:
+            raise SpecError(
+                f"max_request_pixels ({self.max_request_pixels}) must be at least max_pixels ({self.max_pixels})"
+            )
 
 
 @dataclass(frozen=True)

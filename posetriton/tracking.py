@@ -83,16 +83,26 @@ class TrackerSpec:
             )
 
     def to_parameters(self) -> dict[str, str]:
-        return {f"track.{f.name}": str(getattr(self, f.name)) for f in fields(self)}
+        return _to_prefixed(self, "track.")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> TrackerSpec:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = parameters.get(f"track.{f.name}")
-            if raw is not None:
-                values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
-        return cls(**values)
+        return cls(**_from_prefixed(cls, parameters, "track."))
+
+
+def _to_prefixed(settings: Any, prefix: str) -> dict[str, str]:
+    """A settings dataclass as model-config parameters ``PREFIXNAME``."""
+    return {f"{prefix}{f.name}": str(getattr(settings, f.name)) for f in fields(settings)}
+
+
+def _from_prefixed(cls: Any, parameters: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    """The fields of a settings dataclass found among model-config parameters ``PREFIXNAME`` (int or float)."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = parameters.get(f"{prefix}{f.name}")
+        if raw is not None:
+            values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
+    return values
 
 
 def box_iou(a: NDArray[Any], b: NDArray[Any]) -> NDArray[Any]:
@@ -265,6 +275,21 @@ class SequenceStore:
             self._trackers[sequence_id] = (tracker, self._clock())
         return tracker
 
+    def start(self, sequence_id: int, tracker: PoseTracker, max_sequences: int) -> None:
+        """Keep ``tracker`` as the state of a sequence that starts. A START on a correlation ID that is still
+        open is refused (it would silently take over that stream's tracks), and so is a stream over the cap."""
+        with self._lock:
+            if sequence_id in self._trackers:
+                raise TrackingError(
+                    f"sequence {sequence_id} is already open: a START on a live correlation ID is refused; end it "
+                    "first (sequence_end) or use a new random ID"
+                )
+            if len(self._trackers) >= max_sequences:
+                raise TrackerFull(
+                    f"the tracker holds {len(self._trackers)} open streams, its limit; retry once one ends or idles"
+                )
+            self._trackers[sequence_id] = (tracker, self._clock())
+
     def get(self, sequence_id: int) -> PoseTracker:
         with self._lock:
             entry = self._trackers.get(sequence_id)
@@ -294,3 +319,53 @@ def idle_seconds(sequence_batching: Mapping[str, Any]) -> float:
     """Triton's idle limit of a sequence-batched model config (as JSON); Triton's default is 1 s."""
     micros = int(sequence_batching.get("max_sequence_idle_microseconds") or 1_000_000)
     return max(micros / 1e6, math.ulp(1.0))
+
+
+# ------------------------------------------------------------------------------------ public-endpoint limits
+# The tracker step is callable directly by any client: these keep one request's and one stream's cost bounded
+# and a stream's state its own (docs/reliability.md, sequences).
+
+
+class TrackerFull(TrackingError):
+    """Every stream slot of the tracker instance is taken: a new sequence is refused until one ends or idles."""
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps of one tracker instance; they travel as ``limit.NAME`` parameters of the tracker step's config."""
+
+    # Detection rows a frame may carry: what the postprocess step can produce (the family's max_det_limit).
+    max_rows: int = 1000
+    # Poses tracked per frame, highest scores first (the postprocess rows are score-ordered); the rest of a
+    # frame's poses come back UNTRACKED. The family's max_det.
+    max_tracked: int = 300
+    # Live tracks per stream (Norfair's tracked and initializing objects); the weakest go first.
+    max_tracks: int = 600
+    # Open streams per tracker instance.
+    max_sequences: int = 1024
+
+    def __post_init__(self) -> None:
+        if min(self.max_rows, self.max_tracked, self.max_tracks, self.max_sequences) < 1:
+            raise TrackingError(f"stream limits must be positive, got {self}")
+        if self.max_tracks < self.max_tracked:
+            raise TrackingError(f"limit.max_tracks ({self.max_tracks}) must be at least limit.max_tracked")
+
+    def to_parameters(self) -> dict[str, str]:
+        return _to_prefixed(self, "limit.")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> StreamLimits:
+        return cls(**_from_prefixed(cls, parameters, "limit."))
+
+
+def cap_live_tracks(tracker: PoseTracker, max_tracks: int) -> int:
+    """Drop a stream's weakest tracks (lowest Norfair hit counter, then the youngest) beyond ``max_tracks``,
+    so the next frame's distance matrix stays bounded. Returns how many were dropped."""
+    objects = tracker._tracker.tracked_objects
+    excess = len(objects) - max_tracks
+    if excess <= 0:
+        return 0
+    ranked = sorted(range(len(objects)), key=lambda i: (objects[i].hit_counter, -i))
+    dropped = set(ranked[:excess])
+    tracker._tracker.tracked_objects = [o for i, o in enumerate(objects) if i not in dropped]
+    return excess

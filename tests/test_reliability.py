@@ -214,7 +214,7 @@ def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_pat
         retries: list[float] = []
         policy = RetryPolicy(attempts=200, initial_backoff_s=0.1, max_backoff_s=0.5)
         with ThreadPoolExecutor(1) as pool, PoseClient(
-            server.grpc_url, model=UL_MODEL, timeout_s=10, retry=policy,
+            server.grpc_url, model=UL_MODEL, timeout_s=60, retry=policy,  # the deadline covers every retry
             on_retry=lambda attempt, error, pause: retries.append(pause),
         ) as client:  # fmt: skip
             restarting = pool.submit(server.start, 180)

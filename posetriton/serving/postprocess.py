@@ -1,7 +1,8 @@
 """Postprocess step: candidates -> score threshold, NMS, max detections -> poses in original-image pixels.
 
 Per-request ``conf``, ``iou`` and ``max_det`` arrive as request parameters, which (unlike
-optional inputs) do not split dynamic batches.
+optional inputs) do not split dynamic batches. The candidates and letterbox rows are checked first
+(:mod:`posetriton.validation`): a direct caller may send anything.
 """
 
 from __future__ import annotations
@@ -21,34 +22,37 @@ from posetriton.contract import (
     SCORES,
     ContractError,
     Thresholds,
+    candidate_width,
 )
 from posetriton.processing import LetterboxTransform, Poses, postprocess
-from posetriton.serving.triton_utils import invalid_argument, model_parameters, request_parameters
+from posetriton.serving.triton_utils import model_parameters, request_parameters, respond_each
 from posetriton.spec import PostprocessSpec
+from posetriton.validation import INPUT_SIZE_PARAMETER, check_candidates, check_letterbox_rows
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.spec = PostprocessSpec.from_parameters(model_parameters(config))
+        parameters = model_parameters(config)
+        self.spec = PostprocessSpec.from_parameters(parameters)
+        self.name = args["model_name"]
+        self.input_size = int(parameters[INPUT_SIZE_PARAMETER])  # the canvas the letterbox rows refer to
+        candidates_input = next(i for i in config["input"] if i["name"] == CANDIDATES)
+        self.num_candidates = int(candidates_input["dims"][0])
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.max_det_limit)
-            except (ContractError, ValueError) as exc:
-                responses.append(invalid_argument(str(exc)))
-                continue
-            candidates = pb_utils.get_input_tensor_by_name(request, CANDIDATES).as_numpy()
-            transforms = [
-                LetterboxTransform.from_array(row)
-                for row in pb_utils.get_input_tensor_by_name(request, LETTERBOX).as_numpy()
-            ]
-            poses = [postprocess(c, t, self.spec, thresholds) for c, t in zip(candidates, transforms, strict=True)]
-            sizes = np.array([[t.width, t.height] for t in transforms], np.int32)
-            responses.append(pb_utils.InferenceResponse(output_tensors=_pack(poses, sizes, self.spec.num_keypoints)))
-        return responses
+        return respond_each(requests, self._postprocess, step=self.name, refused=(ContractError,))
+
+    def _postprocess(self, request: object) -> object:
+        thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.max_det_limit)
+        candidates = pb_utils.get_input_tensor_by_name(request, CANDIDATES).as_numpy()
+        rows = pb_utils.get_input_tensor_by_name(request, LETTERBOX).as_numpy()
+        check_letterbox_rows(rows, self.input_size)
+        check_candidates(candidates, rows, self.num_candidates, candidate_width(self.spec.num_keypoints))
+        transforms = [LetterboxTransform.from_array(row) for row in rows]
+        poses = [postprocess(c, t, self.spec, thresholds) for c, t in zip(candidates, transforms, strict=True)]
+        sizes = np.array([[t.width, t.height] for t in transforms], np.int32)
+        return pb_utils.InferenceResponse(output_tensors=_pack(poses, sizes, self.spec.num_keypoints))
 
 
 def _pack(poses: list[Poses], sizes: np.ndarray, num_keypoints: int) -> list:

@@ -2,7 +2,9 @@
 
 The canvas stays uint8 NHWC in decoded RGB order; the network graph itself reorders the channels,
 transposes and scales (the export prepends those ops), so this step never makes a float copy.
-Each request is handled on its own, so a bad image fails only the request that sent it.
+Each request is handled on its own, so a bad image fails only the request that sent it. Before any
+decode, every image's header is read and the request's pixels summed: a request over its decode budget
+(``max_request_pixels``) is refused whole, so one request's cost stays bounded.
 """
 
 from __future__ import annotations
@@ -12,35 +14,31 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, image_error
-from posetriton.images import InvalidImageError, check_pixels, decode_image
+from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, ContractError, image_error
+from posetriton.images import InvalidImageError, check_pixels, declared_size, decode_image
 from posetriton.processing import LetterboxTransform, letterbox
-from posetriton.serving.triton_utils import invalid_argument, model_parameters
+from posetriton.serving.triton_utils import model_parameters, respond_each
 from posetriton.spec import LetterboxSpec
+from posetriton.validation import check_request_pixels
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         self.spec = LetterboxSpec.from_parameters(model_parameters(config))
+        self.name = args["model_name"]
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                canvases, transforms = self._letterboxed(request)
-            except InvalidImageError as exc:
-                responses.append(invalid_argument(str(exc)))
-                continue
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor(CANVAS, canvases),
-                        pb_utils.Tensor(LETTERBOX, np.stack([t.to_array() for t in transforms])),
-                    ]
-                )
-            )
-        return responses
+        return respond_each(requests, self._preprocess, step=self.name, refused=(InvalidImageError, ContractError))
+
+    def _preprocess(self, request: object) -> object:
+        canvases, transforms = self._letterboxed(request)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(CANVAS, canvases),
+                pb_utils.Tensor(LETTERBOX, np.stack([t.to_array() for t in transforms])),
+            ]
+        )
 
     def _letterboxed(self, request: object) -> tuple[np.ndarray, list[LetterboxTransform]]:
         """Decode (or check) every image of the request and letterbox each into its slot of one batch array."""
@@ -52,6 +50,8 @@ class TritonPythonModel:
             if pixels is None:
                 raise InvalidImageError(f"the request carries neither {IMAGE} (encoded bytes) nor {PIXELS} (raw RGB)")
             items = list(pixels.as_numpy())
+        check_request_pixels([self._declared_size(i, len(items), item) for i, item in enumerate(items)],
+                             self.spec.max_request_pixels)  # fmt: skip
         size = self.spec.input_size
         canvases = np.empty((len(items), size, size, 3), dtype=np.uint8)
         transforms = []
@@ -65,6 +65,15 @@ class TritonPythonModel:
                 transform = transform.for_original(*original)
             transforms.append(transform)
         return canvases, transforms
+
+    def _declared_size(self, index: int, count: int, item: object) -> tuple[int, int]:
+        """(width, height) of one image before decoding it; a header over the per-image limit refuses it here."""
+        try:
+            if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3:
+                return int(check_pixels(item, self.spec.max_pixels).shape[1]), int(item.shape[0])
+            return declared_size(item if isinstance(item, bytes) else bytes(item), self.spec.max_pixels)  # type: ignore[call-overload]
+        except InvalidImageError as exc:
+            raise InvalidImageError(image_error(index, count, str(exc))) from None
 
     def _decoded(self, item: object) -> tuple[np.ndarray, tuple[int, int] | None]:
         """HWC uint8 RGB pixels, and the original (width, height) when they are a reduced decode of it."""

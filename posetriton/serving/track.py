@@ -7,6 +7,12 @@ sequences together. So the state lives here, keyed by the correlation ID (contro
 sequence batcher's ``max_sequence_idle_microseconds`` is freed by a timer (Triton refuses its next
 request unless it starts anew, so it cannot come back to stale state). The gauge
 ``posetriton_track_sequences`` on Triton's metrics endpoint counts the open streams.
+
+Any client may call this step directly, so each request is checked first (:mod:`posetriton.validation`,
+:class:`~posetriton.tracking.StreamLimits`): at most ``max_rows`` finite detection rows and a
+``NUM_DETECTIONS`` that fits them, a sane frame index; a START on a live correlation ID is refused, and so
+is a stream over the instance's cap (UNAVAILABLE); only the ``max_tracked`` best poses of a frame are
+tracked and a stream keeps at most ``max_tracks`` tracks, so one request's cost is bounded.
 """
 
 from __future__ import annotations
@@ -18,15 +24,19 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CONTROL_CORRID, CONTROL_END, CONTROL_START, FRAME_INDEX, TRACK_IDS
-from posetriton.serving.triton_utils import invalid_argument, model_parameters
+from posetriton.contract import CONTROL_CORRID, CONTROL_END, CONTROL_START, FRAME_INDEX, TRACK_IDS, ContractError
+from posetriton.serving.triton_utils import StepBusy, model_parameters, respond_each
 from posetriton.tracking import (
     PoseTracker,
     SequenceStore,
+    StreamLimits,
+    TrackerFull,
     TrackerSpec,
     TrackingError,
+    cap_live_tracks,
     idle_seconds,
 )
+from posetriton.validation import check_detections, check_frame_index
 
 SEQUENCES_METRIC = "posetriton_track_sequences"
 # How often the timer looks for idle streams, at most (and at least a tenth of the idle limit).
@@ -41,7 +51,11 @@ class TritonPythonModel:
         num_keypoints = int(parameters["num_keypoints"])
         idle_s = idle_seconds(config["sequence_batching"])
         PoseTracker(spec, num_keypoints)  # imports Norfair (and SciPy) now, not in the first stream's first frame
-        self.sequences = SequenceStore(lambda: PoseTracker(spec, num_keypoints), idle_s)
+        self.new_tracker = lambda: PoseTracker(spec, num_keypoints)
+        self.sequences = SequenceStore(self.new_tracker, idle_s)
+        self.limits = StreamLimits.from_parameters(parameters)
+        self.num_keypoints = num_keypoints
+        self.name = args["model_name"]
         family = pb_utils.MetricFamily(
             name=SEQUENCES_METRIC,
             description="Video streams with tracking state (open sequences) per tracker instance",
@@ -56,33 +70,50 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         self._evict()
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._track(request))
-            except TrackingError as exc:
-                responses.append(invalid_argument(str(exc)))
+        responses = respond_each(requests, self._track, step=self.name, refused=(TrackingError, ContractError))
         self._gauge.set(len(self.sequences))
         return responses
 
     def _track(self, request: Any) -> Any:
         sequence_id = int(_scalar(request, CONTROL_CORRID))
         start, end = bool(_scalar(request, CONTROL_START)), bool(_scalar(request, CONTROL_END))
-        tracker = self.sequences.open(sequence_id) if start else self.sequences.get(sequence_id)
+        owned = not start  # a START owns its ID only once accepted: a refused one must not END someone else's
         try:
-            count = _input(request, "NUM_DETECTIONS").reshape(-1)
-            if len(count) != 1:
-                raise TrackingError(f"a tracked request carries one frame, got a batch of {len(count)}")
-            n = int(count[0])
+            tracker = self.new_tracker() if start else self.sequences.get(sequence_id)
+            n, rows, frame = self._checked(request, tracker)
             boxes, scores = _input(request, "BOXES")[0], _input(request, "SCORES")[0]
             keypoints = _input(request, "KEYPOINTS")[0]
-            frame = int(_input(request, FRAME_INDEX).reshape(-1)[0])
-            ids = np.full((1, len(boxes)), -1, np.int64)
-            ids[0, :n] = tracker.update(boxes[:n], scores[:n], keypoints[:n], frame)
+            tracked = min(n, self.limits.max_tracked)  # the best poses first: postprocess rows are score-ordered
+            if start:  # kept only once its first frame passed the checks, so a refused START leaves nothing behind
+                self.sequences.start(sequence_id, tracker, self.limits.max_sequences)
+                owned = True
+            cap_live_tracks(tracker, self.limits.max_tracks)
+            ids = np.full((1, rows), -1, np.int64)
+            try:
+                ids[0, :tracked] = tracker.update(boxes[:tracked], scores[:tracked], keypoints[:tracked], frame)
+            except Exception:
+                if start:  # the client will START again with its next frame: that must not meet a live ID
+                    self.sequences.close(sequence_id)
+                raise
+        except TrackerFull as exc:
+            raise StepBusy(str(exc)) from None
         finally:
-            if end:
+            if end and owned:
                 self.sequences.close(sequence_id)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TRACK_IDS, ids)])
+
+    def _checked(self, request: Any, tracker: PoseTracker) -> tuple[int, int, int]:
+        """(detections, rows, frame index) of a request that passed the checks."""
+        n = check_detections(
+            _input(request, "NUM_DETECTIONS"), _input(request, "BOXES"), _input(request, "SCORES"),
+            _input(request, "KEYPOINTS"), max_detections=self.limits.max_rows, num_keypoints=self.num_keypoints,
+        )  # fmt: skip
+        index = _input(request, FRAME_INDEX).reshape(-1)
+        if len(index) != 1:
+            raise TrackingError(f"a tracked request carries one FRAME_INDEX, got {len(index)}")
+        frame = int(index[0])
+        check_frame_index(frame, tracker.last_frame)
+        return n, int(_input(request, "BOXES").shape[1]), frame
 
     def _evict(self) -> None:
         if self.sequences.evict_idle():

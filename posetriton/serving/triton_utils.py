@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+
+from posetriton.contract import ContractError
 
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -16,7 +19,13 @@ def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
 def request_parameters(request: Any) -> dict[str, Any]:
     """Per-request parameters a client sent (``infer(..., parameters={...})``)."""
     raw = request.parameters()
-    return json.loads(raw) if raw else {}
+    try:
+        parameters = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise ContractError(f"request parameters are not valid JSON: {exc}") from None
+    if not isinstance(parameters, dict):
+        raise ContractError(f"request parameters must be an object, got {type(parameters).__name__}")
+    return parameters
 
 
 def invalid_argument(message: str) -> Any:
@@ -26,6 +35,55 @@ def invalid_argument(message: str) -> Any:
 
 def internal_error(message: str) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+
+
+def unavailable(message: str) -> Any:
+    """A response that fails only this request with UNAVAILABLE: the step is full now, a later try may pass."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE))
+
+
+class StepBusy(RuntimeError):
+    """The step cannot take this request now (a capacity cap); the request fails with UNAVAILABLE."""
+
+
+def respond_each(
+    requests: list,
+    handle: Callable[[Any], Any],
+    *,
+    step: str,
+    refused: tuple[type[Exception], ...],
+    logger: Any = None,
+) -> list:
+    """One response per request, in order, each failing alone: the per-request wrapper of every step.
+
+    * a request whose client gave up (cancelled, or its deadline passed while queued) is answered CANCELLED
+      without being computed;
+    * ``refused`` errors (the step's input checks) become INVALID_ARGUMENT with their message;
+    * :class:`StepBusy` becomes UNAVAILABLE;
+    * anything else is unforeseen: logged with Triton's logger and answered INTERNAL naming the exception,
+      for that request only, so that one request can never fail its batch-mates.
+    """
+    log = logger if logger is not None else pb_utils.Logger
+    responses = []
+    for request in requests:
+        try:
+            if request.is_cancelled():
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError("the request was cancelled", pb_utils.TritonError.CANCELLED)
+                    )
+                )
+                continue
+            responses.append(handle(request))
+        except refused as exc:
+            responses.append(invalid_argument(str(exc)))
+        except StepBusy as exc:
+            responses.append(unavailable(str(exc)))
+        except Exception as exc:
+            message = f"{step} failed on this request: {type(exc).__name__}: {exc}"
+            log.log_error(message)
+            responses.append(internal_error(message))
+    return responses
 
 
 def output_dtype(model_config: dict[str, Any], name: str) -> Any:
