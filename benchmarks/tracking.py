@@ -13,6 +13,15 @@ detections (``PoseTracker.update`` alone). Example::
 
     .venv/bin/python benchmarks/tracking.py --repository triton_models --models yolo11n_pose yolo_nas_pose_n \\
         --seconds 10 --json results/tracking.json
+
+``--keypoints`` measures the keypoint smoothing instead: clips of the sample photos with known geometry
+(a shaky still camera: every true keypoint stands still in photo coordinates; a steady pan: a known
+trajectory) go through ``NAME_track`` once, then the server's own smoothing code
+(``posetriton.tracking.smooth_tracks``) is replayed on the raw keypoints and track IDs for a grid of
+``smooth_min_cutoff`` x ``smooth_beta``: jitter, error and OKS against the truth, lag on the pan, and the
+cost per frame; a table, and the trade-off plot (``--plot``)::
+
+    .venv/bin/python benchmarks/tracking.py --keypoints --models yolo11n_pose --plot docs/img/smoothing.png
 """
 
 from __future__ import annotations
@@ -32,10 +41,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame
-from posetriton.clips import sample_clip
-from posetriton.contract import TRACKER_SUFFIX
+from posetriton.clips import ClipFrame, camera_path, sample_clip, score_keypoints, shaky_camera
+from posetriton.contract import TRACKER_SUFFIX, Smoothing
 from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.tracking import PoseTracker, TrackerSpec
+from posetriton.tracking import DEFAULT_SMOOTHING, KeypointSmoother, PoseTracker, TrackerSpec, smooth_tracks
 
 ROOT = Path(__file__).resolve().parent.parent
 FPS = 15.0
@@ -111,6 +120,126 @@ def offline_tracker_cost(url: str, model: str, frames: list[np.ndarray]) -> floa
     return (time.perf_counter() - started) / (rounds * len(detections)) * 1e6
 
 
+# ------------------------------------------------------------------------------------------ keypoint smoothing
+MIN_CUTOFFS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+BETAS = (0.0, 1.0, 2.0, 5.0, 20.0)
+SHAKY_FRAMES, PAN_FRAMES = 60, 45
+
+
+def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[float, float]]]:
+    """(frames, the truth's direction of motion in the frame) per clip, from the repository's sample photos."""
+    from PIL import Image
+
+    clips: dict[str, tuple[list[ClipFrame], tuple[float, float]]] = {}
+    for name in ("grace_hopper.jpg", "astronaut.webp"):
+        photo = np.asarray(Image.open(samples / name).convert("RGB"))
+        h, w = photo.shape[:2]
+        view = (-0.2 * w, -0.05 * h, 1.4 * w)
+        clips[f"still {name}"] = (shaky_camera(photo, view, SHAKY_FRAMES), (0.0, 0.0))
+        # The camera pans right by 0.3 of the photo over the clip: the people move left in the frame.
+        clips[f"pan {name}"] = (camera_path(photo, [view, (view[0] + 0.3 * w, view[1], view[2])], PAN_FRAMES), (-1, 0))
+    return clips
+
+
+def measure_smoothing(url: str, model: str, samples: Path) -> dict[str, Any]:
+    """Raw vs smoothed keypoints on the clips, for each point of the parameter grid."""
+    clips = smoothing_clips(samples)
+    rows: list[dict[str, Any]] = []
+    with PoseClient(url, model=model) as client:
+        served: dict[str, Any] = {}
+        for name, (frames, _) in clips.items():
+            first = clips[name][0][0]
+            truth = client.predict(first.rgb, conf=0.5).as_arrays()  # the unshaken first view
+            (placement,) = first.placements
+            truth_boxes = (truth.boxes.reshape(-1, 2, 2) - placement.offset) / placement.scale
+            truth_keypoints = truth.keypoints.copy()
+            truth_keypoints[:, :, :2] = (truth.keypoints[:, :, :2] - placement.offset) / placement.scale
+            results = list(client.track([f.rgb for f in frames], max_in_flight=1))
+            served[name] = (truth_boxes.reshape(-1, 4), truth_keypoints, results)
+    grid = [(None, None), *((c, b) for c in MIN_CUTOFFS for b in BETAS)]
+    for min_cutoff, beta in grid:
+        row: dict[str, Any] = {"min_cutoff": min_cutoff, "beta": beta, "clips": {}}
+        cost: list[float] = []
+        for name, (truth_boxes, truth_keypoints, results) in served.items():
+            frames, direction = clips[name]
+            boxes = [np.array([p.box for p in r.poses]).reshape(-1, 4) for r in results]
+            raw = [
+                np.array([p.raw_keypoints for p in r.poses]).reshape(-1, truth_keypoints.shape[1], 3) for r in results
+            ]
+            if min_cutoff is None:
+                points = raw
+            else:
+                smoothing = Smoothing(min_cutoff, beta).check()
+                smoothers: dict[int, KeypointSmoother] = {}
+                points = []
+                for r, b, k in zip(results, boxes, raw, strict=True):
+                    ids = np.array([-1 if i is None else i for i in r.track_ids], np.int64)
+                    started = time.perf_counter()
+                    points.append(
+                        smooth_tracks(smoothers, ids, b, k, r.index, smoothing, TrackerSpec().keypoint_threshold)
+                    )
+                    cost.append(time.perf_counter() - started)
+            score = score_keypoints(frames, truth_boxes, truth_keypoints, boxes, points, direction)
+            row["clips"][name] = score.__dict__
+        row["smoothing_us_per_frame"] = statistics.fmean(cost) * 1e6 if cost else 0.0
+        rows.append(row)
+    return {"rows": rows, "default": DEFAULT_SMOOTHING.__dict__}
+
+
+def _summary(row: dict[str, Any], raw: dict[str, Any]) -> dict[str, float]:
+    """Means over the still clips (jitter, error, OKS) and the pans (lag: along-motion error minus raw's)."""
+    still = [v for k, v in row["clips"].items() if k.startswith("still")]
+    pans = [(v, raw["clips"][k]) for k, v in row["clips"].items() if k.startswith("pan")]
+    return {
+        "jitter_px": statistics.fmean(v["jitter_px"] for v in still),
+        "error_px": statistics.fmean(v["error_px"] for v in still),
+        "oks": statistics.fmean(v["oks"] for v in still),
+        "pan_error_px": statistics.fmean(v["error_px"] for v, _ in pans),
+        "lag_px": statistics.fmean(r["along_px"] - v["along_px"] for v, r in pans),
+    }
+
+
+def report_smoothing(result: dict[str, Any], plot: Path | None) -> None:
+    raw = result["rows"][0]
+    base = _summary(raw, raw)
+    print("\n| smooth_min_cutoff | smooth_beta | still: jitter px | still: error px | still: OKS | pan: error px "
+          "| pan: lag px | µs/frame |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    points = []
+    for row in result["rows"]:
+        summary = _summary(row, raw)
+        label = ("raw", "") if row["min_cutoff"] is None else (f"{row['min_cutoff']:g}", f"{row['beta']:g}")
+        print(f"| {label[0]} | {label[1]} | {summary['jitter_px']:.2f} | {summary['error_px']:.2f} | "
+              f"{summary['oks']:.4f} | {summary['pan_error_px']:.2f} | {summary['lag_px']:.2f} | "
+              f"{row['smoothing_us_per_frame']:.0f} |")  # fmt: skip
+        if row["min_cutoff"] is not None:
+            points.append((row["min_cutoff"], row["beta"], summary))
+    if plot is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for beta in BETAS:
+        line = [(s["lag_px"], s["jitter_px"] / base["jitter_px"]) for _, b, s in points if b == beta]
+        axis.plot(*zip(*line, strict=True), marker="o", label=f"beta {beta:g}")
+    default = result["default"]
+    for c, b, s in points:
+        if (c, b) == (default["min_cutoff"], default["beta"]):
+            axis.scatter([s["lag_px"]], [s["jitter_px"] / base["jitter_px"]], s=160, facecolors="none",
+                         edgecolors="black", zorder=5, label=f"default ({c:g}, {b:g})")  # fmt: skip
+    axis.set_xlabel("lag on a steady pan (px, frame pixels)")
+    axis.set_ylabel("jitter on a still camera, smoothed / raw")
+    axis.set_title("One Euro keypoint smoothing: jitter vs lag (min_cutoff 0.005 ... 0.2 along each line)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(plot, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=ROOT / "triton_models")
@@ -119,6 +248,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each load level")
     parser.add_argument("--max-streams", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keypoints", action="store_true", help="measure the keypoint smoothing (see above)")
+    parser.add_argument("--plot", type=Path, help="with --keypoints: the trade-off plot (PNG)")
     args = parser.parse_args()
 
     frames = [frame.rgb for frame in sample_clip(ROOT / "samples")]
@@ -134,6 +265,16 @@ def main() -> None:
         "p95_limit_ms": P95_LIMIT_MS,
         "models": {},
     }
+    if args.keypoints:
+        with TritonServer(options) as server:
+            for model in args.models:
+                report["models"][model] = measure_smoothing(server.grpc_url, model, ROOT / "samples")
+                print(f"{model}:")
+                report_smoothing(report["models"][model], args.plot)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+        return
     with TritonServer(options) as server:
         for model in args.models:
             asyncio.run(run_level(server.grpc_url, model, 1, frames, 2.0))  # warm up

@@ -36,10 +36,12 @@ from posetriton.contract import (  # noqa: F401  (re-exported: the tracking name
     CONTROL_END,
     CONTROL_START,
     FRAME_INDEX,
+    SMOOTHED_KEYPOINTS,
     TRACK_IDS,
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
     UNTRACKED,
+    Smoothing,
 )
 
 # COCO's per-keypoint OKS constants (sigmas) for the 17 person keypoints.
@@ -68,6 +70,14 @@ class TrackerSpec:
     # Frames a new track must be seen again before it gets an ID, so a one-frame false detection gets none
     # (0: at once). The people of a stream's first frame get theirs at once, as in ByteTrack.
     initialization_delay: int = 1
+    # Re-identification of a person who was hidden or out of view (see ReidDistance): a lost track is kept this
+    # many frames after it would have died, for a new track that reappears where it could be.
+    reid_frames: int = 30
+    # ... within this many person heights of where it was last seen or where the motion model puts it now,
+    reid_max_offset: float = 1.5
+    # ... with a box height within this factor of its own, and a pose shape this close (RMS, see pose_shape).
+    reid_max_scale: float = 1.5
+    reid_max_shape: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.box_weight <= 1.0:
@@ -80,6 +90,12 @@ class TrackerSpec:
             raise TrackingError(
                 "track.max_missed_frames must be >= 1 and track.initialization_delay in [0, max_missed_frames), got "
                 f"{self.max_missed_frames} and {self.initialization_delay}"
+            )
+
+        if self.reid_frames < 0 or self.reid_max_offset <= 0 or self.reid_max_scale < 1 or self.reid_max_shape <= 0:
+            raise TrackingError(
+                "track.reid_frames must be >= 0, reid_max_offset > 0, reid_max_scale >= 1 and reid_max_shape > 0, got "
+                f"{self.reid_frames}, {self.reid_max_offset}, {self.reid_max_scale}, {self.reid_max_shape}"
             )
 
     def to_parameters(self) -> dict[str, str]:
@@ -152,6 +168,153 @@ class PoseDistance:
         return (1.0 - similarity).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------------ re-identification
+def pose_shape(keypoints: NDArray[Any], visible: NDArray[Any]) -> tuple[NDArray[Any], float]:
+    """A pose's keypoints ``[K, 2]`` centred on the mean of the ``visible [K]`` ones and divided by their RMS
+    spread: the shape of the pose, independent of where the person is and how large (NaN where not visible),
+    and the spread in pixels."""
+    points = np.where(visible[:, None], keypoints, np.nan)
+    if visible.sum() < 3:
+        return points, 0.0
+    centred = points - np.nanmean(points, axis=0)
+    spread = float(np.sqrt(np.nanmean(np.sum(centred**2, axis=1))))
+    return centred / max(spread, 1e-6), spread
+
+
+def shape_distance(a: NDArray[Any], a_visible: NDArray[Any], b: NDArray[Any], b_visible: NDArray[Any]) -> float:
+    """RMS distance of two poses' shapes (:func:`pose_shape`) over the keypoints visible in both, each shape
+    normalised on those keypoints alone (a partly hidden person is compared on what is seen); inf when fewer
+    than 4 keypoints are shared."""
+    common = a_visible & b_visible
+    if common.sum() < 4:
+        return math.inf
+    shape_a, _ = pose_shape(a, common)
+    shape_b, _ = pose_shape(b, common)
+    return float(np.sqrt(np.nanmean(np.sum((shape_a - shape_b) ** 2, axis=1))))
+
+
+class ReidDistance:
+    """Whether a new track is a lost one back: Norfair's ``reid_distance_function``, as a ``Distance`` object.
+
+    Norfair offers each track in its first confirmed frame to the tracks that went unmatched (hidden
+    behind something, out of view) and merges it into the nearest one under the threshold, so it keeps
+    the lost track's ID. The distance is the largest of three ratios, each 1 at its limit: how far the
+    new box's centre is from where the lost person was last seen or from where the Kalman filter puts
+    them now (clamped into the frame: a person who left comes back where they left), in person heights,
+    against ``reid_max_offset``; the box heights' ratio against ``reid_max_scale``; and the RMS distance
+    of the pose shapes (:func:`shape_distance`) against ``reid_max_shape``. So a different person
+    appearing there with another build or stance, or another size, starts a track of their own.
+    """
+
+    threshold = 1.0
+
+    def __init__(self, spec: TrackerSpec) -> None:
+        self.spec = spec
+        self.frame_size: tuple[float, float] | None = None
+
+    def get_distances(self, objects: Sequence[Any], candidates: Sequence[Any] | None) -> NDArray[Any]:
+        distances = np.full((len(candidates or ()), len(objects)), np.inf, dtype=np.float64)
+        for i, new in enumerate(candidates or ()):
+            for j, lost in enumerate(objects):
+                distances[i, j] = self.distance(new, lost)
+        return distances
+
+    def distance(self, new: Any, lost: Any) -> float:
+        seen, now = lost.last_detection, new.last_detection
+        box, seen_box = now.points[:2].reshape(4), seen.points[:2].reshape(4)
+        predicted_box = lost.estimate[:2].reshape(4)
+        height = max(seen_box[3] - seen_box[1], 1.0)
+        centre = (box[:2] + box[2:]) / 2
+        places = [(seen_box[:2] + seen_box[2:]) / 2, (predicted_box[:2] + predicted_box[2:]) / 2]
+        if self.frame_size is not None:
+            places[1] = np.clip(places[1], 0.0, self.frame_size)
+        offset = min(float(np.linalg.norm(centre - place)) for place in places) / height
+        scale = max(box[3] - box[1], 1.0) / height
+        threshold = self.spec.keypoint_threshold
+        shape = shape_distance(
+            now.points[2:], now.scores[2:] >= threshold, seen.points[2:], seen.scores[2:] >= threshold
+        )
+        return max(
+            offset / self.spec.reid_max_offset,
+            abs(math.log(scale)) / math.log(self.spec.reid_max_scale) if self.spec.reid_max_scale > 1 else 0.0,
+            shape / self.spec.reid_max_shape,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ smoothing
+DEFAULT_SMOOTHING = Smoothing(min_cutoff=0.02, beta=2.0)
+# Cutoff (cycles per frame) of the One Euro filter's speed estimate, as in the filter's paper (1 Hz at ~30 fps).
+DERIVATIVE_CUTOFF = 0.03
+
+
+def one_euro_alpha(cutoff: NDArray[Any] | float, elapsed: NDArray[Any]) -> NDArray[Any]:
+    """The One Euro filter's smoothing factor for a cutoff (cycles per frame) over ``elapsed`` frames."""
+    tau = 1.0 / (2.0 * math.pi * np.asarray(cutoff, np.float64))
+    alpha: NDArray[Any] = 1.0 / (1.0 + tau / elapsed)
+    return alpha
+
+
+class KeypointSmoother:
+    """One Euro filters (Casiez et al., CHI 2012) for the ``K x 2`` keypoint coordinates of one track.
+
+    Vectorised over keypoints; time is the frame index, so frames a live source dropped count as
+    elapsed time. A keypoint below the confidence gate neither moves its filter nor is moved: its
+    filtered position stays where it was (and its confidence, taken from the detection, says it is
+    not seen). The speed that raises the cutoff is measured in person heights per frame, so ``beta``
+    means the same for a person near the camera and one far away.
+    """
+
+    def __init__(self, num_keypoints: int, gate: float) -> None:
+        self.gate = gate
+        self.value = np.zeros((num_keypoints, 2))
+        self.speed = np.zeros((num_keypoints, 2))
+        self.seen_at = np.full(num_keypoints, -1, np.int64)  # frame each keypoint's filter was last updated
+
+    def update(self, keypoints: NDArray[Any], height: float, frame: int, smoothing: Smoothing) -> NDArray[Any]:
+        """The filtered ``[K, 3]`` (x, y, the detection's confidence) of one detection of this track."""
+        raw = keypoints[:, :2].astype(np.float64)
+        seen = keypoints[:, 2] >= self.gate
+        known = self.seen_at >= 0
+        fresh = seen & ~known
+        self.value[fresh], self.speed[fresh], self.seen_at[fresh] = raw[fresh], 0.0, frame
+        step = seen & known & (self.seen_at < frame)
+        if step.any():
+            elapsed = (frame - self.seen_at[step]).astype(np.float64)[:, None]
+            speed = (raw[step] - self.value[step]) / elapsed
+            self.speed[step] += one_euro_alpha(DERIVATIVE_CUTOFF, elapsed) * (speed - self.speed[step])
+            relative = np.linalg.norm(self.speed[step], axis=1, keepdims=True) / max(height, 1.0)
+            assert smoothing.min_cutoff is not None and smoothing.beta is not None
+            cutoff = smoothing.min_cutoff + smoothing.beta * relative
+            self.value[step] += one_euro_alpha(cutoff, elapsed) * (raw[step] - self.value[step])
+            self.seen_at[step] = frame
+        out = keypoints.astype(np.float32).copy()
+        known = self.seen_at >= 0
+        out[known, :2] = self.value[known]
+        return out
+
+
+def smooth_tracks(
+    smoothers: dict[int, KeypointSmoother],
+    ids: NDArray[Any],
+    boxes: NDArray[Any],
+    keypoints: NDArray[Any],
+    frame: int,
+    smoothing: Smoothing,
+    gate: float,
+) -> NDArray[Any]:
+    """Each tracked detection's keypoints through its track's :class:`KeypointSmoother` (created when the track
+    is first seen); an untracked one keeps its raw keypoints. ``smoothers`` (by track ID) is updated in place."""
+    smoothed = keypoints.astype(np.float32).copy()
+    for row, track_id in enumerate(ids.tolist()):
+        if track_id == UNTRACKED:
+            continue
+        smoother = smoothers.get(track_id)
+        if smoother is None:
+            smoother = smoothers[track_id] = KeypointSmoother(keypoints.shape[1], gate)
+        smoothed[row] = smoother.update(keypoints[row], float(boxes[row, 3] - boxes[row, 1]), frame, smoothing)
+    return smoothed
+
+
 class PoseTracker:
     """Track IDs (1, 2, ...) for the poses of one video, frame after frame.
 
@@ -175,14 +338,46 @@ class PoseTracker:
             initialization_delay=spec.initialization_delay,
             detection_threshold=spec.keypoint_threshold,
             past_detections_length=0,
+            reid_hit_counter_max=spec.reid_frames or None,
         )
         self._distance = PoseDistance(spec, sigmas)
         self._tracker.distance_function = self._distance
+        self._reid = ReidDistance(spec)
+        if spec.reid_frames:
+            self._tracker.reid_distance_function = self._reid
+            self._tracker.reid_distance_threshold = ReidDistance.threshold
+        self._smoothers: dict[int, KeypointSmoother] = {}
         self.last_frame: int | None = None
 
     @property
     def live_tracks(self) -> int:
         return len(self._tracker.tracked_objects)
+
+    def track(
+        self,
+        boxes: NDArray[Any],
+        scores: NDArray[Any],
+        keypoints: NDArray[Any],
+        frame_index: int,
+        smoothing: Smoothing = DEFAULT_SMOOTHING,
+        frame_size: tuple[float, float] | None = None,
+    ) -> tuple[NDArray[Any], NDArray[Any]]:
+        """:meth:`update`, and each pose's keypoints smoothed over its track (``[N, K, 3]``, FP32; the raw ones
+        for a pose without a track ID, and for a late frame, which changes no state).
+        ``frame_size`` (width, height) lets re-identification place a person who left the view at its edge."""
+        self._reid.frame_size = frame_size
+        late = self.last_frame is not None and frame_index <= self.last_frame
+        ids = self.update(boxes, scores, keypoints, frame_index)
+        if late:
+            return ids, keypoints.astype(np.float32)
+        alive = {o.id for o in self._tracker.tracked_objects if o.id is not None}
+        for gone in set(self._smoothers) - alive:
+            del self._smoothers[gone]  # a track that died: a later one never gets its filter state
+        chosen = smoothing.or_defaults(DEFAULT_SMOOTHING).check()
+        smoothed = smooth_tracks(
+            self._smoothers, ids, boxes, keypoints, frame_index, chosen, self.spec.keypoint_threshold
+        )
+        return ids, smoothed
 
     def update(
         self, boxes: NDArray[Any], scores: NDArray[Any], keypoints: NDArray[Any], frame_index: int

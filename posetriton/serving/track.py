@@ -18,8 +18,18 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CONTROL_CORRID, CONTROL_END, CONTROL_START, FRAME_INDEX, TRACK_IDS
-from posetriton.serving.triton_utils import invalid_argument, model_parameters
+from posetriton.contract import (
+    CONTROL_CORRID,
+    CONTROL_END,
+    CONTROL_START,
+    FRAME_INDEX,
+    IMAGE_SIZE,
+    SMOOTHED_KEYPOINTS,
+    TRACK_IDS,
+    ContractError,
+    Smoothing,
+)
+from posetriton.serving.triton_utils import invalid_argument, model_parameters, request_parameters
 from posetriton.tracking import (
     PoseTracker,
     SequenceStore,
@@ -60,7 +70,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._track(request))
-            except TrackingError as exc:
+            except (TrackingError, ContractError) as exc:
                 responses.append(invalid_argument(str(exc)))
         self._gauge.set(len(self.sequences))
         return responses
@@ -77,12 +87,13 @@ class TritonPythonModel:
             boxes, scores = _input(request, "BOXES")[0], _input(request, "SCORES")[0]
             keypoints = _input(request, "KEYPOINTS")[0]
             frame = int(_input(request, FRAME_INDEX).reshape(-1)[0])
-            ids = np.full((1, len(boxes)), -1, np.int64)
-            ids[0, :n] = tracker.update(boxes[:n], scores[:n], keypoints[:n], frame)
+            ids, smoothed = _tracked_rows(tracker, request, boxes, scores, keypoints, n, frame)
         finally:
             if end:
                 self.sequences.close(sequence_id)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TRACK_IDS, ids)])
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(TRACK_IDS, ids), pb_utils.Tensor(SMOOTHED_KEYPOINTS, smoothed)]
+        )
 
     def _evict(self) -> None:
         if self.sequences.evict_idle():
@@ -97,6 +108,20 @@ class TritonPythonModel:
         self._stop.set()
         self._timer.join(timeout=5)
         self._gauge.set(0)
+
+
+def _tracked_rows(
+    tracker: PoseTracker, request: Any, boxes: np.ndarray, scores: np.ndarray, keypoints: np.ndarray, n: int, frame: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """TRACK_IDS ``[1, N]`` and SMOOTHED_KEYPOINTS ``[1, N, K, 3]`` of one frame (padding rows: untracked, raw)."""
+    smoothing = Smoothing.from_parameters(request_parameters(request)).check()
+    width, height = (float(v) for v in _input(request, IMAGE_SIZE).reshape(-1)[:2])
+    ids = np.full((1, len(boxes)), -1, np.int64)
+    smoothed = keypoints[None].astype(np.float32).copy()
+    ids[0, :n], smoothed[0, :n] = tracker.track(
+        boxes[:n], scores[:n], keypoints[:n], frame, smoothing, frame_size=(width, height)
+    )
+    return ids, smoothed
 
 
 def _input(request: Any, name: str) -> np.ndarray:
