@@ -491,7 +491,7 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
     return "\n".join(
         [
             _header(track_models(model)[1], 'backend: "python"', model.tuning.max_batch_size),
-            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1")]),
+            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1"), *_tracker_pixels(model)]),
             _block("output", _track_outputs(model)),
             "sequence_batching {",
             f"  max_sequence_idle_microseconds: {TRACK_IDLE_MICROSECONDS}",
@@ -502,6 +502,13 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
             _parameters({"num_keypoints": str(k), **(spec or TrackerSpec()).to_parameters()}),
         ]
     )
+
+
+def _tracker_pixels(model: ServedModel) -> list[str]:
+    """The frame as the network saw it (and how it maps to the original): the tracker reads each person's colours
+    from it to tell a returning person from someone else (posetriton.tracking.box_colours)."""
+    s = model.letterbox.input_size
+    return [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"), _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH))]
 
 
 def _track_outputs(model: ServedModel) -> list[str]:
@@ -520,7 +527,7 @@ def track_ensemble_config(model: ServedModel) -> str:
     text = ensemble_config(model, pixels=False)
     source = _tensor("IMAGE", "TYPE_STRING", "1")
     detections = [name for name, _, _ in OUTPUTS]
-    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX)]
+    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX, CANVAS, LETTERBOX)]
     maps += [f'output_map {{ key: "{name}" value: "{name}" }}' for name in (TRACK_IDS, SMOOTHED_KEYPOINTS)]
     step = f'  {{ model_name: "{tracker}" model_version: -1\n    ' + "\n    ".join(maps) + " }"
     for old, new in (

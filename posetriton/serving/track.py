@@ -19,11 +19,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from posetriton.contract import (
+    CANVAS,
     CONTROL_CORRID,
     CONTROL_END,
     CONTROL_START,
     FRAME_INDEX,
     IMAGE_SIZE,
+    LETTERBOX,
     SMOOTHED_KEYPOINTS,
     TRACK_IDS,
     ContractError,
@@ -35,6 +37,7 @@ from posetriton.tracking import (
     SequenceStore,
     TrackerSpec,
     TrackingError,
+    box_colours,
     idle_seconds,
 )
 
@@ -116,10 +119,11 @@ def _tracked_rows(
     """TRACK_IDS ``[1, N]`` and SMOOTHED_KEYPOINTS ``[1, N, K, 3]`` of one frame (padding rows: untracked, raw)."""
     smoothing = Smoothing.from_parameters(request_parameters(request)).check()
     width, height = (float(v) for v in _input(request, IMAGE_SIZE).reshape(-1)[:2])
+    colours = box_colours(_input(request, CANVAS)[0], _input(request, LETTERBOX)[0], boxes[:n])
     ids = np.full((1, len(boxes)), -1, np.int64)
     smoothed = keypoints[None].astype(np.float32).copy()
     ids[0, :n], smoothed[0, :n] = tracker.track(
-        boxes[:n], scores[:n], keypoints[:n], frame, smoothing, frame_size=(width, height)
+        boxes[:n], scores[:n], keypoints[:n], frame, smoothing, frame_size=(width, height), colours=colours
     )
     return ids, smoothed
 
