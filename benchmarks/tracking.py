@@ -39,10 +39,12 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame
-from posetriton.clips import ClipFrame, camera_path, sample_clip, score_keypoints, shaky_camera
-from posetriton.contract import TRACKER_SUFFIX, Smoothing
+from posetriton.client.inputs import encode_rgb
+from posetriton.clips import ClipFrame, Window, camera_path, sample_clip, score_keypoints, shaky_camera
+from posetriton.contract import TRACKER_SUFFIX, UNTRACKED, Smoothing
 from posetriton.launcher import ServerOptions, TritonServer, free_port
 from posetriton.tracking import DEFAULT_SMOOTHING, KeypointSmoother, PoseTracker, TrackerSpec, smooth_tracks
 
@@ -126,64 +128,83 @@ BETAS = (0.0, 1.0, 2.0, 5.0, 20.0)
 SHAKY_FRAMES, PAN_FRAMES = 60, 45
 
 
-def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[float, float]]]:
-    """(frames, the truth's direction of motion in the frame) per clip, from the repository's sample photos."""
+def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[float, float], NDArray[Any], Window]]:
+    """(frames, the truth's direction of motion in the frame, photo, the unshaken first window) per clip."""
     from PIL import Image
 
-    clips: dict[str, tuple[list[ClipFrame], tuple[float, float]]] = {}
+    clips: dict[str, tuple[list[ClipFrame], tuple[float, float], NDArray[Any], Window]] = {}
     for name in ("grace_hopper.jpg", "astronaut.webp"):
         photo = np.asarray(Image.open(samples / name).convert("RGB"))
         h, w = photo.shape[:2]
         view = (-0.2 * w, -0.05 * h, 1.4 * w)
-        clips[f"still {name}"] = (shaky_camera(photo, view, SHAKY_FRAMES), (0.0, 0.0))
+        clips[f"still {name}"] = (shaky_camera(photo, view, SHAKY_FRAMES), (0.0, 0.0), photo, view)
         # The camera pans right by 0.3 of the photo over the clip: the people move left in the frame.
-        clips[f"pan {name}"] = (camera_path(photo, [view, (view[0] + 0.3 * w, view[1], view[2])], PAN_FRAMES), (-1, 0))
+        pan = camera_path(photo, [view, (view[0] + 0.3 * w, view[1], view[2])], PAN_FRAMES)
+        clips[f"pan {name}"] = (pan, (-1.0, 0.0), photo, view)
     return clips
 
 
 def measure_smoothing(url: str, model: str, samples: Path) -> dict[str, Any]:
-    """Raw vs smoothed keypoints on the clips, for each point of the parameter grid."""
+    """Raw vs smoothed keypoints on the clips, for each point of the parameter grid, and the tracker step's cost."""
     clips = smoothing_clips(samples)
-    rows: list[dict[str, Any]] = []
+    served: dict[str, Any] = {}
+    before = tracker_stats(url, model)
     with PoseClient(url, model=model) as client:
-        served: dict[str, Any] = {}
-        for name, (frames, _) in clips.items():
-            first = clips[name][0][0]
-            truth = client.predict(first.rgb, conf=0.5).as_arrays()  # the unshaken first view
-            (placement,) = first.placements
+        for name, (frames, _, photo, view) in clips.items():
+            (still,) = camera_path(photo, [view], 1)
+            (placement,) = still.placements
+            truth = client.predict(still.rgb, conf=0.5).as_arrays()
             truth_boxes = (truth.boxes.reshape(-1, 2, 2) - placement.offset) / placement.scale
             truth_keypoints = truth.keypoints.copy()
             truth_keypoints[:, :, :2] = (truth.keypoints[:, :, :2] - placement.offset) / placement.scale
-            results = list(client.track([f.rgb for f in frames], max_in_flight=1))
+            results = list(client.track([encode_rgb(f.rgb, "png") for f in frames], max_in_flight=1))
             served[name] = (truth_boxes.reshape(-1, 4), truth_keypoints, results)
+    step_cost = tracker_step_cost(before, tracker_stats(url, model))
+    trails = {name: _trails(clips[name][0], served[name][2]) for name in served if name.startswith("still")}
+    rows: list[dict[str, Any]] = []
     grid = [(None, None), *((c, b) for c in MIN_CUTOFFS for b in BETAS)]
+    gate = TrackerSpec().keypoint_threshold
     for min_cutoff, beta in grid:
         row: dict[str, Any] = {"min_cutoff": min_cutoff, "beta": beta, "clips": {}}
         cost: list[float] = []
         for name, (truth_boxes, truth_keypoints, results) in served.items():
-            frames, direction = clips[name]
+            frames, direction = clips[name][:2]
+            k = truth_keypoints.shape[1]
             boxes = [np.array([p.box for p in r.poses]).reshape(-1, 4) for r in results]
-            raw = [
-                np.array([p.raw_keypoints for p in r.poses]).reshape(-1, truth_keypoints.shape[1], 3) for r in results
-            ]
-            if min_cutoff is None:
-                points = raw
-            else:
+            raw = [np.array([p.raw_keypoints for p in r.poses]).reshape(-1, k, 3) for r in results]
+            points = raw
+            if min_cutoff is not None:
                 smoothing = Smoothing(min_cutoff, beta).check()
                 smoothers: dict[int, KeypointSmoother] = {}
                 points = []
-                for r, b, k in zip(results, boxes, raw, strict=True):
-                    ids = np.array([-1 if i is None else i for i in r.track_ids], np.int64)
+                for r, b, kp in zip(results, boxes, raw, strict=True):
+                    ids = np.array([UNTRACKED if i is None else i for i in r.track_ids], np.int64)
                     started = time.perf_counter()
-                    points.append(
-                        smooth_tracks(smoothers, ids, b, k, r.index, smoothing, TrackerSpec().keypoint_threshold)
-                    )
+                    points.append(smooth_tracks(smoothers, ids, b, kp, r.index, smoothing, gate))
                     cost.append(time.perf_counter() - started)
             score = score_keypoints(frames, truth_boxes, truth_keypoints, boxes, points, direction)
             row["clips"][name] = score.__dict__
         row["smoothing_us_per_frame"] = statistics.fmean(cost) * 1e6 if cost else 0.0
         rows.append(row)
-    return {"rows": rows, "default": DEFAULT_SMOOTHING.__dict__}
+    return {"rows": rows, "default": DEFAULT_SMOOTHING.__dict__, "tracker_step_us": step_cost, "trails": trails}
+
+
+def _trails(frames: list[ClipFrame], results: list[TrackedFrame]) -> dict[str, Any]:
+    """The first person's keypoints over a still clip, raw and as served (smoothed), in the first frame's pixels
+    (mapped through each frame's known placement, so the camera's shake is taken out)."""
+    from posetriton.clips import to_frame, to_photo
+
+    (first,) = frames[0].placements
+    out: dict[str, list[Any]] = {"raw": [], "smoothed": []}
+    for frame, result in zip(frames, results, strict=True):
+        if not result.poses:
+            continue
+        (placement,) = frame.placements
+        pose = result.poses[0]
+        for key, points in (("raw", pose.raw_keypoints), ("smoothed", pose.keypoints)):
+            xy = to_frame(first, to_photo(placement, np.array([(p.x, p.y) for p in points])))
+            out[key].append(np.concatenate([xy, np.array([[p.conf] for p in points])], axis=1).tolist())
+    return {**out, "rgb_shape": list(frames[0].rgb.shape)}
 
 
 def _summary(row: dict[str, Any], raw: dict[str, Any]) -> dict[str, float]:
@@ -197,6 +218,28 @@ def _summary(row: dict[str, Any], raw: dict[str, Any]) -> dict[str, float]:
         "pan_error_px": statistics.fmean(v["error_px"] for v, _ in pans),
         "lag_px": statistics.fmean(r["along_px"] - v["along_px"] for v, r in pans),
     }
+
+
+def plot_trails(result: dict[str, Any], frames: list[ClipFrame], path: Path) -> None:
+    """The first frame of a shaky still clip with each keypoint's path over the clip: raw, then smoothed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for axis, key in zip(axes, ("raw", "smoothed"), strict=True):
+        points = np.array(result[key])  # [T, K, 3]
+        axis.imshow(frames[0].rgb)
+        for k in range(points.shape[1]):
+            seen = points[:, k, 2] >= 0.5
+            axis.plot(points[seen, k, 0], points[seen, k, 1], lw=0.8, color="red" if key == "raw" else "lime")
+        steps = np.linalg.norm(np.diff(points[:, :, :2], axis=0), axis=2)[(points[1:, :, 2] >= 0.5)]
+        axis.set_title(f"{key} keypoints: mean frame-to-frame jitter {steps.mean():.2f} px")
+        axis.axis("off")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def report_smoothing(result: dict[str, Any], plot: Path | None) -> None:
@@ -250,6 +293,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keypoints", action="store_true", help="measure the keypoint smoothing (see above)")
     parser.add_argument("--plot", type=Path, help="with --keypoints: the trade-off plot (PNG)")
+    parser.add_argument("--trails", type=Path, help="with --keypoints: raw vs smoothed keypoint paths (PNG)")
     args = parser.parse_args()
 
     frames = [frame.rgb for frame in sample_clip(ROOT / "samples")]
@@ -269,8 +313,13 @@ def main() -> None:
         with TritonServer(options) as server:
             for model in args.models:
                 report["models"][model] = measure_smoothing(server.grpc_url, model, ROOT / "samples")
-                print(f"{model}:")
+                print(f"{model}: tracker step per frame (Triton statistics, smoothing on): "
+                      f"{json.dumps(report['models'][model]['tracker_step_us'])} µs")  # fmt: skip
                 report_smoothing(report["models"][model], args.plot)
+                if args.trails:
+                    name = "still grace_hopper.jpg"
+                    frames = smoothing_clips(ROOT / "samples")[name][0]
+                    plot_trails(report["models"][model]["trails"][name], frames, args.trails)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
