@@ -15,7 +15,7 @@ detections (``PoseTracker.update`` alone). Example::
         --seconds 10 --json results/tracking.json
 
 ``--keypoints`` measures the keypoint smoothing instead: clips of the sample photos with known geometry
-(a shaky still camera: every true keypoint stands still in photo coordinates; a steady pan: a known
+(a still camera with sensor noise: every true keypoint stands still; a steady pan: a known
 trajectory) go through ``NAME_track`` once, then the server's own smoothing code
 (``posetriton.tracking.smooth_tracks``) is replayed on the raw keypoints and track IDs for a grid of
 ``smooth_min_cutoff`` x ``smooth_beta``: jitter, error and OKS against the truth, lag on the pan, and the
@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame
 from posetriton.client.inputs import encode_rgb
-from posetriton.clips import ClipFrame, Window, camera_path, sample_clip, score_keypoints, shaky_camera
+from posetriton.clips import ClipFrame, Window, camera_path, noisy_still, sample_clip, score_keypoints
 from posetriton.contract import TRACKER_SUFFIX, UNTRACKED, Smoothing
 from posetriton.launcher import ServerOptions, TritonServer, free_port
 from posetriton.tracking import DEFAULT_SMOOTHING, KeypointSmoother, PoseTracker, TrackerSpec, smooth_tracks
@@ -125,7 +125,7 @@ def offline_tracker_cost(url: str, model: str, frames: list[np.ndarray]) -> floa
 # ------------------------------------------------------------------------------------------ keypoint smoothing
 MIN_CUTOFFS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 BETAS = (0.0, 1.0, 2.0, 5.0, 20.0)
-SHAKY_FRAMES, PAN_FRAMES = 60, 45
+STILL_FRAMES, PAN_FRAMES = 60, 45
 
 
 def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[float, float], NDArray[Any], Window]]:
@@ -137,7 +137,7 @@ def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[flo
         photo = np.asarray(Image.open(samples / name).convert("RGB"))
         h, w = photo.shape[:2]
         view = (-0.2 * w, -0.05 * h, 1.4 * w)
-        clips[f"still {name}"] = (shaky_camera(photo, view, SHAKY_FRAMES), (0.0, 0.0), photo, view)
+        clips[f"still {name}"] = (noisy_still(photo, view, STILL_FRAMES), (0.0, 0.0), photo, view)
         # The camera pans right by 0.3 of the photo over the clip: the people move left in the frame.
         pan = camera_path(photo, [view, (view[0] + 0.3 * w, view[1], view[2])], PAN_FRAMES)
         clips[f"pan {name}"] = (pan, (-1.0, 0.0), photo, view)
@@ -191,7 +191,7 @@ def measure_smoothing(url: str, model: str, samples: Path) -> dict[str, Any]:
 
 def _trails(frames: list[ClipFrame], results: list[TrackedFrame]) -> dict[str, Any]:
     """The first person's keypoints over a still clip, raw and as served (smoothed), in the first frame's pixels
-    (mapped through each frame's known placement, so the camera's shake is taken out)."""
+    (mapped through each frame's known placement)."""
     from posetriton.clips import to_frame, to_photo
 
     (first,) = frames[0].placements
@@ -221,7 +221,7 @@ def _summary(row: dict[str, Any], raw: dict[str, Any]) -> dict[str, float]:
 
 
 def plot_trails(result: dict[str, Any], frames: list[ClipFrame], path: Path) -> None:
-    """The first frame of a shaky still clip with each keypoint's path over the clip: raw, then smoothed."""
+    """The first frame of a still clip with each keypoint's path over the clip: raw, then smoothed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,9 +233,14 @@ def plot_trails(result: dict[str, Any], frames: list[ClipFrame], path: Path) -> 
         axis.imshow(frames[0].rgb)
         for k in range(points.shape[1]):
             seen = points[:, k, 2] >= 0.5
-            axis.plot(points[seen, k, 0], points[seen, k, 1], lw=0.8, color="red" if key == "raw" else "lime")
+            if not seen.any():
+                continue
+            path = points[seen, k, :2]
+            centre = path.mean(axis=0)
+            shown = centre + TRAIL_MAGNIFY * (path - centre)  # the paths are a few pixels long: magnified
+            axis.plot(shown[:, 0], shown[:, 1], lw=0.9, color="red" if key == "raw" else "lime")
         steps = np.linalg.norm(np.diff(points[:, :, :2], axis=0), axis=2)[(points[1:, :, 2] >= 0.5)]
-        axis.set_title(f"{key} keypoints: mean frame-to-frame jitter {steps.mean():.2f} px")
+        axis.set_title(f"{key}: jitter {steps.mean():.2f} px/frame (paths x{TRAIL_MAGNIFY})")
         axis.axis("off")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +280,7 @@ def report_smoothing(result: dict[str, Any], plot: Path | None) -> None:
                          edgecolors="black", zorder=5, label=f"default ({c:g}, {b:g})")  # fmt: skip
     axis.set_xlabel("lag on a steady pan (px, frame pixels)")
     axis.set_ylabel("jitter on a still camera, smoothed / raw")
-    axis.set_title("One Euro keypoint smoothing: jitter vs lag (min_cutoff 0.005 ... 0.2 along each line)")
+    axis.set_title("One Euro keypoint smoothing (min_cutoff 0.005 to 0.2 along each line)", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

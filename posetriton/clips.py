@@ -236,20 +236,18 @@ def score_tracks(
 
 
 # --------------------------------------------------------------------------------- keypoint ground truth
-def shaky_camera(
-    photo: NDArray[np.uint8], window: Window, frames: int, shake_px: float = 1.5, seed: int = 0,
+def noisy_still(
+    photo: NDArray[np.uint8], window: Window, frames: int, noise: float = 6.0, seed: int = 0,
     size: tuple[int, int] = (640, 480),
 ) -> list[ClipFrame]:  # fmt: skip
-    """A camera held still on ``window`` with a small random shake (up to ``shake_px`` frame pixels, and as
-    much zoom at the window's edge): in photo coordinates every true keypoint stands still, so whatever
-    the detected keypoints move (mapped back through each frame's known placement) is jitter."""
+    """A still camera on ``window`` whose every frame has its own sensor noise (Gaussian, ``noise`` grey levels):
+    every true keypoint stands still, so whatever the detected keypoints move is the detector's jitter."""
     rng = np.random.default_rng(seed)
-    x, y, w = window
-    frame_px = w / size[0]  # photo pixels per frame pixel
+    (view,) = camera_path(photo, [window], 1, size)
     clip = []
     for _ in range(frames):
-        dx, dy, dz = rng.uniform(-shake_px, shake_px, 3) * frame_px
-        clip.append(_view(photo, x + dx, y + dy, w + 2 * dz, size))
+        noisy = np.clip(view.rgb + rng.normal(0.0, noise, view.rgb.shape), 0, 255).astype(np.uint8)
+        clip.append(ClipFrame(noisy, view.placements))
     return clip
 
 
@@ -296,7 +294,7 @@ def score_keypoints(
 ) -> KeypointScore:
     """Score one variant's keypoints (``keypoints[t] [N, K, 3]`` of the detections ``boxes[t] [N, 4]``) against
     the photo's true people (``truth_boxes [P, 4]``, ``truth_keypoints [P, K, 3]``, photo pixels) on a clip of
-    one photo (:func:`camera_path`, :func:`shaky_camera`). A keypoint counts where the truth and the
+    one photo (:func:`camera_path`, :func:`noisy_still`). A keypoint counts where the truth and the
     detection both are confident (``min_conf``); a person's detection is the one with the best box IoU."""
     from posetriton.tracking import COCO_SIGMAS, box_iou
 

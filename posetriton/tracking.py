@@ -70,7 +70,7 @@ class TrackerSpec:
     # Frames a new track must be seen again before it gets an ID, so a one-frame false detection gets none
     # (0: at once). The people of a stream's first frame get theirs at once, as in ByteTrack.
     initialization_delay: int = 1
-    # Re-identification of a person who was hidden or out of view (see ReidDistance): a lost track is kept this
+    # Re-identification of a person who was hidden or out of view (see Reidentifier): a lost track is kept this
     # many frames after it would have died, for a new track that reappears where it could be.
     reid_frames: int = 30
     # ... within this many person heights of where it was last seen or where the motion model puts it now,
@@ -387,7 +387,7 @@ def _aspect(box: NDArray[Any]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ smoothing
-DEFAULT_SMOOTHING = Smoothing(min_cutoff=0.02, beta=2.0)
+DEFAULT_SMOOTHING = Smoothing(min_cutoff=0.02, beta=20.0)  # chosen in docs/benchmarks.md (keypoint smoothing)
 # Cutoff (cycles per frame) of the One Euro filter's speed estimate, as in the filter's paper (1 Hz at ~30 fps).
 DERIVATIVE_CUTOFF = 0.03
 
