@@ -126,6 +126,7 @@ def offline_tracker_cost(url: str, model: str, frames: list[np.ndarray]) -> floa
 MIN_CUTOFFS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 BETAS = (0.0, 1.0, 2.0, 5.0, 20.0)
 STILL_FRAMES, PAN_FRAMES = 60, 45
+TRAIL_MAGNIFY = 10
 
 
 def smoothing_clips(samples: Path) -> dict[str, tuple[list[ClipFrame], tuple[float, float], NDArray[Any], Window]]:
