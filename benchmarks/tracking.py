@@ -236,16 +236,16 @@ def plot_trails(result: dict[str, Any], frames: list[ClipFrame], path: Path) -> 
             seen = points[:, k, 2] >= 0.5
             if not seen.any():
                 continue
-            path = points[seen, k, :2]
-            centre = path.mean(axis=0)
-            shown = centre + TRAIL_MAGNIFY * (path - centre)  # the paths are a few pixels long: magnified
+            trail = points[seen, k, :2]
+            centre = trail.mean(axis=0)
+            shown = centre + TRAIL_MAGNIFY * (trail - centre)  # the paths are a few pixels long: magnified
             axis.plot(shown[:, 0], shown[:, 1], lw=0.9, color="red" if key == "raw" else "lime")
         steps = np.linalg.norm(np.diff(points[:, :, :2], axis=0), axis=2)[(points[1:, :, 2] >= 0.5)]
         axis.set_title(f"{key}: jitter {steps.mean():.2f} px/frame (paths x{TRAIL_MAGNIFY})")
         axis.axis("off")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=80)
 
 
 def report_smoothing(result: dict[str, Any], plot: Path | None) -> None:
