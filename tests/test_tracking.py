@@ -411,6 +411,24 @@ def test_smoothed_keypoints_lag_a_steady_pan_by_a_bounded_amount(served_url: str
     print(f"\npan at {speed:.1f} px/frame: lag {lag:.2f} px ({lag / speed:.2f} frames); raw {raw}; smoothed {smoothed}")
     assert lag <= MAX_LAG_FRAMES * speed, (raw, smoothed)
     assert smoothed.error_px <= raw.error_px + MAX_LAG_FRAMES * speed
+    # The switch: smoothed=False gives the raw keypoints; the smoothing parameters are the request's.
+    frames = [encode_rgb(f.rgb, "png") for f in clip[:6]]
+    plain = _track(served_url, frames, smoothed=False)
+    assert all(p.keypoints == p.raw_keypoints for r in plain for p in r.poses) and plain[-1].poses
+    lighter = _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.4, beta=0.0))
+    heavier = _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.001, beta=0.0))
+
+    def moved(results: list[TrackedFrame]) -> float:
+        """How far the keypoints of each track follow the pan from the first frame to the last."""
+        start = {p.track_id: np.array([k[:2] for k in p.keypoints]) for p in results[0].poses}
+        end = {p.track_id: np.array([k[:2] for k in p.keypoints]) for p in results[-1].poses}
+        common = [i for i in start.keys() & end.keys() if i is not None]
+        assert common
+        return float(np.mean([np.abs(end[i] - start[i]).mean() for i in common]))
+
+    assert moved(heavier) < moved(lighter)
+    with pytest.raises(ValueError, match="smooth_min_cutoff must be > 0"):
+        _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.0))
 
 
 def test_concurrent_streams_never_share_ids_or_state(served_url: str, server: TritonServer, people: dict) -> None:
