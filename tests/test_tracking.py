@@ -339,8 +339,12 @@ def test_same_person_keeps_the_same_id(served_url: str, server: TritonServer, pe
     tracked = {key: [i for i in seen if i is not None] for key, seen in score.ids.items()}
     print(f"\n{name}: {len(clip)} frames, ID switches {score.switches}, coverage {score.coverage:.2f}, IDs {tracked}")
     assert score.coverage >= 0.8, score
-    # leave_return: she comes back after 13 frames out of view; occlusion: hidden behind a pillar. Both are
-    # re-identified (posetriton.tracking.ReidDistance). Measured: 0 switches on every clip.
+    # leave_return: she comes back after 13 frames out of view; occlusion: hidden behind a pillar (33 frames
+    # under 60 % visible, 2.2 s at 15 fps). Both are re-identified (posetriton.tracking.Reidentifier).
+    # Measured: 0 switches on every clip.
+    if name == "occlusion":
+        hidden = sum(not any(source == 0 for source, _, _ in frame.ground_truth(truth)) for frame in clip)
+        assert hidden >= 30, hidden  # the clip hides her for at least 2 s at 15 fps
     assert score.switches == 0, score
     assert _poll(lambda: open_sequences(server) == 0, 10) < 10  # END freed the state
 
