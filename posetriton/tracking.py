@@ -298,7 +298,10 @@ class Reidentifier:
         spec = self.spec
         forget = frame - spec.max_missed_frames - spec.reid_frames
         self._seen = {i: s for i, s in self._seen.items() if s.frame >= forget}
-        self._alias = {n: i for n, i in self._alias.items() if i in self._seen or n in {o.id for _, o in tracks}}
+        here = {o.id for _, o in tracks}
+        self._alias = {n: i for n, i in self._alias.items() if i in self._seen or n in here}
+        self._owner = {i: n for i, n in self._owner.items() if i in self._seen}
+        self._pending = {n: held for n, held in self._pending.items() if n in here}  # a held track that vanished
         present = {self.output_id(o.id) for _, o in tracks}
         lost = {i: s for i, s in self._seen.items() if s.frame < frame and i not in present}
         out: dict[int, int] = {}
