@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import Thresholds
+from posetriton.contract import Smoothing, Thresholds
 
 from ._core import (
     DEFAULT_IN_FLIGHT,
@@ -43,7 +43,7 @@ from .inputs import DEFAULT_URL, ArrayEncoding, ImageInput, request_parameters
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
-from .tracking import TrackedFrame, TrackSession, track_async
+from .tracking import TrackedFrame, TrackSession, track_async, track_parameters
 
 T = TypeVar("T")
 _END = object()
@@ -275,15 +275,18 @@ class AsyncPoseClient(ClientCore):
         thresholds: Thresholds | None = None,
         sequence_id: int | None = None,
         timeout_s: float | None = None,
+        smoothed: bool = True,
+        smoothing: Smoothing | None = None,
     ) -> AsyncIterator[TrackedFrame]:
         """As :meth:`PoseClient.track`, as an async iterator: ``async for result in client.track(frames)``.
 
         ``frames`` may also be an async iterable (frames arriving from elsewhere, e.g. a web socket);
         with ``live=True`` a frame that arrives while every slot is busy replaces the unsent one.
         """
+        parameters = track_parameters(request_parameters(conf, iou, max_det, thresholds), smoothing)
         session = TrackSession(
-            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
-            sequence_id=sequence_id, url=self.url, frame_timeout_s=timeout_s or self.timeout_s,
+            self.model, max_in_flight=max_in_flight, parameters=parameters, sequence_id=sequence_id, url=self.url,
+            frame_timeout_s=timeout_s or self.timeout_s, smoothed=smoothed,
         )  # fmt: skip
         return track_async(
             self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s

@@ -477,6 +477,12 @@ def track(
     kpt_threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Keypoints below this confidence are not drawn.")
     ] = 0.5,
+    raw_keypoints: Annotated[
+        bool,
+        typer.Option(
+            "--raw-keypoints", help="Write and draw each frame's raw keypoints instead of the track-smoothed ones."
+        ),
+    ] = False,
     progress: ProgressOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
     ssl: SslOption = False,
@@ -488,7 +494,8 @@ def track(
     Frames travel on one gRPC stream to the model's tracking ensemble (NAME_track), which keeps the
     tracks on the server. Each line: {"frame", "timestamp", "image", "width", "height", "detections":
     [{"box", "score", "keypoints", "track_id"}], "dropped", "latency_ms"}. A file is processed frame
-    by frame (progress bar); a camera or URL is live (newest frame first, a fps/latency line on
+    by frame (progress bar); the keypoints are smoothed over each track by the server (the raw ones
+    with --raw-keypoints). A camera or URL is live (newest frame first, a fps/latency line on
     stderr; Ctrl-C stops). Exit codes: 0 done; 1 nothing or not all written (server, stream or
     source failed); 2 bad command line; 3 done but some frames were refused (their lines carry "error").
     """
@@ -520,7 +527,10 @@ def track(
         with _client(url, model, timeout, 1, ssl, root_certificates, header) as client:
             client.check_ready(track_model(client.model))
             skeleton = client.model_metadata().skeleton
-            for result in client.track(frames, live=is_live, max_in_flight=max_in_flight, thresholds=thresholds):
+            results = client.track(
+                frames, live=is_live, max_in_flight=max_in_flight, thresholds=thresholds, smoothed=not raw_keypoints
+            )
+            for result in results:
                 handle.write(json.dumps(result.to_dict()) + "\n")
                 handle.flush()
                 written += 1

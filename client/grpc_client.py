@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import Thresholds
+from posetriton.contract import Smoothing, Thresholds
 
 from ._core import (
     DEFAULT_IN_FLIGHT,
@@ -54,7 +54,7 @@ from .inputs import (
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
 from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
 from .streaming import Frame, StreamItem, as_frames, progress_bar
-from .tracking import TrackedFrame, TrackSession, track_sync
+from .tracking import TrackedFrame, TrackSession, track_parameters, track_sync
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -315,6 +315,8 @@ class PoseClient(ClientCore):
         thresholds: Thresholds | None = None,
         sequence_id: int | None = None,
         timeout_s: float | None = None,
+        smoothed: bool = True,
+        smoothing: Smoothing | None = None,
     ) -> Iterator[TrackedFrame]:
         """Poses with track IDs for each frame of one video, in frame order (``posetriton.client.tracking``).
 
@@ -323,11 +325,14 @@ class PoseClient(ClientCore):
         (a camera or stream) reads the source in a thread and sends only the newest frame when a
         slot frees up, counting the others in ``TrackedFrame.dropped``; otherwise every frame is sent.
         A refused frame yields a ``TrackedFrame`` with ``error``; a lost stream or sequence raises
-        ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence).
+        ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence). Each pose's
+        ``keypoints`` are smoothed over its track by the server (``smoothing`` overrides the filter's
+        defaults); ``smoothed=False`` gives the raw ones (``raw_keypoints`` holds them either way).
         """
+        parameters = track_parameters(request_parameters(conf, iou, max_det, thresholds), smoothing)
         session = TrackSession(
-            self.model, max_in_flight=max_in_flight, parameters=request_parameters(conf, iou, max_det, thresholds),
-            sequence_id=sequence_id, url=self.url, frame_timeout_s=timeout_s or self.timeout_s,
+            self.model, max_in_flight=max_in_flight, parameters=parameters, sequence_id=sequence_id, url=self.url,
+            frame_timeout_s=timeout_s or self.timeout_s, smoothed=smoothed,
         )  # fmt: skip
         return track_sync(self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
 

@@ -49,11 +49,20 @@ from numpy.typing import NDArray
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import FRAME_INDEX, TRACK_IDS, TRACK_SUFFIX, UNTRACKED, parse_error
+from posetriton.contract import (
+    FRAME_INDEX,
+    SMOOTHED_KEYPOINTS,
+    TRACK_IDS,
+    TRACK_SUFFIX,
+    UNTRACKED,
+    ContractError,
+    Smoothing,
+    parse_error,
+)
 
 from .errors import DeadlineExceededError, InvalidInputError, PoseClientError, grpc_status
 from .inputs import ImageInput, prepare_image
-from .results import OUTPUT_NAMES, Pose, poses_from_batch
+from .results import OUTPUT_NAMES, Keypoint, Pose, poses_from_batch
 from .streaming import Frame, as_frames
 
 __all__ = [
@@ -86,9 +95,19 @@ class TrackingStreamError(PoseClientError):
 
 @dataclass(frozen=True)
 class TrackedPose(Pose):
-    """A :class:`Pose` with the ID of the person's track in this video (``None`` when not tracked)."""
+    """A :class:`Pose` with the ID of the person's track in this video (``None`` when not tracked).
+
+    ``keypoints`` are the server's smoothed ones (filtered over the track's frames, see
+    posetriton.tracking.KeypointSmoother) unless the video was tracked with ``smoothed=False``;
+    ``raw_keypoints`` are the frame's own detection either way.
+    """
 
     track_id: int | None = None
+    raw_keypoints: tuple[Keypoint, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "raw_keypoints", tuple(Keypoint(*map(float, p)) for p in self.raw_keypoints))
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "track_id": self.track_id}
@@ -144,6 +163,18 @@ class TrackedFrame:
         return row
 
 
+# What a tracked frame's response carries: NAME's outputs, the track IDs and the smoothed keypoints.
+TRACK_OUTPUT_NAMES = (*OUTPUT_NAMES, TRACK_IDS, SMOOTHED_KEYPOINTS)
+
+
+def track_parameters(base: dict[str, Any], smoothing: Smoothing | None) -> dict[str, Any]:
+    """The request parameters of a tracked video: the thresholds' and the smoothing's (checked once here)."""
+    try:
+        return {**base, **(smoothing or Smoothing()).check().to_parameters()}
+    except ContractError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def track_model(model: str) -> str:
     """The tracking ensemble of a served model: ``NAME_track``."""
     return model if model.endswith(TRACK_SUFFIX) else model + TRACK_SUFFIX
@@ -181,6 +212,7 @@ class TrackSession:
         keypoint_names: tuple[str, ...] = (),
         url: str = "",
         frame_timeout_s: float | None = None,
+        smoothed: bool = True,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -193,6 +225,7 @@ class TrackSession:
         # Each frame's deadline on the server (Triton's request timeout): a frame that waited longer in a step's
         # queue is dropped uncomputed and comes back with an error, the video going on.
         self.frame_timeout_us = int(frame_timeout_s * 1e6) if frame_timeout_s else None
+        self.smoothed = smoothed  # poses carry the smoothed keypoints (else the raw ones)
         self.started = False  # the server acknowledged a START
         self._start_pending = False
         self._next_id = 0
@@ -254,7 +287,7 @@ class TrackSession:
             inputs=[image, index],
             model_version="",
             request_id=str(request_id),
-            outputs=[grpcclient.InferRequestedOutput(name) for name in (*OUTPUT_NAMES, TRACK_IDS)],
+            outputs=[grpcclient.InferRequestedOutput(name) for name in TRACK_OUTPUT_NAMES],
             sequence_id=self.sequence_id,
             sequence_start=start,
             sequence_end=end,
@@ -288,11 +321,11 @@ class TrackSession:
             return
         self._last_good = sent
         result = grpcclient.InferResult(response.infer_response)
-        outputs = {name: result.as_numpy(name) for name in (*OUTPUT_NAMES, TRACK_IDS)}
+        outputs = {name: result.as_numpy(name) for name in TRACK_OUTPUT_NAMES}
         missing = [name for name, array in outputs.items() if array is None]
         if missing:
             raise PoseClientError(f"model {self.model!r} returned no {', '.join(missing)}; is it a tracking ensemble?")
-        self._done[request_id] = _tracked(sent, outputs, latency, self.keypoint_names)
+        self._done[request_id] = _tracked(sent, outputs, latency, self.keypoint_names, self.smoothed)
 
     def ready(self) -> Iterator[TrackedFrame]:
         """Finished frames, in the order they were sent (closing requests are skipped)."""
@@ -334,17 +367,19 @@ def _timestamp(frame: Frame) -> float | None:
 
 
 def _tracked(
-    sent: _Sent, outputs: dict[str, NDArray[Any]], latency: float, keypoint_names: tuple[str, ...]
+    sent: _Sent, outputs: dict[str, NDArray[Any]], latency: float, keypoint_names: tuple[str, ...], smoothed: bool
 ) -> TrackedFrame:
     (poses,) = poses_from_batch([sent.frame.name], outputs, keypoint_names)
     ids = outputs[TRACK_IDS].reshape(-1)
+    filtered = outputs[SMOOTHED_KEYPOINTS].reshape(-1, *outputs[SMOOTHED_KEYPOINTS].shape[-2:])
     tracked = [
         TrackedPose(
             box=pose.box,
             score=pose.score,
-            keypoints=pose.keypoints,
+            keypoints=filtered[i] if smoothed else pose.keypoints,
             keypoint_names=pose.keypoint_names,
             track_id=None if int(ids[i]) == UNTRACKED else int(ids[i]),
+            raw_keypoints=pose.keypoints,
         )
         for i, pose in enumerate(poses.poses)
     ]

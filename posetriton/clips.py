@@ -15,6 +15,7 @@ pixels, so boxes found once on the still photo give every frame's ground truth
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,3 +233,104 @@ def score_tracks(
         known = [value for value in seen if value is not None]
         switches += sum(1 for a, b in itertools.pairwise(known) if a != b)
     return TrackScore(switches, matched, visible, ids)
+
+
+# --------------------------------------------------------------------------------- keypoint ground truth
+def noisy_still(
+    photo: NDArray[np.uint8], window: Window, frames: int, noise: float = 6.0, seed: int = 0,
+    size: tuple[int, int] = (640, 480),
+) -> list[ClipFrame]:  # fmt: skip
+    """A still camera on ``window`` whose every frame has its own sensor noise (Gaussian, ``noise`` grey levels):
+    every true keypoint stands still, so whatever the detected keypoints move is the detector's jitter."""
+    rng = np.random.default_rng(seed)
+    (view,) = camera_path(photo, [window], 1, size)
+    clip = []
+    for _ in range(frames):
+        noisy = np.clip(view.rgb + rng.normal(0.0, noise, view.rgb.shape), 0, 255).astype(np.uint8)
+        clip.append(ClipFrame(noisy, view.placements))
+    return clip
+
+
+def to_photo(placement: Placement, points: NDArray[Any]) -> NDArray[Any]:
+    """Frame-pixel points ``[..., 2]`` in the photo's pixels (the inverse of the placement)."""
+    return (np.asarray(points, np.float64) - placement.offset) / placement.scale
+
+
+def to_frame(placement: Placement, points: NDArray[Any]) -> NDArray[Any]:
+    """Photo-pixel points ``[..., 2]`` in the frame's pixels."""
+    return np.asarray(points, np.float64) * placement.scale + placement.offset
+
+
+def occluder(width: int, height: int, colour: tuple[int, int, int] = (70, 80, 60)) -> NDArray[np.uint8]:
+    """A plain block (a pillar, a wall) to slide in front of people: a :class:`Walker` photo."""
+    return np.full((height, width, 3), colour, np.uint8)
+
+
+@dataclass(frozen=True)
+class KeypointScore:
+    """How close a clip's keypoints (one variant: raw or smoothed) stay to the ground truth, in frame pixels.
+
+    ``jitter_px``: mean frame-to-frame movement of a keypoint, in photo coordinates (where the truth
+    stands still) scaled to frame pixels; ``error_px``: mean distance to the true keypoint; ``oks``:
+    mean COCO OKS against the truth; ``along_px``: mean signed error along ``direction`` (a pan's
+    motion in the frame), whose difference between two variants is the lag one adds.
+    """
+
+    jitter_px: float
+    error_px: float
+    oks: float
+    along_px: float
+    matched: int  # person-frames matched to a detection
+
+
+def score_keypoints(
+    frames: Sequence[ClipFrame],
+    truth_boxes: NDArray[Any],
+    truth_keypoints: NDArray[Any],
+    boxes: Sequence[NDArray[Any]],
+    keypoints: Sequence[NDArray[Any]],
+    direction: tuple[float, float] = (0.0, 0.0),
+    min_conf: float = 0.5,
+) -> KeypointScore:
+    """Score one variant's keypoints (``keypoints[t] [N, K, 3]`` of the detections ``boxes[t] [N, 4]``) against
+    the photo's true people (``truth_boxes [P, 4]``, ``truth_keypoints [P, K, 3]``, photo pixels) on a clip of
+    one photo (:func:`camera_path`, :func:`noisy_still`). A keypoint counts where the truth and the
+    detection both are confident (``min_conf``); a person's detection is the one with the best box IoU."""
+    from posetriton.tracking import COCO_SIGMAS, box_iou
+
+    k = truth_keypoints.shape[1]
+    sigmas = COCO_SIGMAS if k == len(COCO_SIGMAS) else np.full(k, COCO_SIGMAS.mean())
+    unit = np.asarray(direction, np.float64)
+    unit = unit / np.linalg.norm(unit) if np.linalg.norm(unit) > 0 else unit
+    steps: list[float] = []
+    errors: list[float] = []
+    along: list[float] = []
+    oks: list[float] = []
+    previous: dict[int, NDArray[Any]] = {}
+    for frame, found, points in zip(frames, boxes, keypoints, strict=True):
+        (placement,) = frame.placements
+        current: dict[int, NDArray[Any]] = {}
+        if len(found):
+            iou = box_iou(placement.map_boxes(truth_boxes), np.asarray(found, np.float64).reshape(-1, 4))
+            for person in range(len(truth_boxes)):
+                best = int(iou[person].argmax())
+                if iou[person, best] < 0.5:
+                    continue
+                seen = (truth_keypoints[person, :, 2] >= min_conf) & (points[best][:, 2] >= min_conf)
+                true_xy = to_frame(placement, truth_keypoints[person, :, :2])
+                offset = points[best][:, :2] - true_xy
+                errors += np.linalg.norm(offset[seen], axis=1).tolist()
+                along += (offset[seen] @ unit).tolist()
+                box = placement.map_boxes(truth_boxes[person : person + 1])[0]
+                area = max((box[2] - box[0]) * (box[3] - box[1]), 1.0)
+                similarity = np.exp(-np.sum(offset**2, axis=1) / (2 * area * (2 * sigmas) ** 2))
+                if seen.any():
+                    oks.append(float(similarity[seen].mean()))
+                photo_xy = np.where(seen[:, None], to_photo(placement, points[best][:, :2]), np.nan)
+                current[person] = photo_xy
+                if person in previous:
+                    moved = np.linalg.norm(photo_xy - previous[person], axis=1) * placement.scale[0]
+                    steps += moved[np.isfinite(moved)].tolist()
+        previous = current
+    mean = lambda values: float(np.mean(values)) if values else math.nan  # noqa: E731
+    return KeypointScore(mean(steps), mean(errors), mean(oks), mean(along), len(oks))

@@ -35,6 +35,9 @@ IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [B, 2] (width, height) of the upright origina
 # Video (NAME_track ensemble, posetriton.tracking): one more input and one more output.
 FRAME_INDEX = "FRAME_INDEX"  # INT64 [B, 1]: the frame's position in its video, sent by the client
 TRACK_IDS = "TRACK_IDS"  # INT64 [B, N]: track ID per pose row, UNTRACKED for none (and for padding)
+# FP32 [B, N, K, 3]: KEYPOINTS filtered over each track's frames (posetriton.tracking.KeypointSmoother); the
+# confidences are KEYPOINTS' own. A pose without a track ID gets its raw keypoints.
+SMOOTHED_KEYPOINTS = "SMOOTHED_KEYPOINTS"
 UNTRACKED = -1
 # Triton's sequence control inputs of the tracker step.
 CONTROL_START, CONTROL_END, CONTROL_CORRID = "START", "END", "CORRID"
@@ -80,6 +83,29 @@ class ContractError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- thresholds
 THRESHOLD_NAMES = ("conf", "iou", "max_det")
+# The keypoint smoothing of NAME_track (see Smoothing); request parameters too, read by the tracker step.
+SMOOTHING_NAMES = ("smooth_min_cutoff", "smooth_beta")
+# Every request parameter a served ensemble accepts: each step reads its own and lets the others' pass.
+REQUEST_PARAMETER_NAMES = (*THRESHOLD_NAMES, *SMOOTHING_NAMES)
+
+
+def _known_parameters(parameters: Mapping[str, Any]) -> None:
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETER_NAMES))
+    if unknown:
+        raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(REQUEST_PARAMETER_NAMES)}")
+
+
+def _number_parameter(parameters: Mapping[str, Any], name: str, integer: bool = False) -> int | float | None:
+    """A request parameter's value as a finite number, None when absent; a wrong type is refused."""
+    if name not in parameters:
+        return None
+    value = parameters[name]
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not finite or (integer and value != int(value)):
+        raise ContractError(
+            f"request parameter {name} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        )
+    return int(value) if integer else float(value)
 
 
 @dataclass(frozen=True)
@@ -115,27 +141,52 @@ class Thresholds:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> Thresholds:
         """Read request parameters; unknown names and values of the wrong type are refused."""
-        unknown = sorted(set(parameters) - set(THRESHOLD_NAMES))
-        if unknown:
-            raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(THRESHOLD_NAMES)}")
-        values: dict[str, Any] = {}
-        for name in THRESHOLD_NAMES:
-            if name not in parameters:
-                continue
-            value = parameters[name]
-            integer = name == "max_det"
-            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not finite or (integer and value != int(value)):
-                raise ContractError(
-                    f"request parameter {name} must be {'an integer' if integer else 'a number'}, got {value!r}"
-                )
-            values[name] = int(value) if integer else float(value)
-        return cls(**values)
+        _known_parameters(parameters)
+        return cls(*(_number_parameter(parameters, name, integer=name == "max_det") for name in THRESHOLD_NAMES))  # type: ignore[arg-type]
 
     def or_defaults(self, defaults: Thresholds) -> Thresholds:
         """Fill unset values from ``defaults`` (the served model's)."""
         return Thresholds(
             *(getattr(defaults, n) if getattr(self, n) is None else getattr(self, n) for n in THRESHOLD_NAMES)
+        )
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """Per-request keypoint smoothing of ``NAME_track`` (a One Euro filter per keypoint coordinate, per track);
+    ``None`` means the default, measured in docs/benchmarks.md.
+
+    ``min_cutoff`` (cycles per frame) is the filter's cutoff for a keypoint at rest: lower is smoother.
+    ``beta`` raises the cutoff with the keypoint's speed (in person heights per frame), so a moving
+    limb is followed with little lag; 0 is a plain low-pass filter. ``min_cutoff`` >= 0.5 (the Nyquist
+    limit) turns smoothing off. They travel as the request parameters ``smooth_min_cutoff`` and
+    ``smooth_beta``; :meth:`check` is the one validation (client before sending, tracker step after).
+    """
+
+    min_cutoff: float | None = None
+    beta: float | None = None
+
+    def check(self) -> Smoothing:
+        if self.min_cutoff is not None and not self.min_cutoff > 0.0:
+            raise ContractError(f"smooth_min_cutoff must be > 0 (cycles per frame), got {self.min_cutoff}")
+        if self.beta is not None and not self.beta >= 0.0:
+            raise ContractError(f"smooth_beta must be >= 0, got {self.beta}")
+        return self
+
+    def to_parameters(self) -> dict[str, float]:
+        values = (self.min_cutoff, self.beta)
+        return {name: value for name, value in zip(SMOOTHING_NAMES, values, strict=True) if value is not None}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> Smoothing:
+        """Read request parameters (the thresholds are the postprocess step's); unknown names are refused."""
+        _known_parameters(parameters)
+        return cls(*(_number_parameter(parameters, name) for name in SMOOTHING_NAMES))
+
+    def or_defaults(self, defaults: Smoothing) -> Smoothing:
+        return Smoothing(
+            defaults.min_cutoff if self.min_cutoff is None else self.min_cutoff,
+            defaults.beta if self.beta is None else self.beta,
         )
 
 

@@ -45,6 +45,7 @@ from posetriton.contract import (
     LETTERBOX,
     LETTERBOX_WIDTH,
     PIXELS,
+    SMOOTHED_KEYPOINTS,
     TRACK_IDS,
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
@@ -564,8 +565,8 @@ def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
     return "\n".join(
         [
             _header(track_models(model)[1], 'backend: "python"', model.tuning.max_batch_size),
-            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1")]),
-            _block("output", [_tensor(TRACK_IDS, "TYPE_INT64", "-1")]),
+            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1"), *_tracker_pixels(model)]),
+            _block("output", _track_outputs(model)),
             "sequence_batching {",
             f"  max_sequence_idle_microseconds: {TRACK_IDLE_MICROSECONDS}",
             f"  oldest {{ max_candidate_sequences: {TRACK_MAX_SEQUENCES} max_queue_delay_microseconds: 0 }}",
@@ -596,6 +597,19 @@ def stream_limits(model: ServedModel) -> StreamLimits:
     )  # fmt: skip
 
 
+def _tracker_pixels(model: ServedModel) -> list[str]:
+    """The frame as the network saw it (and how it maps to the original): the tracker reads each person's colours
+    from it to tell a returning person from someone else (posetriton.tracking.box_colours)."""
+    s = model.letterbox.input_size
+    return [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"), _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH))]
+
+
+def _track_outputs(model: ServedModel) -> list[str]:
+    """What the tracker step adds to NAME's outputs: the track IDs and the smoothed keypoints."""
+    k = model.postprocess.num_keypoints
+    return [_tensor(TRACK_IDS, "TYPE_INT64", "-1"), _tensor(SMOOTHED_KEYPOINTS, "TYPE_FP32", f"-1, {k}, 3")]
+
+
 def track_ensemble_config(model: ServedModel) -> str:
     """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after postprocess, and TRACK_IDS out.
 
@@ -606,15 +620,15 @@ def track_ensemble_config(model: ServedModel) -> str:
     text = ensemble_config(model, pixels=False)
     source = _tensor("IMAGE", "TYPE_STRING", "1")
     detections = [name for name, _, _ in OUTPUTS]
-    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX)]
-    maps.append(f'output_map {{ key: "{TRACK_IDS}" value: "{TRACK_IDS}" }}')
+    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX, CANVAS, LETTERBOX)]
+    maps += [f'output_map {{ key: "{name}" value: "{name}" }}' for name in (TRACK_IDS, SMOOTHED_KEYPOINTS)]
     step = f'  {{ model_name: "{tracker}" model_version: -1\n    ' + "\n    ".join(maps) + " }"
     for old, new in (
         (f'name: "{model.name}"\n', f'name: "{track}"\n'),
         (_block("input", [source]), _block("input", [source, _tensor(FRAME_INDEX, "TYPE_INT64", "1")])),
         (
             _block("output", _outputs(model)),
-            _block("output", [*_outputs(model), _tensor(TRACK_IDS, "TYPE_INT64", "-1")]),
+            _block("output", [*_outputs(model), *_track_outputs(model)]),
         ),
         ("\n ]\n}", ",\n" + step + "\n ]\n}"),
     ):

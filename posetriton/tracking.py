@@ -36,10 +36,12 @@ from posetriton.contract import (  # noqa: F401  (re-exported: the tracking name
     CONTROL_END,
     CONTROL_START,
     FRAME_INDEX,
+    SMOOTHED_KEYPOINTS,
     TRACK_IDS,
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
     UNTRACKED,
+    Smoothing,
 )
 
 # COCO's per-keypoint OKS constants (sigmas) for the 17 person keypoints.
@@ -68,6 +70,18 @@ class TrackerSpec:
     # Frames a new track must be seen again before it gets an ID, so a one-frame false detection gets none
     # (0: at once). The people of a stream's first frame get theirs at once, as in ByteTrack.
     initialization_delay: int = 1
+    # Re-identification of a person who was hidden or out of view (see Reidentifier): a lost track is kept this
+    # many frames after it would have died, for a new track that reappears where it could be.
+    reid_frames: int = 30
+    # ... within this many person heights of where it was last seen or where the motion model puts it now,
+    reid_max_offset: float = 1.5
+    # ... with a box height within this factor of its own, and a pose shape this close (RMS, see pose_shape).
+    reid_max_scale: float = 1.5
+    reid_max_shape: float = 0.25
+    # ... and clothes of the same colours (Hellinger distance of box_colours; the frame's pixels are the tracker's).
+    reid_max_colour: float = 0.45
+    # ... waiting up to this many frames for a returning person to be seen as fully as before.
+    reid_wait: int = 30
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.box_weight <= 1.0:
@@ -80,6 +94,16 @@ class TrackerSpec:
             raise TrackingError(
                 "track.max_missed_frames must be >= 1 and track.initialization_delay in [0, max_missed_frames), got "
                 f"{self.max_missed_frames} and {self.initialization_delay}"
+            )
+
+        if (
+            self.reid_frames < 0 or self.reid_wait < 0 or self.reid_max_offset <= 0 or self.reid_max_scale < 1
+            or self.reid_max_shape <= 0 or not 0 < self.reid_max_colour <= 1
+        ):  # fmt: skip
+            raise TrackingError(
+                "track.reid_frames and reid_wait must be >= 0, reid_max_offset > 0, reid_max_scale >= 1, "
+                f"reid_max_shape > 0 and reid_max_colour in (0, 1], got {self.reid_frames}, {self.reid_wait}, "
+                f"{self.reid_max_offset}, {self.reid_max_scale}, {self.reid_max_shape}, {self.reid_max_colour}"
             )
 
     def to_parameters(self) -> dict[str, str]:
@@ -162,6 +186,293 @@ class PoseDistance:
         return (1.0 - similarity).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------------ re-identification
+def pose_shape(keypoints: NDArray[Any], visible: NDArray[Any]) -> tuple[NDArray[Any], float]:
+    """A pose's keypoints ``[K, 2]`` centred on the mean of the ``visible [K]`` ones and divided by their RMS
+    spread: the shape of the pose, independent of where the person is and how large (NaN where not visible),
+    and the spread in pixels."""
+    points = np.where(visible[:, None], keypoints, np.nan)
+    if visible.sum() < 3:
+        return points, 0.0
+    centred = points - np.nanmean(points, axis=0)
+    spread = float(np.sqrt(np.nanmean(np.sum(centred**2, axis=1))))
+    return centred / max(spread, 1e-6), spread
+
+
+def shape_distance(a: NDArray[Any], a_visible: NDArray[Any], b: NDArray[Any], b_visible: NDArray[Any]) -> float:
+    """RMS distance of two poses' shapes (:func:`pose_shape`) over the keypoints visible in both, each shape
+    normalised on those keypoints alone (a partly hidden person is compared on what is seen); inf when fewer
+    than 4 keypoints are shared."""
+    common = a_visible & b_visible
+    if common.sum() < 4:
+        return math.inf
+    shape_a, _ = pose_shape(a, common)
+    shape_b, _ = pose_shape(b, common)
+    return float(np.sqrt(np.nanmean(np.sum((shape_a - shape_b) ** 2, axis=1))))
+
+
+# Bins per RGB channel of the appearance descriptor (8 x 8 x 8 = 512 colours).
+COLOUR_BINS = 8
+
+
+def box_colours(canvas: NDArray[np.uint8], letterbox: NDArray[Any], boxes: NDArray[Any]) -> NDArray[Any]:
+    """A colour descriptor per person: the normalised RGB histogram (``COLOUR_BINS`` per channel) of the inner
+    part of each box (``[N, 4]``, original-image pixels), read from the letterboxed ``canvas [S, S, 3]`` that
+    the network saw (``letterbox``: scale_x, scale_y, pad_x, pad_y, ...) -> ``[N, COLOUR_BINS**3]``.
+
+    The inner part (the box's middle 60 % across, 20-90 % down) holds more clothes than background."""
+    scale_x, scale_y, pad_x, pad_y = (float(v) for v in letterbox[:4])
+    size = canvas.shape[0]
+    out = np.zeros((len(boxes), COLOUR_BINS**3))
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, np.float64)):
+        w, h = x2 - x1, y2 - y1
+        left, right = (x1 + 0.2 * w) * scale_x + pad_x, (x2 - 0.2 * w) * scale_x + pad_x
+        top, bottom = (y1 + 0.2 * h) * scale_y + pad_y, (y2 - 0.1 * h) * scale_y + pad_y
+        c1, c2 = int(np.clip(left, 0, size)), int(np.clip(right, 0, size))
+        r1, r2 = int(np.clip(top, 0, size)), int(np.clip(bottom, 0, size))
+        patch = canvas[r1:r2, c1:c2]
+        if patch.size == 0:
+            continue
+        step = max(1, int(max(patch.shape[:2]) // 48))  # about 48 x 48 samples: the colours, not the detail
+        bins = (patch[::step, ::step].reshape(-1, 3).astype(np.int64) * COLOUR_BINS) // 256
+        index = (bins[:, 0] * COLOUR_BINS + bins[:, 1]) * COLOUR_BINS + bins[:, 2]
+        histogram = np.bincount(index, minlength=COLOUR_BINS**3).astype(np.float64)
+        out[i] = histogram / histogram.sum()
+    return out
+
+
+def colour_distance(a: NDArray[Any] | None, b: NDArray[Any] | None) -> float:
+    """Hellinger distance of two colour descriptors (0 same, 1 disjoint); 0 when either is unknown."""
+    if a is None or b is None or not a.any() or not b.any():
+        return 0.0
+    return float(np.sqrt(max(0.0, 1.0 - np.sum(np.sqrt(a * b)))))
+
+
+@dataclass
+class _Sighting:
+    """What re-identification keeps of a track: its last box and velocity, and its best recent pose."""
+
+    box: NDArray[Any]
+    velocity: NDArray[Any]  # of the box centre, pixels per frame (Kalman)
+    frame: int
+    pose: NDArray[Any]  # [K, 2] of the latest well-seen detection
+    visible: NDArray[Any]  # [K] bool
+    most_visible: int  # the track's largest count of visible keypoints so far
+    aspect: float  # width / height of the box of ``pose``: a partly hidden person's box is narrower or shorter
+    colours: NDArray[Any] | None  # box_colours of that detection (None: the frame's pixels were not given)
+    widest: float  # the track's widest box aspect so far (a pose is kept only from a box about that wide)
+
+
+class Reidentifier:
+    """Track IDs that survive occlusion: a new track that is a lost one back gets the lost track's ID.
+
+    A track is *lost* once a frame has no detection for it; it is remembered for ``max_missed_frames
+    + reid_frames`` frames. A new track that could be a lost one back, i.e. it appears within
+    ``reid_max_offset`` person heights of where that person was last seen or of where their last
+    velocity carries them (clamped into the frame: who left the view comes back where they left),
+    with a box height within ``reid_max_scale`` of theirs, is held without an ID (:data:`UNTRACKED`)
+    for up to ``reid_wait`` frames, until it shows as many keypoints and as wide a box as that
+    person's best recent pose did (or a clear match sooner). Then the pose shapes (:func:`shape_distance`,
+    within ``reid_max_shape``) and the colours of the box (:func:`colour_distance`, within
+    ``reid_max_colour``) decide: it takes the lost ID, or (someone else appearing there) keeps its own.
+    Keypoint geometry alone does not tell two people apart (measured: two portraits' face-and-shoulder
+    shapes differ by 0.10-0.16, less than one person half hidden from herself); colours do (0.58 against
+    at most 0.32 for the same person half hidden, with 8 bins; 4 bins did not separate them).
+    """
+
+    def __init__(self, spec: TrackerSpec) -> None:
+        self.spec = spec
+        self.frame_size: tuple[float, float] | None = None
+        self._seen: dict[int, _Sighting] = {}  # by output ID
+        self._alias: dict[int, int] = {}  # Norfair ID -> output ID
+        self._pending: dict[int, int] = {}  # Norfair ID of a held new track -> frames held
+        self._owner: dict[int, int] = {}  # output ID -> the Norfair track that carries it now
+
+    def output_id(self, norfair_id: int) -> int:
+        """The ID a Norfair track is reported with (:data:`UNTRACKED` while held or superseded)."""
+        output = self._alias.get(norfair_id)
+        if output is None or self._owner.get(output, norfair_id) != norfair_id:
+            return UNTRACKED
+        return output
+
+    @property
+    def remembered(self) -> set[int]:
+        """Output IDs of the tracks seen in view or lost but still remembered."""
+        return set(self._seen)
+
+    def assign(
+        self, tracks: Sequence[tuple[int, Any]], frame: int, colours: NDArray[Any] | None = None
+    ) -> dict[int, int]:
+        """``{row: output ID}`` for this frame's tracked detections (``(row, Norfair TrackedObject)`` pairs);
+        ``colours``: :func:`box_colours` of the frame's detections, by row."""
+        spec = self.spec
+        forget = frame - spec.max_missed_frames - spec.reid_frames
+        self._seen = {i: s for i, s in self._seen.items() if s.frame >= forget}
+        here = {o.id for _, o in tracks}
+        self._alias = {n: i for n, i in self._alias.items() if i in self._seen or n in here}
+        self._owner = {i: n for i, n in self._owner.items() if i in self._seen}
+        self._pending = {n: held for n, held in self._pending.items() if n in here}  # a held track that vanished
+        present = {self.output_id(o.id) for _, o in tracks}
+        lost = {i: s for i, s in self._seen.items() if s.frame < frame and i not in present}
+        out: dict[int, int] = {}
+        for row, obj in tracks:
+            box, keypoints = obj.last_detection.points[:2].reshape(4), obj.last_detection.points[2:]
+            visible = obj.last_detection.scores[2:] >= spec.keypoint_threshold
+            colour = None if colours is None else colours[row]
+            if obj.id not in self._alias:
+                decision = self._decide(obj.id, box, keypoints, visible, colour, lost, frame)
+                if decision is None:
+                    continue  # held: no ID yet
+                self._alias[obj.id] = decision
+                self._owner[decision] = obj.id  # the lost track, should it match again, no longer reports it
+                lost.pop(decision, None)
+            output = self.output_id(obj.id)
+            if output != UNTRACKED:
+                self._remember(output, box, keypoints, visible, colour, obj, frame)
+                out[row] = output
+        return out
+
+    def _decide(
+        self, new_id: int, box: NDArray[Any], keypoints: NDArray[Any], visible: NDArray[Any],
+        colours: NDArray[Any] | None, lost: dict[int, _Sighting], frame: int,
+    ) -> int | None:  # fmt: skip
+        """The ID a new track gets: a lost one's, its own, or None while it is held."""
+        candidates = [(i, s) for i, s in lost.items() if self._near(box, s, frame)]
+        if not candidates:
+            self._pending.pop(new_id, None)
+            return new_id
+        scored = [
+            (
+                max(
+                    shape_distance(keypoints, visible, s.pose, s.visible) / self.spec.reid_max_shape,
+                    colour_distance(colours, s.colours) / self.spec.reid_max_colour,
+                ),
+                i,
+            )
+            for i, s in candidates
+        ]
+        distance, best = min(scored)  # in units of the limits: 1 at the limit
+        shared = int((visible & lost[best].visible).sum())
+        if distance <= 0.5 and shared >= 6:
+            decided = best  # clearly them, even if not fully back in view yet
+        else:
+            held = self._pending.get(new_id, 0)
+            unlike = any(visible.sum() < 0.8 * c.most_visible or _aspect(box) < 0.85 * c.aspect for _, c in candidates)
+            if held < self.spec.reid_wait and unlike:  # not fully back in view yet: wait
+                self._pending[new_id] = held + 1
+                return None
+            decided = best if distance <= 1.0 else new_id
+        self._pending.pop(new_id, None)
+        return decided
+
+    def _near(self, box: NDArray[Any], seen: _Sighting, frame: int) -> bool:
+        height = max(seen.box[3] - seen.box[1], 1.0)
+        scale = max(box[3] - box[1], 1.0) / height
+        if not 1 / self.spec.reid_max_scale <= scale <= self.spec.reid_max_scale:
+            return False
+        centre, last = (box[:2] + box[2:]) / 2, (seen.box[:2] + seen.box[2:]) / 2
+        predicted = last + seen.velocity * (frame - seen.frame)
+        if self.frame_size is not None:
+            predicted = np.clip(predicted, 0.0, self.frame_size)
+        offset = min(np.linalg.norm(centre - last), np.linalg.norm(centre - predicted)) / height
+        return bool(offset <= self.spec.reid_max_offset)
+
+    def _remember(
+        self, output: int, box: NDArray[Any], keypoints: NDArray[Any], visible: NDArray[Any],
+        colours: NDArray[Any] | None, obj: Any, frame: int,
+    ) -> None:  # fmt: skip
+        velocity = obj.estimate_velocity[:2].mean(axis=0)
+        before = self._seen.get(output)
+        most = max(int(visible.sum()), before.most_visible if before else 0)
+        aspect = _aspect(box)
+        widest = max(aspect, before.widest if before else 0.0)
+        if before is not None and (visible.sum() < 0.8 * most or aspect < 0.85 * widest):
+            # partly hidden now: keep the better pose
+            kept = (before.pose, before.visible, most, before.aspect, before.colours, widest)
+            self._seen[output] = _Sighting(box, velocity, frame, *kept)
+        else:
+            seen = (keypoints.copy(), visible, most, aspect, colours, widest)
+            self._seen[output] = _Sighting(box, velocity, frame, *seen)
+
+
+def _aspect(box: NDArray[Any]) -> float:
+    return float(max(box[2] - box[0], 1.0) / max(box[3] - box[1], 1.0))
+
+
+# ------------------------------------------------------------------------------------------------ smoothing
+DEFAULT_SMOOTHING = Smoothing(min_cutoff=0.02, beta=20.0)  # chosen in docs/benchmarks.md (keypoint smoothing)
+# Cutoff (cycles per frame) of the One Euro filter's speed estimate, as in the filter's paper (1 Hz at ~30 fps).
+DERIVATIVE_CUTOFF = 0.03
+
+
+def one_euro_alpha(cutoff: NDArray[Any] | float, elapsed: NDArray[Any]) -> NDArray[Any]:
+    """The One Euro filter's smoothing factor for a cutoff (cycles per frame) over ``elapsed`` frames."""
+    tau = 1.0 / (2.0 * math.pi * np.asarray(cutoff, np.float64))
+    alpha: NDArray[Any] = 1.0 / (1.0 + tau / elapsed)
+    return alpha
+
+
+class KeypointSmoother:
+    """One Euro filters (Casiez et al., CHI 2012) for the ``K x 2`` keypoint coordinates of one track.
+
+    Vectorised over keypoints; time is the frame index, so frames a live source dropped count as
+    elapsed time. A keypoint below the confidence gate neither moves its filter nor is moved: its
+    filtered position stays where it was (and its confidence, taken from the detection, says it is
+    not seen). The speed that raises the cutoff is measured in person heights per frame, so ``beta``
+    means the same for a person near the camera and one far away.
+    """
+
+    def __init__(self, num_keypoints: int, gate: float) -> None:
+        self.gate = gate
+        self.value = np.zeros((num_keypoints, 2))
+        self.speed = np.zeros((num_keypoints, 2))
+        self.seen_at = np.full(num_keypoints, -1, np.int64)  # frame each keypoint's filter was last updated
+
+    def update(self, keypoints: NDArray[Any], height: float, frame: int, smoothing: Smoothing) -> NDArray[Any]:
+        """The filtered ``[K, 3]`` (x, y, the detection's confidence) of one detection of this track."""
+        raw = keypoints[:, :2].astype(np.float64)
+        seen = keypoints[:, 2] >= self.gate
+        known = self.seen_at >= 0
+        fresh = seen & ~known
+        self.value[fresh], self.speed[fresh], self.seen_at[fresh] = raw[fresh], 0.0, frame
+        step = seen & known & (self.seen_at < frame)
+        if step.any():
+            elapsed = (frame - self.seen_at[step]).astype(np.float64)[:, None]
+            speed = (raw[step] - self.value[step]) / elapsed
+            self.speed[step] += one_euro_alpha(DERIVATIVE_CUTOFF, elapsed) * (speed - self.speed[step])
+            relative = np.linalg.norm(self.speed[step], axis=1, keepdims=True) / max(height, 1.0)
+            assert smoothing.min_cutoff is not None and smoothing.beta is not None
+            cutoff = smoothing.min_cutoff + smoothing.beta * relative
+            self.value[step] += one_euro_alpha(cutoff, elapsed) * (raw[step] - self.value[step])
+            self.seen_at[step] = frame
+        out = keypoints.astype(np.float32).copy()
+        known = self.seen_at >= 0
+        out[known, :2] = self.value[known]
+        return out
+
+
+def smooth_tracks(
+    smoothers: dict[int, KeypointSmoother],
+    ids: NDArray[Any],
+    boxes: NDArray[Any],
+    keypoints: NDArray[Any],
+    frame: int,
+    smoothing: Smoothing,
+    gate: float,
+) -> NDArray[Any]:
+    """Each tracked detection's keypoints through its track's :class:`KeypointSmoother` (created when the track
+    is first seen); an untracked one keeps its raw keypoints. ``smoothers`` (by track ID) is updated in place."""
+    smoothed = keypoints.astype(np.float32).copy()
+    for row, track_id in enumerate(ids.tolist()):
+        if track_id == UNTRACKED:
+            continue
+        smoother = smoothers.get(track_id)
+        if smoother is None:
+            smoother = smoothers[track_id] = KeypointSmoother(keypoints.shape[1], gate)
+        smoothed[row] = smoother.update(keypoints[row], float(boxes[row, 3] - boxes[row, 1]), frame, smoothing)
+    return smoothed
+
+
 class PoseTracker:
     """Track IDs (1, 2, ...) for the poses of one video, frame after frame.
 
@@ -188,14 +499,50 @@ class PoseTracker:
         )
         self._distance = PoseDistance(spec, sigmas)
         self._tracker.distance_function = self._distance
+        # Norfair's own re-identification offers a new track to the lost ones in its first frame only, when a
+        # person coming back into view shows a sliver of themselves: ours waits until they are seen.
+        self._reid = Reidentifier(spec)
+        self._smoothers: dict[int, KeypointSmoother] = {}
         self.last_frame: int | None = None
 
     @property
     def live_tracks(self) -> int:
         return len(self._tracker.tracked_objects)
 
+    def track(
+        self,
+        boxes: NDArray[Any],
+        scores: NDArray[Any],
+        keypoints: NDArray[Any],
+        frame_index: int,
+        smoothing: Smoothing = DEFAULT_SMOOTHING,
+        frame_size: tuple[float, float] | None = None,
+        colours: NDArray[Any] | None = None,
+    ) -> tuple[NDArray[Any], NDArray[Any]]:
+        """:meth:`update`, and each pose's keypoints smoothed over its track (``[N, K, 3]``, FP32; the raw ones
+        for a pose without a track ID, and for a late frame, which changes no state).
+        ``frame_size`` (width, height) lets re-identification place a person who left the view at its edge;
+        ``colours`` (:func:`box_colours` of the detections) let it tell a returning person from someone else."""
+        self._reid.frame_size = frame_size
+        late = self.last_frame is not None and frame_index <= self.last_frame
+        ids = self.update(boxes, scores, keypoints, frame_index, colours)
+        if late:
+            return ids, keypoints.astype(np.float32)
+        for gone in set(self._smoothers) - self._reid.remembered:
+            del self._smoothers[gone]  # a track that died: a later one never gets its filter state
+        chosen = smoothing.or_defaults(DEFAULT_SMOOTHING).check()
+        smoothed = smooth_tracks(
+            self._smoothers, ids, boxes, keypoints, frame_index, chosen, self.spec.keypoint_threshold
+        )
+        return ids, smoothed
+
     def update(
-        self, boxes: NDArray[Any], scores: NDArray[Any], keypoints: NDArray[Any], frame_index: int
+        self,
+        boxes: NDArray[Any],
+        scores: NDArray[Any],
+        keypoints: NDArray[Any],
+        frame_index: int,
+        colours: NDArray[Any] | None = None,
     ) -> NDArray[Any]:
         """Track IDs (INT64 ``[N]``, :data:`UNTRACKED` for a detection without one) of a frame's
         ``boxes [N, 4]``, ``scores [N]``, ``keypoints [N, K, 3]`` (the postprocess step's rows)."""
@@ -208,10 +555,13 @@ class PoseTracker:
         period = self.spec.initialization_delay + 1 if self.last_frame is None else frame_index - self.last_frame
         self.last_frame = frame_index
         position = {id(d): i for i, d in enumerate(detections)}
+        tracks = []
         for tracked in self._tracker.update(detections or None, period=period):
             row = position.get(id(tracked.last_detection))
             if row is not None and tracked.id is not None:
-                ids[row] = tracked.id
+                tracks.append((row, tracked))
+        for row, track_id in self._reid.assign(tracks, frame_index, colours).items():
+            ids[row] = track_id
         return ids
 
     def _detection(self, box: NDArray[Any], keypoints: NDArray[Any]) -> Any:
@@ -230,7 +580,7 @@ class PoseTracker:
         rows, columns = self._tracker.match_dets_and_objs(distances, self.spec.max_distance)
         for row, column in zip(rows, columns, strict=True):
             if distances[row, column] < self.spec.max_distance:
-                ids[row] = tracks[column].id
+                ids[row] = self._reid.output_id(tracks[column].id)
         return ids
 
 

@@ -48,10 +48,21 @@ def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return value
 
 
+FRAME_SIDE = 4400  # the original frame the tracker's random people stand in
+FRAME_LETTERBOX = np.array([[640 / FRAME_SIDE, 640 / FRAME_SIDE, 0, 0, FRAME_SIDE, FRAME_SIDE]], np.float64)
+
+
 def detections_inputs(
-    n: int, rows: int | None = None, frame: int = 0, poison: tuple[str, float] | None = None, count: int | None = None
+    n: int,
+    rows: int | None = None,
+    frame: int = 0,
+    poison: tuple[str, float] | None = None,
+    count: int | None = None,
+    letterbox: np.ndarray = FRAME_LETTERBOX,
+    image_size: tuple[int, int] = (FRAME_SIDE, FRAME_SIDE),
 ) -> list[grpcclient.InferInput]:
-    """The tracker step's inputs for one frame of ``rows`` random people, ``count`` of them counted."""
+    """The tracker step's inputs for one frame of ``rows`` random people, ``count`` of them counted, with the
+    letterboxed frame (random pixels) it reads the people's colours from."""
     rows = n if rows is None else rows
     rng = np.random.default_rng(rows)
     corner = rng.uniform(0, 4000, (1, rows, 2))
@@ -67,8 +78,10 @@ def detections_inputs(
         tensor("BOXES", arrays["BOXES"], "FP32"),
         tensor("SCORES", arrays["SCORES"], "FP32"),
         tensor("KEYPOINTS", arrays["KEYPOINTS"], "FP32"),
-        tensor("IMAGE_SIZE", np.array([[4400, 4400]], np.int32), "INT32"),
+        tensor("IMAGE_SIZE", np.array([image_size], np.int32), "INT32"),
         tensor("FRAME_INDEX", np.array([[frame]], np.int64), "INT64"),
+        tensor("canvas", rng.integers(0, 256, (1, 640, 640, 3), dtype=np.uint8), "UINT8"),
+        tensor("letterbox", letterbox, "FP64"),
     ]
 
 
@@ -188,6 +201,11 @@ def probes() -> list[Probe]:
               seq(8)),
         Probe("tracker: frame index jumps by 10^12", TRACKER, lambda: detections_inputs(3, frame=10**12),
               "INVALID_ARGUMENT", {"sequence_id": 10**15 + 9, "sequence_end": True}, _sequence_start(10**15 + 9)),
+        Probe("tracker: NaN letterbox scale", TRACKER,
+              lambda: detections_inputs(3, letterbox=np.where(np.arange(6) == 0, np.nan, FRAME_LETTERBOX)),
+              "INVALID_ARGUMENT", seq(12)),
+        Probe("tracker: a zero-sized frame", TRACKER, lambda: detections_inputs(3, image_size=(0, 0)),
+              "INVALID_ARGUMENT", seq(13)),
         Probe("tracker: START on a live correlation ID", TRACKER, lambda: detections_inputs(3), "INVALID_ARGUMENT",
               {"sequence_id": 10**15 + 10, "sequence_start": True}, _sequence_start(10**15 + 10)),
     ]  # fmt: skip

@@ -27,11 +27,29 @@ from tritonclient.utils import InferenceServerException
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame, TrackingStreamError
 from posetriton.client.inputs import encode_rgb
-from posetriton.clips import ClipFrame, TrackScore, Walker, camera_path, score_tracks, slide
-from posetriton.contract import FRAME_INDEX
+from posetriton.clips import (
+    ClipFrame,
+    KeypointScore,
+    TrackScore,
+    Walker,
+    camera_path,
+    noisy_still,
+    occluder,
+    score_keypoints,
+    score_tracks,
+    slide,
+)
+from posetriton.contract import FRAME_INDEX, ContractError, Smoothing, Thresholds
 from posetriton.launcher import TritonServer
 from posetriton.repository import load_catalog, render, track_models
-from posetriton.tracking import PoseTracker, SequenceStore, TrackerSpec, box_iou
+from posetriton.tracking import (
+    DEFAULT_SMOOTHING,
+    KeypointSmoother,
+    PoseTracker,
+    SequenceStore,
+    TrackerSpec,
+    box_iou,
+)
 from tests.conftest import ROOT, UL_MODEL, start_server
 
 TRACKER = UL_MODEL + "_tracker"
@@ -67,6 +85,100 @@ def test_tracker_keeps_ids_of_two_people_crossing_and_late_frames_change_nothing
     assert tracker.last_frame == 29
 
 
+def _jitter(track: np.ndarray) -> float:
+    """Mean frame-to-frame movement of keypoints ``[T, K, 2]``."""
+    return float(np.linalg.norm(np.diff(track, axis=0), axis=2).mean())
+
+
+def test_smoother_halves_jitter_ignores_unseen_keypoints_and_counts_dropped_frames() -> None:
+    rng = np.random.default_rng(1)
+    still = rng.uniform(100, 300, (17, 2))
+    raw = still + rng.normal(0, 2.0, (60, 17, 2))
+    smoother = KeypointSmoother(17, gate=0.3)
+    filtered = [
+        smoother.update(np.concatenate([r, np.full((17, 1), 0.9)], 1), 200, t, DEFAULT_SMOOTHING)
+        for t, r in enumerate(raw)
+    ]
+    smoothed = np.stack(filtered)[:, :, :2]
+    assert _jitter(smoothed[10:]) <= 0.5 * _jitter(raw[10:])
+    assert np.linalg.norm(smoothed[10:] - still, axis=2).mean() < np.linalg.norm(raw[10:] - still, axis=2).mean()
+    assert np.array_equal(filtered[0][:, 2], np.full(17, 0.9, np.float32))  # confidences are the detection's
+    # A keypoint the detector lost (low confidence, a wild position) neither moves the filter nor is moved.
+    held = smoother.value.copy()
+    wild = np.concatenate([still + 500, np.full((17, 1), 0.1)], 1)
+    out = smoother.update(wild, 200, 60, DEFAULT_SMOOTHING)
+    assert np.array_equal(out[:, :2], held.astype(np.float32)) and np.array_equal(smoother.value, held)
+    # Time is the frame index: after 20 dropped frames a moved keypoint is followed further than after one.
+    moved = np.concatenate([still + 20, np.full((17, 1), 0.9)], 1)
+    after_one, after_gap = KeypointSmoother(17, 0.3), KeypointSmoother(17, 0.3)
+    for s in (after_one, after_gap):
+        s.update(np.concatenate([still, np.full((17, 1), 0.9)], 1), 200, 0, DEFAULT_SMOOTHING)
+    near = after_one.update(moved, 200, 1, DEFAULT_SMOOTHING)[:, :2] - still
+    far = after_gap.update(moved, 200, 21, DEFAULT_SMOOTHING)[:, :2] - still
+    assert np.all(far > near) and np.all(far <= 20)
+
+
+def test_tracker_returns_smoothed_keypoints_and_resets_them_for_a_new_track() -> None:
+    shape = np.random.default_rng(0).uniform(0, 1, (17, 2))
+    rng = np.random.default_rng(2)
+    tracker = PoseTracker(TrackerSpec(), 17)
+    raw, smoothed = [], []
+    for frame in range(30):
+        box, keypoints = _person(100, 100, 200, shape)
+        keypoints[:, :2] += rng.normal(0, 2.0, (17, 2))
+        ids, filtered = tracker.track(box[None], np.array([0.9]), keypoints[None], frame)
+        assert ids.tolist() == [1] and filtered.shape == (1, 17, 3) and filtered.dtype == np.float32
+        raw.append(keypoints[:, :2])
+        smoothed.append(filtered[0, :, :2])
+    assert _jitter(np.stack(smoothed)[5:]) <= 0.5 * _jitter(np.stack(raw)[5:])
+    # A second person far away: a new track, whose first keypoints are its own raw ones (no filter state).
+    other_box, other = _person(600, 100, 200, shape)
+    boxes = np.stack([box, other_box])
+    ids, filtered = tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 30)
+    assert ids[0] == 1 and np.allclose(filtered[1], other)
+    # A frame older than the last one changes no filter and gets its raw keypoints back.
+    _, late = tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 10)
+    assert np.allclose(late, np.stack([keypoints, other]))
+
+
+def test_smoothing_parameters_are_validated_once_and_pass_the_other_steps() -> None:
+    assert Smoothing.from_parameters({"smooth_min_cutoff": 0.05, "conf": 0.3}) == Smoothing(0.05, None)
+    assert Thresholds.from_parameters({"smooth_beta": 1, "conf": 0.3}) == Thresholds(conf=0.3)
+    for bad, message in (
+        ({"smooth_min_cutoff": 0}, "smooth_min_cutoff must be > 0"),
+        ({"smooth_beta": -1}, "smooth_beta must be >= 0"),
+        ({"smooth_beta": "x"}, "smooth_beta must be a number"),
+        ({"smoothing": 1}, "unknown request parameter"),
+    ):
+        with pytest.raises(ContractError, match=re.escape(message)):
+            Smoothing.from_parameters(bad).check()
+    assert Smoothing(beta=3.0).or_defaults(DEFAULT_SMOOTHING) == Smoothing(DEFAULT_SMOOTHING.min_cutoff, 3.0)
+
+
+def test_a_hidden_person_keeps_the_id_and_another_one_does_not_take_it() -> None:
+    rng = np.random.default_rng(3)
+    shape, other_shape = rng.uniform(0, 1, (17, 2)), rng.uniform(0, 1, (17, 2))
+
+    def run(returning_shape: np.ndarray) -> list[int]:
+        tracker = PoseTracker(TrackerSpec(), 17)
+        ids = []
+        for frame in range(70):
+            x = 20 + 5 * frame  # walks right at 5 px per frame, hidden for frames 20-49 (30 frames)
+            if 20 <= frame < 50:
+                tracker.track(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 17, 3)), frame, frame_size=(640, 480))
+                continue
+            box, keypoints = _person(x, 100, 200, shape if frame < 20 else returning_shape)
+            found, _ = tracker.track(box[None], np.array([0.9]), keypoints[None], frame, frame_size=(640, 480))
+            ids += found.tolist()
+        return ids
+
+    # Back in view, a detection is a new track for one frame (no ID yet), then re-identified: the same ID.
+    same = run(shape)
+    assert same == [1] * 20 + [-1] + [1] * 19, same
+    intruder = run(other_shape)
+    assert intruder[:21] == [1] * 20 + [-1] and len(set(intruder[21:])) == 1 and 1 not in intruder[21:], intruder
+
+
 def test_sequence_store_frees_state_at_end_and_after_idle() -> None:
     now = [0.0]
     store = SequenceStore(lambda: PoseTracker(TrackerSpec(), 17), idle_s=5.0, clock=lambda: now[0])
@@ -95,12 +207,14 @@ def test_track_configs_are_valid_model_configs() -> None:
     plain = text_format.Parse(files[f"{model.name}/config.pbtxt"], model_config_pb2.ModelConfig())
     ensemble = text_format.Parse(files[f"{track}/config.pbtxt"], model_config_pb2.ModelConfig())
     step = text_format.Parse(files[f"{tracker}/config.pbtxt"], model_config_pb2.ModelConfig())
-    # NAME_track = NAME's steps, then the tracker; NAME's outputs plus TRACK_IDS.
+    # NAME_track = NAME's steps, then the tracker; NAME's outputs plus TRACK_IDS and SMOOTHED_KEYPOINTS.
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
         *(s.model_name for s in plain.ensemble_scheduling.step),
         tracker,
     ]
-    assert [o.name for o in ensemble.output] == [*(o.name for o in plain.output), "TRACK_IDS"]
+    assert [o.name for o in ensemble.output] == [*(o.name for o in plain.output), "TRACK_IDS", "SMOOTHED_KEYPOINTS"]
+    # The tracker reads the frame the network saw (for the colours that re-identify a returning person).
+    assert {"canvas", "letterbox"} <= {i.name for i in step.input}
     assert [i.name for i in ensemble.input] == [*(i.name for i in plain.input), FRAME_INDEX]
     assert ensemble.parameters["keypoint_names"] == plain.parameters["keypoint_names"]
     batching = step.sequence_batching
@@ -148,6 +262,23 @@ def _clips(people: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[
             ),
             [grace_box, astronaut_box],
         ),
+        # She walks behind a pillar (hidden for about 2 s at 15 fps) and comes out on the other side.
+        "occlusion": (
+            slide([Walker(grace, grace_crop, (-40, 460), 130, 220), _pillar()], 65),
+            [grace_box, np.zeros((0, 4))],
+        ),
+        # She walks behind the pillar and stays there; someone else, as tall, comes out where she would.
+        "intruder": (
+            slide(
+                [
+                    Walker(grace, grace_crop, (-40, 240, 240), 130, 220),
+                    Walker(astronaut, astronaut_crop, (230, 230, 470), 130, 220),
+                    _pillar(),
+                ],
+                35,
+            ),
+            [grace_box, astronaut_box, np.zeros((0, 4))],
+        ),
         # Two people cross; the second, nearer (larger, lower), passes in front of the first.
         "crossing": (
             slide(
@@ -157,6 +288,14 @@ def _clips(people: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[
             [grace_box, astronaut_box],
         ),
     }
+
+
+PILLAR_LEFT, PILLAR_WIDTH = 200, 220
+
+
+def _pillar() -> Walker:
+    """A grey-green pillar from the top of the frame to the bottom, drawn in front of everyone."""
+    return Walker(occluder(PILLAR_WIDTH, 480), (0, 0, PILLAR_WIDTH, 480), (PILLAR_LEFT,) * 3, 0, 480)
 
 
 def _frames(clip: list[ClipFrame]) -> list[bytes]:
@@ -191,7 +330,7 @@ def _poll(condition: Any, timeout: float) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.parametrize("name", ["pan_zoom", "leave_return", "crossing"])
+@pytest.mark.parametrize("name", ["pan_zoom", "leave_return", "crossing", "occlusion"])
 def test_same_person_keeps_the_same_id(served_url: str, server: TritonServer, people: dict, name: str) -> None:
     clip, truth = _clips(people)[name]
     results = _track(served_url, _frames(clip), max_in_flight=2)
@@ -200,14 +339,100 @@ def test_same_person_keeps_the_same_id(served_url: str, server: TritonServer, pe
     tracked = {key: [i for i in seen if i is not None] for key, seen in score.ids.items()}
     print(f"\n{name}: {len(clip)} frames, ID switches {score.switches}, coverage {score.coverage:.2f}, IDs {tracked}")
     assert score.coverage >= 0.8, score
-    if name == "leave_return":
-        # The one who stays keeps her ID. The one who comes back after 13 frames out of view gets a new one:
-        # the tracker follows motion only (no appearance re-identification). Measured: 1 switch.
-        stays, returns = (tracked[key] for key in sorted(tracked))
-        assert len(set(stays)) == 1 and len(set(returns)) <= 2 and score.switches <= 1, score
-    else:
-        assert score.switches == 0, score
+    # leave_return: she comes back after 13 frames out of view; occlusion: hidden behind a pillar (33 frames
+    # under 60 % visible, 2.2 s at 15 fps). Both are re-identified (posetriton.tracking.Reidentifier).
+    # Measured: 0 switches on every clip.
+    if name == "occlusion":
+        hidden = sum(not any(source == 0 for source, _, _ in frame.ground_truth(truth)) for frame in clip)
+        assert hidden >= 30, hidden  # the clip hides her for at least 2 s at 15 fps
+    assert score.switches == 0, score
     assert _poll(lambda: open_sequences(server) == 0, 10) < 10  # END freed the state
+
+
+def test_someone_else_appearing_where_a_hidden_person_would_does_not_take_her_id(served_url: str, people: dict) -> None:
+    clip, truth = _clips(people)["intruder"]
+    results = _track(served_url, _frames(clip), max_in_flight=2)
+    score = _score(clip, truth, results)
+    hidden, intruder = ({i for i in score.ids[(source, 0)] if i is not None} for source in (0, 1))
+    print(f"\nintruder: her IDs {hidden}, the other person's IDs {intruder}, switches {score.switches}")
+    assert len(hidden) == 1 and intruder and not hidden & intruder, score
+
+
+def _truth_view(client: PoseClient, photo: np.ndarray, window: tuple[float, float, float]) -> tuple[np.ndarray, ...]:
+    """The people of an unshaken view of the photo, in photo pixels: (boxes [P, 4], keypoints [P, K, 3])."""
+    (view,) = camera_path(photo, [window], 1)
+    (placement,) = view.placements
+    found = client.predict(encode_rgb(view.rgb), conf=0.5).as_arrays()
+    boxes = (found.boxes.reshape(-1, 2, 2) - placement.offset) / placement.scale
+    keypoints = found.keypoints.copy()
+    keypoints[:, :, :2] = (found.keypoints[:, :, :2] - placement.offset) / placement.scale
+    return boxes.reshape(-1, 4), keypoints
+
+
+def _keypoint_scores(
+    url: str, photo: np.ndarray, clip: list[ClipFrame], window: tuple[float, float, float], direction: tuple
+) -> tuple[KeypointScore, KeypointScore]:
+    """(raw, smoothed) keypoints of one tracked clip against the truth; frames sent as PNG (no JPEG noise)."""
+    with PoseClient(url, model=UL_MODEL) as client:
+        truth_boxes, truth_keypoints = _truth_view(client, photo, window)
+        results = list(client.track([encode_rgb(f.rgb, "png") for f in clip], max_in_flight=2))
+    assert all(r.ok for r in results)
+    boxes = [np.array([p.box for p in r.poses]).reshape(-1, 4) for r in results]
+    k = truth_keypoints.shape[1]
+    raw = [np.array([p.raw_keypoints for p in r.poses]).reshape(-1, k, 3) for r in results]
+    smoothed = [np.array([p.keypoints for p in r.poses]).reshape(-1, k, 3) for r in results]
+    return tuple(  # type: ignore[return-value]
+        score_keypoints(clip, truth_boxes, truth_keypoints, boxes, points, direction) for points in (raw, smoothed)
+    )
+
+
+# Views of the photos with people: (photo, window x, y, width in photo pixels).
+STILL_VIEWS = {"bus.jpg": (0, 250, 810), "zidane.jpg": (0, 0, 1280)}
+# The steady pan: 40 frames, the camera moving right by this fraction of the window; the bound on the lag.
+PAN_FRACTION, PAN_FRAMES, MAX_LAG_FRAMES = 0.25, 40, 1.0
+
+
+@pytest.mark.parametrize("name", sorted(STILL_VIEWS))
+def test_smoothed_keypoints_jitter_at_most_half_as_much_and_stay_as_close_to_the_truth(
+    served_url: str, people: dict, name: str
+) -> None:
+    photo = people[name][0]
+    clip = noisy_still(photo, STILL_VIEWS[name], 40, seed=len(name))
+    raw, smoothed = _keypoint_scores(served_url, photo, clip, STILL_VIEWS[name], (0.0, 0.0))
+    print(f"\n{name} still: raw {raw}\n{name} still: smoothed {smoothed}")
+    assert raw.matched >= 40 and smoothed.matched == raw.matched  # at least one person in every frame
+    assert smoothed.jitter_px <= 0.5 * raw.jitter_px, (raw, smoothed)
+    assert smoothed.error_px <= raw.error_px and smoothed.oks >= raw.oks, (raw, smoothed)
+
+
+def test_smoothed_keypoints_lag_a_steady_pan_by_a_bounded_amount(served_url: str, people: dict) -> None:
+    photo = people["bus.jpg"][0]
+    x, y, w = STILL_VIEWS["bus.jpg"]
+    clip = camera_path(photo, [(x, y, w), (x + PAN_FRACTION * w, y, w)], PAN_FRAMES)
+    speed = PAN_FRACTION * 640 / PAN_FRAMES  # frame pixels per frame: the people move left
+    raw, smoothed = _keypoint_scores(served_url, photo, clip, (x, y, w), (-1.0, 0.0))
+    lag = raw.along_px - smoothed.along_px  # behind the motion (to the right) is positive
+    print(f"\npan at {speed:.1f} px/frame: lag {lag:.2f} px ({lag / speed:.2f} frames); raw {raw}; smoothed {smoothed}")
+    assert lag <= MAX_LAG_FRAMES * speed, (raw, smoothed)
+    assert smoothed.error_px <= raw.error_px + MAX_LAG_FRAMES * speed
+    # The switch: smoothed=False gives the raw keypoints; the smoothing parameters are the request's.
+    frames = [encode_rgb(f.rgb, "png") for f in clip[:6]]
+    plain = _track(served_url, frames, smoothed=False)
+    assert all(p.keypoints == p.raw_keypoints for r in plain for p in r.poses) and plain[-1].poses
+    lighter = _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.4, beta=0.0))
+    heavier = _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.001, beta=0.0))
+
+    def moved(results: list[TrackedFrame]) -> float:
+        """How far the keypoints of each track follow the pan from the first frame to the last."""
+        start = {p.track_id: np.array([k[:2] for k in p.keypoints]) for p in results[0].poses}
+        end = {p.track_id: np.array([k[:2] for k in p.keypoints]) for p in results[-1].poses}
+        common = [i for i in start.keys() & end.keys() if i is not None]
+        assert common
+        return float(np.mean([np.abs(end[i] - start[i]).mean() for i in common]))
+
+    assert moved(heavier) < moved(lighter)
+    with pytest.raises(ValueError, match="smooth_min_cutoff must be > 0"):
+        _track(served_url, frames, smoothing=Smoothing(min_cutoff=0.0))
 
 
 def test_concurrent_streams_never_share_ids_or_state(served_url: str, server: TritonServer, people: dict) -> None:

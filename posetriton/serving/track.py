@@ -24,8 +24,20 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CONTROL_CORRID, CONTROL_END, CONTROL_START, FRAME_INDEX, TRACK_IDS, ContractError
-from posetriton.serving.triton_utils import StepBusy, model_parameters, respond_each
+from posetriton.contract import (
+    CANVAS,
+    CONTROL_CORRID,
+    CONTROL_END,
+    CONTROL_START,
+    FRAME_INDEX,
+    IMAGE_SIZE,
+    LETTERBOX,
+    SMOOTHED_KEYPOINTS,
+    TRACK_IDS,
+    ContractError,
+    Smoothing,
+)
+from posetriton.serving.triton_utils import StepBusy, model_parameters, request_parameters, respond_each
 from posetriton.tracking import (
     PoseTracker,
     SequenceStore,
@@ -33,10 +45,11 @@ from posetriton.tracking import (
     TrackerFull,
     TrackerSpec,
     TrackingError,
+    box_colours,
     cap_live_tracks,
     idle_seconds,
 )
-from posetriton.validation import check_detections, check_frame_index
+from posetriton.validation import check_detections, check_frame_index, check_letterbox_rows
 
 SEQUENCES_METRIC = "posetriton_track_sequences"
 # How often the timer looks for idle streams, at most (and at least a tenth of the idle limit).
@@ -84,13 +97,20 @@ class TritonPythonModel:
             boxes, scores = _input(request, "BOXES")[0], _input(request, "SCORES")[0]
             keypoints = _input(request, "KEYPOINTS")[0]
             tracked = min(n, self.limits.max_tracked)  # the best poses first: postprocess rows are score-ordered
+            smoothing = Smoothing.from_parameters(request_parameters(request)).check()
+            canvas, letterbox, frame_size = self._checked_pixels(request)
             if start:  # kept only once its first frame passed the checks, so a refused START leaves nothing behind
                 self.sequences.start(sequence_id, tracker, self.limits.max_sequences)
                 owned = True
             cap_live_tracks(tracker, self.limits.max_tracks)
             ids = np.full((1, rows), -1, np.int64)
+            smoothed = keypoints[None].astype(np.float32)  # rows left untracked keep their raw keypoints
             try:
-                ids[0, :tracked] = tracker.update(boxes[:tracked], scores[:tracked], keypoints[:tracked], frame)
+                colours = box_colours(canvas, letterbox, boxes[:tracked])
+                ids[0, :tracked], smoothed[0, :tracked] = tracker.track(
+                    boxes[:tracked], scores[:tracked], keypoints[:tracked], frame, smoothing,
+                    frame_size=frame_size, colours=colours,
+                )  # fmt: skip
             except Exception:
                 if start:  # the client will START again with its next frame: that must not meet a live ID
                     self.sequences.close(sequence_id)
@@ -100,7 +120,9 @@ class TritonPythonModel:
         finally:
             if end and owned:
                 self.sequences.close(sequence_id)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(TRACK_IDS, ids)])
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(TRACK_IDS, ids), pb_utils.Tensor(SMOOTHED_KEYPOINTS, smoothed)]
+        )
 
     def _checked(self, request: Any, tracker: PoseTracker) -> tuple[int, int, int]:
         """(detections, rows, frame index) of a request that passed the checks."""
@@ -114,6 +136,16 @@ class TritonPythonModel:
         frame = int(index[0])
         check_frame_index(frame, tracker.last_frame)
         return n, int(_input(request, "BOXES").shape[1]), frame
+
+    def _checked_pixels(self, request: Any) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """(canvas, letterbox row, original size) of a request: the frame the tracker reads colours from."""
+        canvas = _input(request, CANVAS)[0]
+        letterbox = _input(request, LETTERBOX)
+        check_letterbox_rows(letterbox, input_size=canvas.shape[0])
+        width, height = (int(v) for v in _input(request, IMAGE_SIZE).reshape(-1)[:2])
+        if width < 1 or height < 1:
+            raise TrackingError(f"IMAGE_SIZE must be positive, got {width}x{height}")
+        return canvas, letterbox[0], (float(width), float(height))
 
     def _evict(self) -> None:
         if self.sequences.evict_idle():

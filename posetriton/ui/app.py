@@ -13,7 +13,8 @@ Routes:
 * ``WS /api/camera?model=&conf=&iou=&max_det=&mode=`` binary messages are encoded frames, text
   messages JSON thresholds; each finished frame is answered with a JSON message (see
   :mod:`posetriton.ui.camera`). ``mode=frames`` asks for one request per frame even when the
-  model has a tracker.
+  model has a tracker; ``keypoints=raw`` asks the tracker for the raw keypoints instead of the
+  track-smoothed ones.
 
 Uploads are held in memory only, limited in size before they are read and in type before they are
 decoded. Every request must name this app in its Host header and, when it carries an Origin (a
@@ -197,11 +198,12 @@ class TritonGateway:
         except ModelNotReadyError:
             return False
 
-    async def camera_engine(self, model: str, track: bool = True) -> CameraEngine:
-        """The tracker when asked for and the server has it for this model, else one request per frame."""
+    async def camera_engine(self, model: str, track: bool = True, smoothed: bool = True) -> CameraEngine:
+        """The tracker when asked for and the server has it for this model (keypoints smoothed over each track
+        unless ``smoothed`` is False), else one request per frame."""
         client = await self.client(model)
         if track and await self.tracking_available(model):
-            return TrackingEngine(client)
+            return TrackingEngine(client, smoothed=smoothed)
         return PerFrameEngine(client, self.settings.camera_in_flight)
 
 
@@ -363,7 +365,11 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
         try:
             meta = await gateway.metadata(model)
             thresholds = thresholds_from_query(websocket.query_params, meta.max_det_limit)
-            engine = await gateway.camera_engine(model, track=websocket.query_params.get("mode") != "frames")
+            engine = await gateway.camera_engine(
+                model,
+                track=websocket.query_params.get("mode") != "frames",
+                smoothed=websocket.query_params.get("keypoints") != "raw",
+            )
         except (PoseClientError, ContractError) as exc:
             await websocket.send_json({"type": "fatal", "error": str(exc)})
             await websocket.close()

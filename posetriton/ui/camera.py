@@ -143,11 +143,12 @@ class TrackingEngine:
 
     tracking = True
 
-    def __init__(self, client: AsyncPoseClient, in_flight: int = 2) -> None:
+    def __init__(self, client: AsyncPoseClient, in_flight: int = 2, smoothed: bool = True) -> None:
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}")
         self.client = client
         self.in_flight = in_flight
+        self.smoothed = smoothed  # keypoints smoothed over each track by the server (else the raw ones)
 
     async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
         dropped_before = 0  # by the SDK in earlier sequences of this connection
@@ -156,7 +157,7 @@ class TrackingEngine:
             received: dict[int, CameraFrame] = {}
             results = self.client.track(
                 self._sequence(frames, thresholds, limits, received), live=True, max_in_flight=self.in_flight,
-                conf=limits.conf, iou=limits.iou, max_det=limits.max_det,
+                conf=limits.conf, iou=limits.iou, max_det=limits.max_det, smoothed=self.smoothed,
             )  # fmt: skip
             dropped_here = 0
             try:

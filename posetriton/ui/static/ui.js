@@ -327,7 +327,8 @@ async function startCamera() {
   camera.sentAt.clear();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const mode = $("camera-track").checked ? "track" : "frames";
-  const query = new URLSearchParams({ model: model.name, mode, ...thresholds() });
+  const keypoints = $("camera-smooth").checked ? "smoothed" : "raw";
+  const query = new URLSearchParams({ model: model.name, mode, keypoints, ...thresholds() });
   camera.socket = new WebSocket(`${scheme}://${location.host}/api/camera?${query}`);
   camera.socket.addEventListener("message", onCameraMessage);
   camera.socket.addEventListener("close", (event) => {
