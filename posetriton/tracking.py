@@ -263,6 +263,11 @@ class _Sighting:
     widest: float  # the track's widest box aspect so far (a pose is kept only from a box about that wide)
 
 
+# Lost tracks a stream remembers for re-identification, the most recent first: each new track is compared with
+# every one of them, so this bounds a frame's cost (and a stream's memory: a sighting holds a colour histogram).
+REID_MAX_LOST = 64
+
+
 class Reidentifier:
     """Track IDs that survive occlusion: a new track that is a lost one back gets the lost track's ID.
 
@@ -314,6 +319,11 @@ class Reidentifier:
         self._pending = {n: held for n, held in self._pending.items() if n in here}  # a held track that vanished
         present = {self.output_id(o.id) for _, o in tracks}
         lost = {i: s for i, s in self._seen.items() if s.frame < frame and i not in present}
+        if len(lost) > REID_MAX_LOST:  # a crowd (or a hostile client) losing many at once: keep the latest
+            kept = sorted(lost, key=lambda i: lost[i].frame)[-REID_MAX_LOST:]
+            for forgotten in set(lost) - set(kept):
+                del self._seen[forgotten]
+            lost = {i: lost[i] for i in kept}
         out: dict[int, int] = {}
         for row, obj in tracks:
             box, keypoints = obj.last_detection.points[:2].reshape(4), obj.last_detection.points[2:]
@@ -445,6 +455,10 @@ class KeypointSmoother:
             cutoff = smoothing.min_cutoff + smoothing.beta * relative
             self.value[step] += one_euro_alpha(cutoff, elapsed) * (raw[step] - self.value[step])
             self.seen_at[step] = frame
+        return self.current(keypoints)
+
+    def current(self, keypoints: NDArray[Any]) -> NDArray[Any]:
+        """``keypoints`` ``[K, 3]`` with the filtered position of every keypoint the filter has seen (no update)."""
         out = keypoints.astype(np.float32).copy()
         known = self.seen_at >= 0
         out[known, :2] = self.value[known]
@@ -520,14 +534,20 @@ class PoseTracker:
         colours: NDArray[Any] | None = None,
     ) -> tuple[NDArray[Any], NDArray[Any]]:
         """:meth:`update`, and each pose's keypoints smoothed over its track (``[N, K, 3]``, FP32; the raw ones
-        for a pose without a track ID, and for a late frame, which changes no state).
+        for a pose without a track ID). A late frame (one that overtook another inside the server: with several
+        frames in flight, the steps before this one may finish them out of order) changes no state and gets its
+        tracks' latest filtered keypoints, which is where a video expects them, rather than its raw ones.
         ``frame_size`` (width, height) lets re-identification place a person who left the view at its edge;
         ``colours`` (:func:`box_colours` of the detections) let it tell a returning person from someone else."""
         self._reid.frame_size = frame_size
         late = self.last_frame is not None and frame_index <= self.last_frame
         ids = self.update(boxes, scores, keypoints, frame_index, colours)
         if late:
-            return ids, keypoints.astype(np.float32)
+            latest = keypoints.astype(np.float32)
+            for row, track_id in enumerate(ids.tolist()):
+                if track_id in self._smoothers:
+                    latest[row] = self._smoothers[track_id].current(keypoints[row])
+            return ids, latest
         for gone in set(self._smoothers) - self._reid.remembered:
             del self._smoothers[gone]  # a track that died: a later one never gets its filter state
         chosen = smoothing.or_defaults(DEFAULT_SMOOTHING).check()

@@ -44,6 +44,7 @@ from posetriton.launcher import TritonServer
 from posetriton.repository import load_catalog, render, track_models
 from posetriton.tracking import (
     DEFAULT_SMOOTHING,
+    REID_MAX_LOST,
     KeypointSmoother,
     PoseTracker,
     SequenceStore,
@@ -136,9 +137,15 @@ def test_tracker_returns_smoothed_keypoints_and_resets_them_for_a_new_track() ->
     boxes = np.stack([box, other_box])
     ids, filtered = tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 30)
     assert ids[0] == 1 and np.allclose(filtered[1], other)
-    # A frame older than the last one changes no filter and gets its raw keypoints back.
-    _, late = tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 10)
-    assert np.allclose(late, np.stack([keypoints, other]))
+    # A frame older than the last one (it overtook another in the server) changes no filter: it gets its tracks'
+    # latest filtered keypoints, not its raw ones (a jump back in a video), and the next frame goes on as before.
+    current = tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 31)[1]
+    noisy = np.stack([keypoints, other]).copy()
+    noisy[:, :, :2] += 25.0
+    ids, late = tracker.track(boxes, np.array([0.9, 0.9]), noisy, 10)
+    assert ids.tolist() == [1, 2] and np.allclose(late[..., :2], current[..., :2]) and np.allclose(late[..., 2], 0.9)
+    assert np.allclose(tracker.track(boxes, np.array([0.9, 0.9]), np.stack([keypoints, other]), 32)[1][..., :2],
+                       current[..., :2], atol=0.5)  # fmt: skip
 
 
 def test_smoothing_parameters_are_validated_once_and_pass_the_other_steps() -> None:
@@ -624,3 +631,18 @@ def test_cli_track_writes_json_lines_and_an_annotated_video(served_url: str, peo
     capture = cv2.VideoCapture(str(drawn))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == len(clip)
     capture.release()
+
+
+def test_a_stream_remembers_a_bounded_number_of_lost_people() -> None:
+    """Re-identification compares each new track with every remembered lost one: a crowd that vanishes at once
+    (or a client that makes it up) leaves at most REID_MAX_LOST of them, the latest, so a frame's cost is bounded."""
+    shape = np.random.default_rng(0).uniform(0, 1, (17, 2))
+    people = [_person(150.0 * (i % 20), 400.0 * (i // 20), 100, shape) for i in range(2 * REID_MAX_LOST)]
+    boxes, keypoints = np.stack([b for b, _ in people]), np.stack([k for _, k in people])
+    tracker = PoseTracker(TrackerSpec(), 17)
+    for frame in range(8):
+        ids = tracker.update(boxes, np.full(len(boxes), 0.9), keypoints, frame)
+    assert (ids > 0).sum() == len(people)
+    for frame in range(8, 12):  # everyone gone
+        tracker.update(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 17, 3)), frame)
+    assert 0 < len(tracker._reid.remembered) <= REID_MAX_LOST
