@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STUB_BINARY = "triton_python_backend_stub"
+from posetriton.server_ownership import ServerReaper, processes, with_shm_prefix
+
 # The APIs only the server's own tooling may call: loading a model runs its Python code in the server,
 # and the shared-memory API maps memory by name. Inference, health, metadata, model configuration and
 # statistics stay open to clients.
@@ -103,21 +104,11 @@ class StubFailure:
 
 def python_stubs(server_pid: int) -> dict[str, tuple[int, str]]:
     """``instance name -> (pid, model name)`` for the server's live Python-backend stubs."""
-    stubs = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline") as cmdline:
-                argv = cmdline.read().split("\0")
-        except OSError:
-            continue
-        if int(fields[1]) != server_pid or not argv[0].endswith(STUB_BINARY) or len(argv) < 9 or fields[0] == "Z":
-            continue
-        stubs[argv[8]] = (int(entry), Path(argv[1]).parent.parent.name)
-    return stubs
+    return {
+        p.argv[8]: (p.pid, Path(p.argv[1]).parent.parent.name)
+        for p in processes()
+        if p.ppid == server_pid and p.is_stub and len(p.argv) >= 9
+    }
 
 
 class StubWatchdog(threading.Thread):
@@ -316,7 +307,9 @@ def supervise(
     key = AdminKey.generate()
     if admin_key_file is not None:
         key.write(admin_key_file)
+    command, shm_prefix = with_shm_prefix(command)
     server = subprocess.Popen([*command, *key.triton_args()], start_new_session=True)
+    reaper = _reap_when_gone(server, shm_prefix)
     watchdog: StubWatchdog | None = None
     stopping = threading.Event()
     gave_up = threading.Event()
@@ -359,6 +352,15 @@ def supervise(
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if server.poll() is not None:
+            reaper.wait_released()
+
+
+def _reap_when_gone(server: subprocess.Popen[bytes], shm_prefix: str) -> ServerReaper:
+    """However Triton ends, its stubs end and its shared memory goes with it (posetriton.server_ownership)."""
+    reaper = ServerReaper(server.pid, shm_prefix, _report)
+    reaper.start()
+    return reaper
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server_ownership import PREFIX_ENV, regions_of, servers_of, stubs_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "tests"
@@ -42,6 +44,53 @@ CACHE_INPUTS = [
     ROOT / "posetriton" / "spec.py",
     ROOT / "tests" / "reference" / "make_references.py",
 ]
+
+
+# Every server this session starts, here or in a child process (``posetriton serve``, the container entry point),
+# names its Python-backend shared memory with this, and its stubs carry it: the end of the session checks that
+# none of them is left, without looking at the servers other users of the machine run.
+SESSION_SHM_PREFIX = f"posetriton_test{os.getpid()}_{secrets.token_hex(3)}_"
+os.environ[PREFIX_ENV] = SESSION_SHM_PREFIX
+# How long a server's leftovers may take to go once it has ended (the reaper SIGKILLs stubs and unlinks files).
+RELEASE_WAIT_S = 30.0
+
+
+def wait_until(condition: Callable[[], bool], what: str | Callable[[], str], timeout_s: float) -> None:
+    """Poll ``condition`` every 0.1 s; fail naming ``what`` (a text, or a function giving one then) if it is still
+    false after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(0.1)
+
+
+def leftovers(prefix: str) -> dict[str, list]:
+    """What of the servers whose region prefix starts with ``prefix`` is still there."""
+    return {
+        "tritonserver processes": servers_of(prefix),
+        "Python-backend stubs": stubs_of(prefix),
+        "shared-memory regions": [path.name for path in regions_of(prefix)],
+    }
+
+
+def assert_nothing_left(prefix: str, what: str) -> None:
+    """Wait (bounded) until no process and no region of ``prefix`` remains; fail listing what does."""
+    left: dict[str, list] = {}
+
+    def released() -> bool:
+        left.update(leftovers(prefix))
+        return not any(left.values())
+
+    wait_until(released, lambda: f"{what} to leave nothing behind; still there: {left}", RELEASE_WAIT_S)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_leaves_nothing_behind() -> Iterator[None]:
+    """Set up before, and so torn down after, every server fixture: the session fails if anything it started
+    (a tritonserver, a stub, a shared-memory region) outlives it."""
+    yield
+    assert_nothing_left(SESSION_SHM_PREFIX, "the test session")
 
 
 def _fingerprint(*extra: str) -> str:

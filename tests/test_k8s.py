@@ -905,6 +905,16 @@ def manifest_server() -> Iterator[list[ManifestTriton]]:
         server._workdir.cleanup()
 
 
+def _processes_showing(secret: str, pids: list[int]) -> dict[int, list[str]]:
+    """Which of ``pids`` show ``secret`` in their command line or environment (/proc/PID/cmdline, environ)."""
+    shown: dict[int, list[str]] = {}
+    for pid in pids:
+        for what in ("cmdline", "environ"):
+            if secret.encode() in Path(f"/proc/{pid}/{what}").read_bytes():
+                shown.setdefault(pid, []).append(what)
+    return shown
+
+
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as response:
         return int(response.status), response.read().decode()
@@ -954,7 +964,15 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     assert refused.value.code == 403
     assert oct(server.key_file.stat().st_mode & 0o777) == "0o600"
     key = AdminKey.read(server.key_file)
-    assert key.value not in json.dumps(triton), "the secret is never in the manifest"
+    # Where a process in the pod can read the key: Triton 2.51 takes it only on its command line
+    # (--grpc-restricted-protocol / --http-restricted-api), so tritonserver's /proc/PID/cmdline shows it; the
+    # entry point, which made it, and the stubs, which run the models' code, hold it in neither argv nor environ.
+    assert server.process is not None
+    entry_point, triton_pid = server.process.pid, server.triton_pid()
+    stubs = [pid for pid, _ in python_stubs(triton_pid).values()]
+    assert stubs, "the models run in Python-backend stubs"
+    shown = _processes_showing(key.value, [entry_point, triton_pid, *stubs])
+    assert shown == {triton_pid: ["cmdline"]}, f"entry point {entry_point}, tritonserver {triton_pid}: {shown}"
     with urllib.request.urlopen(
         urllib.request.Request(index, data=b"{}", method="POST", headers=key.http_headers), timeout=10
     ) as answer:
@@ -965,7 +983,6 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
         models = set(re.findall(rf'^{series}\{{[^}}]*model="([^"]+)"', metrics, re.MULTILINE))
         assert any(re.fullmatch(selector.group(1), m) for m in models), f"{series}: no series for {selector.group(1)}"
-    assert server.process is not None
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)  # to the entry point, which passes it on to Triton
     code = server.process.wait(timeout=int(_flag(triton, "exit-timeout-secs")) + 15)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import image_bytes_input as image_input
+from posetriton.contract import PIPELINE_SUFFIXES
 
 
 @dataclass
@@ -55,3 +58,14 @@ def match(served: Detections, expected: Detections) -> np.ndarray:
     order = distance.argmin(axis=1)
     assert len(set(order.tolist())) == len(order), "two expected detections matched the same served one"
     return order
+
+
+def pending_requests(metrics_port: int, ensemble: str) -> int:
+    """Requests Triton holds in the steps of ``ensemble`` right now (queued or executing), from its
+    pending-request gauges. The ensemble's own gauge stays 0: its requests wait in its steps."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in PIPELINE_SUFFIXES)
+    found = re.findall(rf'^nv_inference_pending_request_count{{model="(?:{steps})",version="1"}} (\d+)', text, re.M)
+    assert len(found) == len(PIPELINE_SUFFIXES), f"Triton exposes no pending-request count for the steps of {ensemble}"
+    return sum(int(count) for count in found)
