@@ -192,6 +192,61 @@ def references(model_repository: Path, photo_paths: list[Path], crowd_photo: Pat
     return {"arrays": arrays, "detections": json.loads((out / "detections.json").read_text())}
 
 
+@pytest.fixture(scope="session")
+def float32_noise_of(references: dict, photo_paths: list[Path], crowd_photo: Path) -> dict[str, dict[str, float]]:
+    """Per model: PyTorch float32's own distance from the same network in float64 on every reference photo,
+    on the rows the served network returns (build_engines.parity.float32_noise): the scale of every bound that
+    compares two float32 runs of a network."""
+    from build_engines.parity import float32_noise, top_k_rows
+    from posetriton.repository import load_catalog
+
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+    photos = [*photo_paths, crowd_photo]
+    noise = {}
+    for model, prefix in ((SG_MODEL, "sg"), (UL_MODEL, "ul")):
+        k, keypoints = catalog[model].num_candidates, catalog[model].postprocess.num_keypoints
+
+        def rows(name: str, prefix: str = prefix, k: int = k) -> list[np.ndarray]:
+            return [top_k_rows(references["arrays"][f"{prefix}_{name}/{photo.name}"][None], k) for photo in photos]
+
+        noise[model] = float32_noise(rows("candidates64"), rows("candidates"), keypoints)
+    return noise
+
+
+def photo_bounds(noise: dict[str, float], width: int, height: int, input_size: int) -> dict[str, float]:
+    """Bounds for two float32 runs of a served model on one photo, in its own pixels (boxes, keypoints_xy) and
+    as probabilities (scores, keypoint_conf): the network's (FLOAT32_MARGIN x noise, in input pixels) times the
+    letterbox's inverse scale, plus the float32 spacing of the photo's largest coordinate once per side (each
+    maps it back with its own rounding)."""
+    from build_engines.parity import noise_bounds
+
+    network = noise_bounds(noise)
+    inverse_scale = max(width, height) / input_size
+    mapping = 2 * float(np.spacing(np.float32(max(width, height))))
+    return {
+        "boxes": network["boxes"] * inverse_scale + mapping,
+        "keypoints_xy": network["keypoints_xy"] * inverse_scale + mapping,
+        "scores": network["scores"],
+        "keypoint_conf": network["keypoint_conf"],
+    }
+
+
+@pytest.fixture(scope="session")
+def bounds_for(float32_noise_of: dict[str, dict[str, float]]) -> Callable[[str, bytes], dict[str, float]]:
+    """``bounds_for(model, image)``: how far two float32 runs of ``model`` on that encoded photo may differ."""
+    from posetriton.images import decode_image
+    from posetriton.repository import load_catalog
+
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+
+    def bounds(model: str, image: bytes) -> dict[str, float]:
+        spec = catalog[model].letterbox
+        height, width = decode_image(image, spec.max_pixels).shape[:2]
+        return photo_bounds(float32_noise_of[model], width, height, spec.input_size)
+
+    return bounds
+
+
 def model_stats(url: str, model: str) -> tuple[int, int, int]:
     """(successful requests, failed requests, images inferred) so far, from Triton's statistics.
 

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.watchdog import python_stubs
 from tests.conftest import UL_MODEL, free_port, wait_until
 from tests.inputs import bad_inputs
-from tests.triton_requests import Detections, image_input, pending_requests, split
+from tests.triton_requests import Detections, differences, image_input, pending_requests, same_within, split
 
 # Warm-up first drives every step to its largest batches (8 requests of 8 photos in flight), then runs
 # SOAK_WARMUP ordinary requests: memory climbs to a high-water mark (shared-memory pools, allocator arenas,
@@ -91,15 +92,12 @@ def batch_request(url: str, images: list[bytes]) -> int:
         return len(split(client.infer(UL_MODEL, [image_input(images)], client_timeout=DEADLINE_S)))
 
 
-def same(a: Detections, b: Detections) -> bool:
-    return len(a.scores) == len(b.scores) and np.allclose(a.keypoints, b.keypoints, atol=1e-4)
-
-
 def soak(
     repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch, rounds: int, per_round: int,
-    bound: int, leak_to_catch: int,
+    bound: int, leak_to_catch: int, bounds_for: Callable[[str, bytes], dict[str, float]],
 ) -> None:  # fmt: skip
     photos = {p.name: p.read_bytes() for p in photo_paths}
+    bounds = {name: bounds_for(UL_MODEL, data) for name, data in photos.items()}
     bad = {name: data for name, (data, _) in bad_inputs(photos["bus.jpg"]).items()}
     for name, value in STEADY_MALLOC.items():
         monkeypatch.setenv(name, value)  # the launcher hands its environment to Triton and the stubs
@@ -126,7 +124,8 @@ def soak(
     outcomes: Counter[str] = Counter()
     for (name, _, valid), result in zip(jobs[warmup:], results, strict=True):
         if valid:
-            assert isinstance(result, Detections) and same(result, expected[name]), f"{name}: {result}"
+            assert isinstance(result, Detections), f"{name}: {result}"
+            assert same_within(result, expected[name], bounds[name]), (name, differences(result, expected[name]))
             outcomes["valid answered correctly"] += 1
         else:
             assert result == "INVALID_ARGUMENT", f"{name}: {result}"
@@ -145,19 +144,21 @@ def soak(
 
 
 def test_soak_mixed_valid_and_invalid_at_concurrency_8(
-    model_repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    soak(model_repository, photo_paths, monkeypatch, **SOAK)
+    model_repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch,
+    bounds_for: Callable[[str, bytes], dict[str, float]],
+) -> None:  # fmt: skip
+    soak(model_repository, photo_paths, monkeypatch, **SOAK, bounds_for=bounds_for)
 
 
 @pytest.mark.slow
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_long_soak_memory_slope(
-    model_repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+    model_repository: Path, photo_paths: list[Path], monkeypatch: pytest.MonkeyPatch,
+    bounds_for: Callable[[str, bytes], dict[str, float]],
+) -> None:  # fmt: skip
     """Long enough for the slope to bound growth tightly (`make soak`; left out of `make test`)."""
-    soak(model_repository, photo_paths, monkeypatch, **LONG_SOAK)
+    soak(model_repository, photo_paths, monkeypatch, **LONG_SOAK, bounds_for=bounds_for)
 
 
 @pytest.mark.parametrize("soak_size", [SOAK, LONG_SOAK], ids=["short", "long"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,29 @@ def infer_error(
         except grpcclient.InferenceServerException as exc:
             return exc
     raise AssertionError(f"{model}: the request succeeded but should have failed")
+
+
+def differences(a: Detections, b: Detections) -> dict[str, float]:
+    """Largest |a - b| per quantity (the keys of build_engines.parity.QUANTITIES); same counts and order assumed."""
+    return {
+        "boxes": float(np.abs(a.boxes - b.boxes).max(initial=0.0)),
+        "scores": float(np.abs(a.scores - b.scores).max(initial=0.0)),
+        "keypoints_xy": float(np.abs(a.keypoints[..., :2] - b.keypoints[..., :2]).max(initial=0.0)),
+        "keypoint_conf": float(np.abs(a.keypoints[..., 2] - b.keypoints[..., 2]).max(initial=0.0)),
+    }
+
+
+def same_within(a: Detections, b: Detections, bounds: Mapping[str, float]) -> bool:
+    """The same detections, in the same order, each quantity within its bound (e.g. conftest.photo_bounds)."""
+    if len(a.scores) != len(b.scores):
+        return False
+    return all(value <= bounds[key] for key, value in differences(a, b).items())
+
+
+def assert_same(a: Detections, b: Detections, bounds: Mapping[str, float]) -> None:
+    """Two runs of one photo (batched or alone, bytes or pixels) agree within ``bounds``."""
+    assert len(a.scores) == len(b.scores), (len(a.scores), len(b.scores))
+    assert same_within(a, b, bounds), {"measured": differences(a, b), "bounds": dict(bounds)}
 
 
 def match(served: Detections, expected: Detections) -> np.ndarray:
