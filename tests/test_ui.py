@@ -457,9 +457,8 @@ def test_live_camera_draws_poses_and_reports_fps_latency_and_dropped(
         ledger = json.loads(sample["ledger"])
         assert ledger["captured"] == ledger["sent"] + ledger["encoding"] + ledger["droppedHere"], sample
         assert ledger["sent"] + ledger["encoding"] - ledger["answered"] <= max_in_flight, sample
-        assert (
-            int(sample["dropped"]) >= ledger["droppedHere"] >= ledger["captured"] - ledger["answered"] - max_in_flight
-        )
+        # hence every frame beyond MAX_IN_FLIGHT that was not answered is counted as dropped:
+        assert ledger["droppedHere"] >= ledger["captured"] - ledger["answered"] - max_in_flight, sample
     _assert_stable_track_ids(samples)
 
 
