@@ -39,11 +39,11 @@ logger = logging.getLogger(__name__)
 QUANTITIES = ("boxes", "scores", "keypoints_xy", "keypoint_conf")
 # bound = FLOAT32_MARGIN x (PyTorch float32 - float64). Another float32 implementation's own error may be a few
 # times PyTorch's (other summation orders and blockings). |OpenVINO f32 - float64| / noise, measured on the test
-# photos (tests/test_parity.py, AMD EPYC with AVX-512, 2026-12-04): <= 3.5 for yolo11n-pose, <= 2.2 for the seeded
-# YOLO-NAS Pose N. On a 2-vCPU Intel Xeon with AVX-512 and AMX, the figures that failed the former fixed 1e-3 px
-# bound (boxes 7.3e-4, keypoints 1.4e-3 px, scores 3.6e-6 from PyTorch float32) are at most 5.0x, 6.1x and 3.8x
-# the noise from float64. 16 keeps 2.6x over the worst seen, and is still far below what a real export fault
-# moves (bf16 by mistake: ~3 px; a wrong letterbox: more).
+# photos (tests/test_parity.py, AMD EPYC with AVX-512, 2026-12-04; docs/precision.md): <= 3.5 for yolo11n-pose,
+# <= 1.9 for the seeded YOLO-NAS Pose N. On a 2-vCPU Intel Xeon with AVX-512 and AMX, the figures that failed the
+# former fixed 1e-3 px bound (boxes 7.3e-4, keypoints 1.4e-3 px, scores 3.6e-6 from PyTorch float32) are at most
+# 5.0x, 6.1x and 2.0x the noise from float64. 16 keeps 2.6x over the worst seen, and is still far below what a
+# real export fault moves (bf16 by mistake: pixels; a wrong letterbox: more).
 FLOAT32_MARGIN = 16.0
 # Boxes and keypoints are compared only on anchors whose reference person score reaches this. Below it the
 # geometry is never served and sits at float32's noise floor: on the trained yolo11n-pose, PyTorch float32
