@@ -33,11 +33,12 @@ def export_network(model: ServedModel, out_dir: Path, photos: list[Path], option
     _save_served_onnx(served, served_path, model, source=family.source)
 
     result = verify_export(
-        family.unified, served_path, canvases, model.letterbox, family.reference, keypoints, options.tolerance_overrides
-    )
+        family.unified, served_path, canvases, model.letterbox, family.reference, family.reference_float64, keypoints,
+        options.tolerance_overrides,
+    )  # fmt: skip
     if family.extra_check is not None:
         floats = [to_network_input(batch, model.letterbox) for batch in canvases]
-        family.extra_check(floats, [family.reference(batch) for batch in floats])
+        family.extra_check(floats, [family.reference(batch) for batch in floats], result.diagnostics["tolerances"])
     result.extra_files = {**family.extra_files, **result.extra_files}
     return result
 

@@ -3,11 +3,13 @@
 Two checks. The unified graph (float input, every anchor) against PyTorch anchor by anchor, then the served graph
 (uint8 canvas in, top-k out; ONNX Runtime and the OpenVINO IR) against the reference's own top-k rows.
 
-Tolerances follow from what the served result can tolerate (:data:`SERVED_BOUNDS`, the bounds the parity tests
-hold the served poses to) divided by :data:`SAFETY_FACTOR`, not from a guess at float32 noise: a legitimate
-checkpoint with large logits moves scores by a few 1e-5 between runtimes, which is harmless. Every report gives
-the margin (tolerance / measured); ``build --parity-tolerance KEY=VALUE`` overrides one (docs in
-build_engines/README.md).
+Every bound is measured, never guessed. A float32 implementation of a network (PyTorch, ONNX Runtime, OpenVINO, each
+with kernels chosen per instruction set: AVX2, AVX-512, AMX) differs from the exact result by its rounding, and how
+much depends on the network and its inputs, not on the CPU. The exact result is the same PyTorch network run in
+float64 on the same inputs; PyTorch float32's own distance from it (:func:`float32_noise`) is the scale, and the
+bound is :data:`FLOAT32_MARGIN` times it (:func:`noise_bounds`). Every exported graph is compared with the float64
+result. Every report gives the noise, the bounds and the margin (bound / measured); ``build --parity-tolerance
+KEY=VALUE`` overrides one bound (docs in build_engines/README.md).
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ if TYPE_CHECKING:  # the comparisons below are numpy-only, so the tests import t
 
 logger = logging.getLogger(__name__)
 
-# What the served poses are held to (tests/test_parity.py): coordinates in input pixels, scores as probabilities.
-SERVED_BOUNDS: dict[str, float] = {"boxes": 0.05, "scores": 1e-3, "keypoints_xy": 0.05, "keypoint_conf": 1e-3}
-# The export gate keeps a tenth of each bound, so export error alone can never use up a served bound.
-SAFETY_FACTOR = 10.0
-TOLERANCES: dict[str, float] = {key: bound / SAFETY_FACTOR for key, bound in SERVED_BOUNDS.items()}
+# The compared quantities: box corners and keypoint xy in network-input pixels, person score and keypoint
+# confidence as probabilities.
+QUANTITIES = ("boxes", "scores", "keypoints_xy", "keypoint_conf")
+# bound = FLOAT32_MARGIN x (PyTorch float32 - float64). Another float32 implementation's own error may be a few
+# times PyTorch's (other summation orders and blockings). |OpenVINO f32 - float64| / noise, measured on the test
+# photos (tests/test_parity.py, AMD EPYC with AVX-512, 2026-12-04; docs/precision.md): <= 3.5 for yolo11n-pose,
+# <= 1.9 for the seeded YOLO-NAS Pose N. On a 2-vCPU Intel Xeon with AVX-512 and AMX, the figures that failed the
+# former fixed 1e-3 px bound (boxes 7.3e-4, keypoints 1.4e-3 px, scores 3.6e-6 from PyTorch float32) are at most
+# 5.0x, 6.1x and 2.0x the noise from float64. 16 keeps 2.6x over the worst seen, and is still far below what a
+# real export fault moves (bf16 by mistake: pixels; a wrong letterbox: more).
+FLOAT32_MARGIN = 16.0
 # Boxes and keypoints are compared only on anchors whose reference person score reaches this. Below it the
 # geometry is never served and sits at float32's noise floor: on the trained yolo11n-pose, PyTorch float32
 # itself differs from float64 by 1.7e-3 px there, but by <= 4e-4 px on anchors scoring >= 0.01.
@@ -55,8 +63,8 @@ class ExportResult:
     """What an export produced and how closely the exported graphs follow PyTorch.
 
     ``parity`` (ONNX Runtime, served graph) and ``openvino_parity`` (the IR, f32) are the enforced numbers:
-    max |difference| from PyTorch over every input on the top-k rows. ``diagnostics`` adds the unified graph on
-    every anchor, OpenVINO against ONNX Runtime, the tolerances used and the margins.
+    max |difference| from PyTorch float64 over every input on the top-k rows. ``diagnostics`` adds the float32
+    noise, the unified graph on every anchor, OpenVINO against ONNX Runtime, the tolerances used and the margins.
     """
 
     onnx_path: Path  # the served ONNX: uint8 canvas in, top-k candidates out, dynamic batch
@@ -66,12 +74,28 @@ class ExportResult:
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def tolerances(overrides: Mapping[str, float] | None = None) -> dict[str, float]:
-    """The gate's tolerances, with user overrides (unknown keys are refused)."""
-    unknown = sorted(set(overrides or {}) - set(TOLERANCES))
+def float32_noise(exact: Sequence[np.ndarray], float32: Sequence[np.ndarray], num_keypoints: int) -> dict[str, float]:
+    """How far PyTorch float32 is from the same network in float64, on top-k rows (``[B, k, W]`` each).
+
+    Never below the float32 spacing of the largest value compared (an exact match still rounds once on output).
+    """
+    scores_only = top_k_differences(exact, float32, num_keypoints, math.inf)["scores"]
+    gap = FLOAT32_MARGIN * max(scores_only, float(np.spacing(np.float32(1.0))))
+    measured = top_k_differences(exact, float32, num_keypoints, gap)
+    resolution = dict.fromkeys(QUANTITIES, 0.0)
+    for want in exact:
+        for key, (values, _) in _split(want, want, num_keypoints).items():
+            largest = float(np.abs(values).max(initial=0.0))
+            resolution[key] = max(resolution[key], float(np.spacing(np.float32(largest))))
+    return {key: max(measured[key], resolution[key]) for key in QUANTITIES}
+
+
+def noise_bounds(noise: Mapping[str, float], overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """:data:`FLOAT32_MARGIN` x the measured noise, with user overrides (unknown keys are refused)."""
+    unknown = sorted(set(overrides or {}) - set(QUANTITIES))
     if unknown:
-        raise ValueError(f"unknown parity tolerance(s) {unknown}; known: {sorted(TOLERANCES)}")
-    return {**TOLERANCES, **(overrides or {})}
+        raise ValueError(f"unknown parity tolerance(s) {unknown}; known: {sorted(QUANTITIES)}")
+    return {**{key: FLOAT32_MARGIN * noise[key] for key in QUANTITIES}, **(overrides or {})}
 
 
 def parity_canvases(photos: Sequence[Path], spec: LetterboxSpec) -> list[np.ndarray]:
@@ -95,50 +119,54 @@ def verify_export(
     canvases: Sequence[np.ndarray],
     spec: LetterboxSpec,
     reference: Reference,
+    reference_float64: Reference,
     num_keypoints: int,
     tolerance_overrides: Mapping[str, float] | None = None,
 ) -> ExportResult:
-    """Unified graph vs PyTorch on every anchor, then the served ONNX and its OpenVINO IR vs PyTorch's top-k.
+    """Unified graph vs PyTorch float64 on every anchor, then the served ONNX and its IR vs float64's top-k.
 
-    OpenVINO is held to PyTorch rather than to ONNX Runtime: two independent float32 implementations differ by
-    the sum of their errors. Raises :class:`ParityError` on any miss.
+    The bounds are :data:`FLOAT32_MARGIN` x PyTorch float32's own distance from float64 on these inputs. Raises
+    :class:`ParityError` on any miss.
     """
     import onnxruntime as ort
 
     from build_engines.onnx_graph import FLOAT_INPUT_NAME
     from build_engines.openvino_ir import compile_f32, convert_to_openvino
 
-    limits = tolerances(tolerance_overrides)
     floats = [to_network_input(batch, spec) for batch in canvases]
-    expected_all = [reference(batch) for batch in floats]
-
-    unified_session = ort.InferenceSession(unified.SerializeToString(), providers=["CPUExecutionProvider"])
-    unified_out = [unified_session.run([CANDIDATES], {FLOAT_INPUT_NAME: batch})[0] for batch in floats]
-    unified_parity = candidate_differences(expected_all, unified_out, num_keypoints, PARITY_SCORE_FLOOR)
-    enforce("unified ONNX (every anchor) vs PyTorch", unified_parity, limits)
+    exact_all = [reference_float64(batch.astype(np.float64)) for batch in floats]
+    float32_all = [reference(batch) for batch in floats]
 
     session = ort.InferenceSession(str(served_path), providers=["CPUExecutionProvider"])
     served_out = [session.run([CANDIDATES], {CANVAS: batch})[0] for batch in canvases]
     k = served_out[0].shape[1]
-    expected = [top_k_rows(batch, k) for batch in expected_all]
-    parity = top_k_differences(expected, served_out, num_keypoints, limits["scores"])
-    enforce(f"ONNX Runtime {served_path.name} (top-{k}) vs PyTorch", parity, limits)
+    exact = [top_k_rows(batch, k) for batch in exact_all]
+    noise = float32_noise(exact, [top_k_rows(batch, k) for batch in float32_all], num_keypoints)
+    limits = noise_bounds(noise, tolerance_overrides)
+    logger.info("float32 noise (PyTorch float32 vs float64): %s; bounds x%g", noise, FLOAT32_MARGIN)
+
+    unified_session = ort.InferenceSession(unified.SerializeToString(), providers=["CPUExecutionProvider"])
+    unified_out = [unified_session.run([CANDIDATES], {FLOAT_INPUT_NAME: batch})[0] for batch in floats]
+    unified_parity = candidate_differences(exact_all, unified_out, num_keypoints, PARITY_SCORE_FLOOR)
+    enforce("unified ONNX (every anchor) vs PyTorch float64", unified_parity, limits)
+
+    parity = top_k_differences(exact, served_out, num_keypoints, limits["scores"])
+    enforce(f"ONNX Runtime {served_path.name} (top-{k}) vs PyTorch float64", parity, limits)
 
     xml_path = convert_to_openvino(served_path, served_path.with_suffix(".xml"))
     compiled = compile_f32(xml_path)
     openvino_out = [np.asarray(compiled({0: batch})[compiled.output(0)]) for batch in canvases]
-    openvino_parity = top_k_differences(expected, openvino_out, num_keypoints, limits["scores"])
-    enforce(f"OpenVINO {xml_path.name} (top-{k}) vs PyTorch", openvino_parity, limits)
+    openvino_parity = top_k_differences(exact, openvino_out, num_keypoints, limits["scores"])
+    enforce(f"OpenVINO {xml_path.name} (top-{k}) vs PyTorch float64", openvino_parity, limits)
     return ExportResult(
         onnx_path=served_path,
         parity=parity,
         extra_files={"openvino_xml": xml_path, "openvino_bin": xml_path.with_suffix(".bin")},
         openvino_parity=openvino_parity,
         diagnostics={
+            "float32_noise": noise,
             "unified_onnxruntime_vs_pytorch": unified_parity,
-            "unified_onnxruntime_vs_pytorch_all_anchors": candidate_differences(
-                expected_all, unified_out, num_keypoints
-            ),
+            "unified_onnxruntime_vs_pytorch_all_anchors": candidate_differences(exact_all, unified_out, num_keypoints),
             "openvino_vs_onnxruntime": top_k_differences(served_out, openvino_out, num_keypoints, limits["scores"]),
             "tolerances": limits,
             "margins": {key: margin(limits[key], max(parity[key], openvino_parity[key])) for key in limits},
@@ -159,10 +187,10 @@ def candidate_differences(
     Scores are compared on every row. Boxes and keypoints only on rows whose expected person score is at
     least ``score_floor``: the others can never be served, and their geometry sits at float32's noise floor.
     """
-    worst = dict.fromkeys(TOLERANCES, 0.0)
+    worst = dict.fromkeys(QUANTITIES, 0.0)
     for want, got in zip(expected, actual, strict=True):
         if want.shape != got.shape:
-            return dict.fromkeys(TOLERANCES, math.inf)
+            return dict.fromkeys(QUANTITIES, math.inf)
         selected = want[..., SCORE_COLUMN] >= score_floor
         for key, (expected_values, actual_values) in _split(want, got, num_keypoints).items():
             keep = Ellipsis if key == "scores" else selected
@@ -182,10 +210,10 @@ def top_k_differences(
     ``score_tolerance`` (elsewhere the other runtime may legitimately order the near-tied rows the other way),
     and only above :data:`PARITY_SCORE_FLOOR`.
     """
-    worst = dict.fromkeys(TOLERANCES, 0.0)
+    worst = dict.fromkeys(QUANTITIES, 0.0)
     for want, got in zip(expected, actual, strict=True):
         if want.shape != got.shape:
-            return dict.fromkeys(TOLERANCES, math.inf)
+            return dict.fromkeys(QUANTITIES, math.inf)
         scores = want[..., SCORE_COLUMN].astype(np.float64)
         gaps = np.abs(np.diff(scores, axis=1))
         inf = np.full((len(scores), 1), np.inf)
@@ -217,7 +245,7 @@ def _split(want: np.ndarray, got: np.ndarray, num_keypoints: int) -> dict[str, t
     }
 
 
-def enforce(what: str, differences: Mapping[str, float], limits: Mapping[str, float] = TOLERANCES) -> None:
+def enforce(what: str, differences: Mapping[str, float], limits: Mapping[str, float]) -> None:
     failures = {key: value for key, value in differences.items() if not value <= limits[key]}
     if failures:
         detail = ", ".join(f"{key} {differences[key]:.3g} > {limits[key]:g}" for key in failures)

@@ -40,10 +40,13 @@ class FamilyExport:
 
     unified: onnx.ModelProto
     reference: Callable[[np.ndarray], np.ndarray]
+    # The same network in float64 (float64 batch in, float64 candidates out): the exact result the parity bounds
+    # are measured from (build_engines.parity.float32_noise).
+    reference_float64: Callable[[np.ndarray], np.ndarray]
     source: str
     extra_files: dict[str, Path]
-    # Extra checks on (float inputs, reference candidates), e.g. a reference ONNX the tests rely on.
-    extra_check: Callable[[list[np.ndarray], list[np.ndarray]], None] | None = None
+    # Extra checks on (float inputs, reference candidates, the gate's bounds), e.g. a reference ONNX the tests use.
+    extra_check: Callable[[list[np.ndarray], list[np.ndarray], dict[str, float]], None] | None = None
 
 
 Exporter = Callable[["ServedModel", Path, ExportOptions], FamilyExport]

@@ -8,6 +8,7 @@ square input, so it is checked against PyTorch here too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
 import os
@@ -56,17 +57,20 @@ def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyE
     network = _ultralytics_torch_model(weights)
     num_keypoints = model.postprocess.num_keypoints
 
-    def check_static(floats: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    network_float64 = copy.deepcopy(network).double()
+
+    def check_static(floats: list[np.ndarray], expected: list[np.ndarray], limits: dict[str, float]) -> None:
         """The static raw ONNX must match PyTorch too: tests trust it as Ultralytics' reference."""
         session = ort_session(static_path)
         singles = [(batch, want) for batch, want in zip(floats, expected, strict=True) if len(batch) == 1]
         actual = [ultralytics_candidates(session.run(None, {FLOAT_INPUT_NAME: batch})[0]) for batch, _ in singles]
         differences = candidate_differences([w for _, w in singles], actual, num_keypoints, PARITY_SCORE_FLOOR)
-        enforce(f"static ONNX {static_path.name} vs PyTorch", differences)
+        enforce(f"static ONNX {static_path.name} vs PyTorch", differences, limits)
 
     return FamilyExport(
         unified=unified,
         reference=lambda batch: ultralytics_candidates(_ultralytics_raw(network, batch)),
+        reference_float64=lambda batch: ultralytics_candidates(_ultralytics_raw(network_float64, batch)),
         source=f"weights:{weights.name}",
         extra_files={"static_onnx": static_path, "weights": weights},
         extra_check=check_static,
@@ -76,10 +80,12 @@ def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyE
 def ultralytics_candidates(raw: np.ndarray) -> np.ndarray:
     """Ultralytics' ``[B, 5 + 3K, A]`` (cx, cy, w, h, score, keypoints) -> ``[B, A, 5 + 3K]`` candidates.
 
-    Mirrors Ultralytics' ``xywh2xyxy`` in float32 (``cx -/+ w / 2``), the same ops the served graph appends.
+    Mirrors Ultralytics' ``xywh2xyxy`` (``cx -/+ w / 2``), the same ops the served graph appends, in float32 (or
+    float64 for a float64 reference).
     """
-    raw = np.ascontiguousarray(raw.transpose(0, 2, 1), dtype=np.float32)
-    centre, half = raw[..., 0:2], raw[..., 2:4] / np.float32(2.0)
+    dtype = np.float64 if raw.dtype == np.float64 else np.float32
+    raw = np.ascontiguousarray(raw.transpose(0, 2, 1), dtype=dtype)
+    centre, half = raw[..., 0:2], raw[..., 2:4] / dtype(2.0)
     return np.concatenate([centre - half, centre + half, raw[..., 4:]], axis=-1)
 
 

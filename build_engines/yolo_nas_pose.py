@@ -8,6 +8,7 @@ weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import shutil
@@ -79,9 +80,11 @@ def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyE
         unified = clean_and_check(
             unify_yolo_nas_outputs(onnx.load(str(raw_path)), size, model.num_anchors, model.postprocess.num_keypoints)
         )
+    network_float64 = copy.deepcopy(network).double()
     return FamilyExport(
         unified=unified,
         reference=lambda batch: yolo_nas_candidates(_yolo_nas_decoded(network, batch)),
+        reference_float64=lambda batch: yolo_nas_candidates(_yolo_nas_decoded(network_float64, batch)),
         source=_describe_source(options.checkpoint, options.weights_url, options.seed),
         extra_files={"checkpoint": weights_file},
     )

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from posetriton.admin_keys import AdminKeys, command_line_exposure
+from posetriton.server_ownership import Released, ServerReaper, with_shm_prefix
 from posetriton.watchdog import (
     EXIT_GAVE_UP,
     KILL_GRACE_S,
@@ -131,6 +132,9 @@ class TritonServer:
         self.options = options
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
+        # Ends the stubs and removes the shared memory of a Triton that died without doing so (server_ownership).
+        self.reaper: ServerReaper | None = None
+        self.shm_prefix: str | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="posetriton-")
         # Made here, for this server only; written (mode 0600, in a private temporary folder) for its owner and
         # for clients on this host that register system shared memory.
@@ -206,12 +210,13 @@ class TritonServer:
             self._write_keys()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+        command, self.shm_prefix = with_shm_prefix(self.command(backend_dir))
         # Its own process group: a Triton that hangs on exit is killed together with its stubs.
         self.process = subprocess.Popen(
-            self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT, env=self.environment(root),
-            start_new_session=True,
-        )  # fmt: skip
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(root), start_new_session=True
+        )
         log.close()
+        self._start_reaper()
         self._wait_ready(timeout)
         if o.stub_watchdog:
             headers = self.admin_keys.control.http_headers if o.restrict_control_apis else None
@@ -257,6 +262,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.release_leftovers()
                 raise ServerStartError(
                     f"tritonserver exited with code {self.process.returncode} while starting:\n"
                     f"{_failure_summary(self.log_text())}\n(full log: {self.log_path})"
@@ -303,9 +309,25 @@ class TritonServer:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             wait_or_kill(self.process, self.stop_deadline(), _report)
+        self.release_leftovers()
         code = self.process.returncode
         self.process = None
         return code
+
+    # --- everything the server started ends with it (posetriton.server_ownership) ---------------------------
+
+    def _start_reaper(self) -> None:
+        assert self.process is not None and self.shm_prefix is not None
+        self.reaper = ServerReaper(self.process.pid, self.shm_prefix, _report)
+        self.reaper.start()
+
+    def release_leftovers(self) -> Released | None:
+        """Once Triton has exited: wait until its stubs are gone and its shared memory removed (what was left)."""
+        if self.reaper is None:
+            return None
+        released = self.reaper.wait_released()
+        self.reaper = None
+        return released
 
     def wait(self) -> int:
         assert self.process is not None

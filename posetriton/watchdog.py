@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from posetriton.admin_keys import AdminKeys, command_line_exposure
+from posetriton.server_ownership import ServerReaper, processes, with_shm_prefix
 
-STUB_BINARY = "triton_python_backend_stub"
 # Triton's own default for --exit-timeout-secs; we kill it this long after that if it has not exited.
 TRITON_EXIT_TIMEOUT_S = 30
 KILL_GRACE_S = 5
@@ -59,21 +59,11 @@ class StubFailure:
 
 def python_stubs(server_pid: int) -> dict[str, tuple[int, str]]:
     """``instance name -> (pid, model name)`` for the server's live Python-backend stubs."""
-    stubs = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline") as cmdline:
-                argv = cmdline.read().split("\0")
-        except OSError:
-            continue
-        if int(fields[1]) != server_pid or not argv[0].endswith(STUB_BINARY) or len(argv) < 9 or fields[0] == "Z":
-            continue
-        stubs[argv[8]] = (int(entry), Path(argv[1]).parent.parent.name)
-    return stubs
+    return {
+        p.argv[8]: (p.pid, Path(p.argv[1]).parent.parent.name)
+        for p in processes()
+        if p.ppid == server_pid and p.is_stub and len(p.argv) >= 9
+    }
 
 
 class StubWatchdog(threading.Thread):
@@ -273,7 +263,9 @@ def supervise(
         command, "--http-port", "8000"
     )
     keys = start_keys(control_key_file, shm_key_file)
+    command, shm_prefix = with_shm_prefix(command)
     server = subprocess.Popen([*command, *keys.triton_args()], start_new_session=True)
+    reaper = _reap_when_gone(server, shm_prefix)
     watchdog: StubWatchdog | None = None
     stopping = threading.Event()
     gave_up = threading.Event()
@@ -317,6 +309,15 @@ def supervise(
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if server.poll() is not None:
+            reaper.wait_released()
+
+
+def _reap_when_gone(server: subprocess.Popen[bytes], shm_prefix: str) -> ServerReaper:
+    """However Triton ends, its stubs end and its shared memory goes with it (posetriton.server_ownership)."""
+    reaper = ServerReaper(server.pid, shm_prefix, _report)
+    reaper.start()
+    return reaper
 
 
 def start_keys(control_key_file: Path | None, shm_key_file: Path | None) -> AdminKeys:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server_ownership import PREFIX_ENV, regions_of, servers_of, stubs_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "tests"
@@ -42,6 +44,53 @@ CACHE_INPUTS = [
     ROOT / "posetriton" / "spec.py",
     ROOT / "tests" / "reference" / "make_references.py",
 ]
+
+
+# Every server this session starts, here or in a child process (``posetriton serve``, the container entry point),
+# names its Python-backend shared memory with this, and its stubs carry it: the end of the session checks that
+# none of them is left, without looking at the servers other users of the machine run.
+SESSION_SHM_PREFIX = f"posetriton_test{os.getpid()}_{secrets.token_hex(3)}_"
+os.environ[PREFIX_ENV] = SESSION_SHM_PREFIX
+# How long a server's leftovers may take to go once it has ended (the reaper SIGKILLs stubs and unlinks files).
+RELEASE_WAIT_S = 30.0
+
+
+def wait_until(condition: Callable[[], bool], what: str | Callable[[], str], timeout_s: float) -> None:
+    """Poll ``condition`` every 0.1 s; fail naming ``what`` (a text, or a function giving one then) if it is still
+    false after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(0.1)
+
+
+def leftovers(prefix: str) -> dict[str, list]:
+    """What of the servers whose region prefix starts with ``prefix`` is still there."""
+    return {
+        "tritonserver processes": servers_of(prefix),
+        "Python-backend stubs": stubs_of(prefix),
+        "shared-memory regions": [path.name for path in regions_of(prefix)],
+    }
+
+
+def assert_nothing_left(prefix: str, what: str) -> None:
+    """Wait (bounded) until no process and no region of ``prefix`` remains; fail listing what does."""
+    left: dict[str, list] = {}
+
+    def released() -> bool:
+        left.update(leftovers(prefix))
+        return not any(left.values())
+
+    wait_until(released, lambda: f"{what} to leave nothing behind; still there: {left}", RELEASE_WAIT_S)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_leaves_nothing_behind() -> Iterator[None]:
+    """Set up before, and so torn down after, every server fixture: the session fails if anything it started
+    (a tritonserver, a stub, a shared-memory region) outlives it."""
+    yield
+    assert_nothing_left(SESSION_SHM_PREFIX, "the test session")
 
 
 def _fingerprint(*extra: str) -> str:
@@ -141,6 +190,61 @@ def references(model_repository: Path, photo_paths: list[Path], crowd_photo: Pat
     with np.load(out / "arrays.npz") as data:
         arrays = {name: data[name] for name in data.files}
     return {"arrays": arrays, "detections": json.loads((out / "detections.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def float32_noise_of(references: dict, photo_paths: list[Path], crowd_photo: Path) -> dict[str, dict[str, float]]:
+    """Per model: PyTorch float32's own distance from the same network in float64 on every reference photo,
+    on the rows the served network returns (build_engines.parity.float32_noise): the scale of every bound that
+    compares two float32 runs of a network."""
+    from build_engines.parity import float32_noise, top_k_rows
+    from posetriton.repository import load_catalog
+
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+    photos = [*photo_paths, crowd_photo]
+    noise = {}
+    for model, prefix in ((SG_MODEL, "sg"), (UL_MODEL, "ul")):
+        k, keypoints = catalog[model].num_candidates, catalog[model].postprocess.num_keypoints
+
+        def rows(name: str, prefix: str = prefix, k: int = k) -> list[np.ndarray]:
+            return [top_k_rows(references["arrays"][f"{prefix}_{name}/{photo.name}"][None], k) for photo in photos]
+
+        noise[model] = float32_noise(rows("candidates64"), rows("candidates"), keypoints)
+    return noise
+
+
+def photo_bounds(noise: dict[str, float], width: int, height: int, input_size: int) -> dict[str, float]:
+    """Bounds for two float32 runs of a served model on one photo, in its own pixels (boxes, keypoints_xy) and
+    as probabilities (scores, keypoint_conf): the network's (FLOAT32_MARGIN x noise, in input pixels) times the
+    letterbox's inverse scale, plus the float32 spacing of the photo's largest coordinate once per side (each
+    maps it back with its own rounding)."""
+    from build_engines.parity import noise_bounds
+
+    network = noise_bounds(noise)
+    inverse_scale = max(width, height) / input_size
+    mapping = 2 * float(np.spacing(np.float32(max(width, height))))
+    return {
+        "boxes": network["boxes"] * inverse_scale + mapping,
+        "keypoints_xy": network["keypoints_xy"] * inverse_scale + mapping,
+        "scores": network["scores"],
+        "keypoint_conf": network["keypoint_conf"],
+    }
+
+
+@pytest.fixture(scope="session")
+def bounds_for(float32_noise_of: dict[str, dict[str, float]]) -> Callable[[str, bytes], dict[str, float]]:
+    """``bounds_for(model, image)``: how far two float32 runs of ``model`` on that encoded photo may differ."""
+    from posetriton.images import decode_image
+    from posetriton.repository import load_catalog
+
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
+
+    def bounds(model: str, image: bytes) -> dict[str, float]:
+        spec = catalog[model].letterbox
+        height, width = decode_image(image, spec.max_pixels).shape[:2]
+        return photo_bounds(float32_noise_of[model], width, height, spec.input_size)
+
+    return bounds
 
 
 def model_stats(url: str, model: str) -> tuple[int, int, int]:

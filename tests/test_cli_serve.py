@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from posetriton.launcher import BINARY_ENV
+from posetriton.server_ownership import regions_of, shm_prefix_in, stubs_of
 from posetriton.watchdog import KILL_GRACE_S, TRITON_EXIT_TIMEOUT_S, http_ready
-from tests.conftest import UL_MODEL, free_port
+from tests.conftest import SESSION_SHM_PREFIX, UL_MODEL, free_port, leftovers, wait_until
 
 POSETRITON = Path(sys.executable).parent / "posetriton"
 READY_TIMEOUT_S = 120
@@ -130,3 +131,31 @@ def test_serve_kills_a_triton_that_does_not_exit(tmp_path: Path) -> None:
         stderr.read_text()
     )
     assert not Path(f"/proc/{standin}").exists(), "the stand-in is gone"
+
+
+def test_serve_ends_the_stubs_of_a_sigkilled_triton(model_repository: Path, tmp_path: Path) -> None:
+    """The OOM killer takes tritonserver: `posetriton serve` says so, ends its stubs (SIGSTOPped here, so that
+    they cannot end by themselves) and removes its shared memory before it exits."""
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(
+            _serve(model_repository, free_port(), free_port(), free_port()), stdout=out, stderr=err, text=True
+        )
+    try:
+        wait_until(lambda: "Triton is ready" in stdout.read_text() or process.poll() is not None, "serve", 120)
+        assert process.poll() is None, stderr.read_text()
+        (triton,) = map(int, Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split())
+        prefix = shm_prefix_in(Path(f"/proc/{triton}/cmdline").read_text().split("\0"))
+        assert prefix and prefix.startswith(SESSION_SHM_PREFIX), "serve gives Triton a region prefix of its own"
+        stubs = stubs_of(prefix)
+        assert stubs and regions_of(prefix), "the postprocess step runs in a stub with its own shared memory"
+        for pid in stubs:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(triton, signal.SIGKILL)
+        code = process.wait(STOP_TIMEOUT_S)
+    finally:
+        _stop(process)
+    assert code == 128 + signal.SIGKILL, stderr.read_text()  # as a shell reports a process killed by signal 9
+    assert not any(leftovers(prefix).values()), "serve released everything before it exited"
+    assert f"killed {len(stubs)} stub(s) {stubs}" in stderr.read_text()
+    assert "tritonserver exited unexpectedly" in stderr.read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from posetriton.processing import letterbox, to_network_input
 from posetriton.spec import LetterboxSpec
 from tests.conftest import UL_MODEL, model_stats
 from tests.inputs import encode, photo_rgb, png_header_only
-from tests.triton_requests import Detections, image_input, split
+from tests.triton_requests import Detections, assert_same, image_input, split
 
 LIMIT = 4_000_000
 SPEC = LetterboxSpec(max_pixels=LIMIT)
@@ -144,7 +145,9 @@ def _executions(url: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def test_mutated_real_images_through_the_server(server: TritonServer, photo_paths: list[Path]) -> None:
+def test_mutated_real_images_through_the_server(
+    server: TritonServer, photo_paths: list[Path], bounds_for: Callable[[str, bytes], dict[str, float]]
+) -> None:
     """Mutated real JPEG, PNG and WebP bytes sent to the running ensemble, four at a time beside four valid
     requests (so that dynamic batching mixes them): every answer is a result or INVALID_ARGUMENT, never
     INTERNAL or a hang; the valid requests get exactly their own result; the server stays ready."""
@@ -155,6 +158,7 @@ def test_mutated_real_images_through_the_server(server: TritonServer, photo_path
     cases = server_mutations(seeds, SERVER_CASES)
     valid = photos["bus.jpg"].read_bytes()
     expected = _infer(server.grpc_url, valid)
+    bounds = bounds_for(UL_MODEL, valid)
     assert isinstance(expected, Detections) and len(expected.scores) >= 1
     model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")  # settled: earlier tests' requests all counted
     before = _executions(server.grpc_url)
@@ -172,8 +176,7 @@ def test_mutated_real_images_through_the_server(server: TritonServer, photo_path
             for future in companions:
                 answer = future.result(timeout=DEADLINE_S + 30)
                 assert isinstance(answer, Detections), f"a valid request beside mutated ones failed: {answer}"
-                assert len(answer.scores) == len(expected.scores)
-                np.testing.assert_allclose(answer.keypoints, expected.keypoints, atol=1e-3)
+                assert_same(answer, expected, bounds)
     model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")
     after = _executions(server.grpc_url)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:

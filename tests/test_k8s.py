@@ -910,6 +910,16 @@ def manifest_server() -> Iterator[list[ManifestTriton]]:
         server._workdir.cleanup()
 
 
+def _processes_showing(secret: str, pids: list[int]) -> dict[int, list[str]]:
+    """Which of ``pids`` show ``secret`` in their command line or environment (/proc/PID/cmdline, environ)."""
+    shown: dict[int, list[str]] = {}
+    for pid in pids:
+        for what in ("cmdline", "environ"):
+            if secret.encode() in Path(f"/proc/{pid}/{what}").read_bytes():
+                shown.setdefault(pid, []).append(what)
+    return shown
+
+
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as response:
         return int(response.status), response.read().decode()
@@ -957,6 +967,16 @@ def _entry_point_keys_open_their_own_groups(server: ManifestTriton, container: d
         assert value not in server.log_text(), "nor in the container's log"
     assert [p.name for p in server.key_file.parent.iterdir() if p.is_file() and control.value in p.read_text()] == []
     assert "restricted APIs: model-repository, logging, trace need header" in server.log_text()
+    # Where a process in the pod can read the keys: Triton 2.51 takes them only on its command line
+    # (--grpc-restricted-protocol / --http-restricted-api), so tritonserver's /proc/PID/cmdline shows them; the
+    # entry point, which made them, and the stubs, which run the models' code, hold them in neither argv nor environ.
+    assert server.process is not None
+    entry_point, triton_pid = server.process.pid, server.triton_pid()
+    stubs = [pid for pid, _ in python_stubs(triton_pid).values()]
+    assert stubs, "the models run in Python-backend stubs"
+    for value in (shm.value, control.value):
+        shown = _processes_showing(value, [entry_point, triton_pid, *stubs])
+        assert shown == {triton_pid: ["cmdline"]}, f"entry point {entry_point}, tritonserver {triton_pid}: {shown}"
 
 
 def test_cpu_overlay_arguments_start_the_real_triton(
@@ -979,7 +999,6 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
         models = set(re.findall(rf'^{series}\{{[^}}]*model="([^"]+)"', metrics, re.MULTILINE))
         assert any(re.fullmatch(selector.group(1), m) for m in models), f"{series}: no series for {selector.group(1)}"
-    assert server.process is not None
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)  # to the entry point, which passes it on to Triton
     code = server.process.wait(timeout=int(_flag(triton, "exit-timeout-secs")) + 15)

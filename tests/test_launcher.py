@@ -22,9 +22,18 @@ import tritonclient.grpc as grpcclient
 from posetriton import launcher
 from posetriton.client import AccessDeniedError, PoseClient
 from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
+from posetriton.server_ownership import regions_of, stubs_of
 from posetriton.watchdog import KILL_GRACE_S, http_ready, python_stubs
 from posetriton.watchdog import main as watchdog_main
-from tests.conftest import UL_MODEL, free_port, start_server
+from tests.conftest import (
+    RELEASE_WAIT_S,
+    SESSION_SHM_PREFIX,
+    UL_MODEL,
+    assert_nothing_left,
+    free_port,
+    leftovers,
+    start_server,
+)
 
 
 def test_busy_port_is_named(tmp_path: Path) -> None:
@@ -260,3 +269,68 @@ def test_a_failed_reload_stops_the_server_with_a_reason(model_repository: Path, 
         assert server.gave_up == f"model '{UL_MODEL}_preprocess' could not be reloaded"
         assert code is not None
         assert "pad_value must be in [0, 255]" in server.log_text(), "Triton's reason is in its log"
+
+
+# --- a server that dies takes its stubs and shared memory with it ------------------------------------------------
+
+
+def _stop_stubs(prefix: str) -> list[int]:
+    """SIGSTOP the server's stubs: a stopped stub cannot notice its parent died and exit by itself, as a stub hung
+    in its shutdown (the case seen in the wild, 16 minutes after its server was killed) does not either."""
+    stubs = stubs_of(prefix)
+    assert stubs and regions_of(prefix), "the server runs Python-backend stubs with shared memory of its own prefix"
+    for pid in stubs:
+        os.kill(pid, signal.SIGSTOP)
+    return stubs
+
+
+def test_a_sigkilled_server_leaves_no_stub_and_no_shared_memory(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server(model_repository, models=[UL_MODEL])
+    try:
+        assert server.process is not None and server.shm_prefix is not None
+        assert server.shm_prefix.startswith(SESSION_SHM_PREFIX) and server.shm_prefix != SESSION_SHM_PREFIX
+        stubs = _stop_stubs(server.shm_prefix)
+        assert len(stubs) >= 3, "preprocess, network and postprocess run in stubs"
+        os.kill(server.process.pid, signal.SIGKILL)
+        assert_nothing_left(server.shm_prefix, "a SIGKILLed tritonserver")
+        released = server.release_leftovers()
+    finally:
+        server.stop()
+    assert released is not None and list(released.stubs) == stubs and released.regions, released
+    assert f"killed {len(stubs)} stub(s) {stubs}" in capsys.readouterr().err
+
+
+class _EntryPointServer(TritonServer):
+    """The real tritonserver run as the container runs it, under ``python -m posetriton.watchdog``."""
+
+    def command(self, backend_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "posetriton.watchdog", "--", *super().command(backend_dir)]
+
+    def triton_pid(self) -> int:
+        assert self.process is not None
+        (child,) = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(child)
+
+
+def test_container_entry_point_ends_the_stubs_of_a_sigkilled_server(model_repository: Path) -> None:
+    options = ServerOptions(
+        repository=model_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        models=[UL_MODEL], stub_watchdog=False, restrict_control_apis=False,  # the entry point does both itself
+    )  # fmt: skip
+    server = _EntryPointServer(options).start(timeout=180)
+    try:
+        assert server.process is not None and server.shm_prefix is not None
+        triton = server.triton_pid()
+        assert f"--backend-config=python,shm-region-prefix-name={server.shm_prefix}" in Path(
+            f"/proc/{triton}/cmdline"
+        ).read_text().split("\0"), "the entry point passes the launcher's prefix on to Triton"
+        stubs = _stop_stubs(server.shm_prefix)
+        os.kill(triton, signal.SIGKILL)
+        assert server.process.wait(timeout=RELEASE_WAIT_S) == 128 + signal.SIGKILL
+        assert not any(leftovers(server.shm_prefix).values()), "the entry point released all before it exited"
+        assert f"killed {len(stubs)} stub(s) {stubs}" in server.log_text()
+        assert not server.release_leftovers(), "nothing was left for the launcher to end"
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,16 +17,18 @@ from posetriton.images import decode_image
 from posetriton.launcher import TritonServer
 from tests.conftest import SG_MODEL, UL_MODEL, start_server
 from tests.inputs import bad_inputs, encode, exif_rotated_jpeg, sixteen_bit_png
-from tests.triton_requests import Detections, image_input, infer, infer_error, match, pixels_input, split
+from tests.triton_requests import (
+    Detections,
+    assert_same,
+    image_input,
+    infer,
+    infer_error,
+    match,
+    pixels_input,
+    split,
+)
 
 INVALID = "StatusCode.INVALID_ARGUMENT"
-
-
-def assert_same(a: Detections, b: Detections, atol: float = 1e-4) -> None:
-    assert len(a.scores) == len(b.scores)
-    np.testing.assert_allclose(a.boxes, b.boxes, atol=atol)
-    np.testing.assert_allclose(a.scores, b.scores, atol=atol)
-    np.testing.assert_allclose(a.keypoints, b.keypoints, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +37,43 @@ def photos(photo_paths: list[Path]) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
+def bounds(
+    photos: dict[str, bytes], bounds_for: Callable[[str, bytes], dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Per photo: how far two float32 runs of the served yolo11n_pose on it may differ (conftest.photo_bounds)."""
+    return {name: bounds_for(UL_MODEL, data) for name, data in photos.items()}
+
+
+@pytest.fixture(scope="module")
 def singles(served_url: str, photos: dict[str, bytes]) -> dict[str, Detections]:
     """Each photo alone, the reference for batched and concurrent runs."""
     return {name: infer(served_url, UL_MODEL, [data])[0] for name, data in photos.items()}
 
 
-def test_batch_keeps_input_order(served_url: str, photos: dict[str, bytes], singles: dict[str, Detections]) -> None:
+def test_batch_keeps_input_order(
+    served_url: str, photos: dict[str, bytes], singles: dict[str, Detections], bounds: dict[str, dict[str, float]]
+) -> None:
     names = ["zidane.jpg", "bus.jpg", "grace_hopper.jpg", "astronaut.webp", "bus.jpg"]
     batched = infer(served_url, UL_MODEL, [photos[n] for n in names])
     for name, detections in zip(names, batched, strict=True):
-        assert_same(detections, singles[name])
+        assert_same(detections, singles[name], bounds[name])
     assert len(batched[1].scores) >= 4  # bus.jpg holds several people; zidane.jpg two
     assert len(batched[0].scores) != len(batched[1].scores)
 
 
-def test_raw_pixels_give_the_same_result_as_bytes(served_url: str, photos: dict[str, bytes], singles: dict) -> None:
+def test_raw_pixels_give_the_same_result_as_bytes(
+    served_url: str, photos: dict[str, bytes], singles: dict, bounds: dict[str, dict[str, float]]
+) -> None:
     rgb = decode_image(photos["bus.jpg"], 10**8)
     with grpcclient.InferenceServerClient(served_url) as client:
         result = client.infer(f"{UL_MODEL}_pixels", [pixels_input(rgb[None])])
-    counts = result.as_numpy("NUM_DETECTIONS")
-    assert counts[0, 0] == len(singles["bus.jpg"].scores)
-    np.testing.assert_allclose(result.as_numpy("KEYPOINTS")[0], singles["bus.jpg"].keypoints, atol=1e-4)
+    (pixels,) = split(result)
+    assert_same(pixels, singles["bus.jpg"], bounds["bus.jpg"])
 
 
-def test_per_request_thresholds(served_url: str, photos: dict[str, bytes], references: dict) -> None:
+def test_per_request_thresholds(
+    served_url: str, photos: dict[str, bytes], references: dict, bounds: dict[str, dict[str, float]]
+) -> None:
     bus = photos["bus.jpg"]
     loose = infer(served_url, UL_MODEL, [bus], {"conf": 0.05, "iou": 0.9})[0]
     default = infer(served_url, UL_MODEL, [bus])[0]
@@ -70,7 +86,7 @@ def test_per_request_thresholds(served_url: str, photos: dict[str, bytes], refer
     assert np.abs(upstream - 0.8).min() > 2e-3, "a reference score at the threshold would make the count ambiguous"
     assert len(default.scores) == len(upstream) and default.scores.min() >= 0.25
     assert len(strict.scores) == int((upstream >= 0.8).sum()) >= 1 and strict.scores.min() >= 0.8
-    assert_same(capped, Detections(loose.boxes[:2], loose.scores[:2], loose.keypoints[:2]))
+    assert_same(capped, Detections(loose.boxes[:2], loose.scores[:2], loose.keypoints[:2]), bounds["bus.jpg"])
     tighter_iou = infer(served_url, UL_MODEL, [bus], {"conf": 0.05, "iou": 0.3})[0]
     assert len(tighter_iou.scores) < len(loose.scores)
     # super-gradients' model defaults differ (conf 0.5) and come from that model's own config.
@@ -124,13 +140,15 @@ def test_wrong_dtype_and_shape_are_invalid_argument(served_url: str) -> None:
     assert error.status() == INVALID and "no pixels" in error.message()
 
 
-def test_odd_but_valid_images_give_correct_results(served_url: str, photos: dict[str, bytes], singles: dict) -> None:
+def test_odd_but_valid_images_give_correct_results(
+    served_url: str, photos: dict[str, bytes], singles: dict, bounds: dict[str, dict[str, float]]
+) -> None:
     rgb = decode_image(photos["bus.jpg"], 10**8)
     grey = encode(np.asarray(rgb.mean(axis=2), np.uint8), "JPEG", quality=95)
     rgba = encode(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), "PNG")
     rotated, sixteen = exif_rotated_jpeg(rgb), sixteen_bit_png(rgb)
     grey_res, rgba_res, rotated_res, sixteen_res = infer(served_url, UL_MODEL, [grey, rgba, rotated, sixteen])
-    assert_same(rgba_res, singles["bus.jpg"])  # alpha dropped, pixels identical
+    assert_same(rgba_res, singles["bus.jpg"], bounds["bus.jpg"])  # alpha dropped, pixels identical
     # EXIF orientation applied: same people at the same upright coordinates (JPEG re-encoding aside).
     reference = singles["bus.jpg"]
     confident = reference.scores > 0.5
@@ -144,7 +162,7 @@ def test_odd_but_valid_images_give_correct_results(served_url: str, photos: dict
 
 
 def test_bad_requests_do_not_disturb_concurrent_good_ones(
-    server: TritonServer, photos: dict[str, bytes], singles: dict[str, Detections]
+    server: TritonServer, photos: dict[str, bytes], singles: dict[str, Detections], bounds: dict[str, dict[str, float]]
 ) -> None:
     """Good and bad requests in flight together share dynamic batches; only the bad ones fail."""
     bad = bad_inputs(photos["bus.jpg"])
@@ -163,7 +181,7 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(
     for (kind, name, _), result in zip(jobs, results, strict=True):
         if kind == "good":
             assert isinstance(result, Detections), f"{name}: {result}"
-            assert_same(result, singles[name])
+            assert_same(result, singles[name], bounds[name])
         else:
             assert result == INVALID, name
     assert server.is_ready() and server.process is not None and server.process.poll() is None

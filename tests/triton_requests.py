@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +12,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import image_bytes_input as image_input
+from posetriton.contract import PIPELINE_SUFFIXES
 
 
 @dataclass
@@ -49,9 +53,43 @@ def infer_error(
     raise AssertionError(f"{model}: the request succeeded but should have failed")
 
 
+def differences(a: Detections, b: Detections) -> dict[str, float]:
+    """Largest |a - b| per quantity (the keys of build_engines.parity.QUANTITIES); same counts and order assumed."""
+    return {
+        "boxes": float(np.abs(a.boxes - b.boxes).max(initial=0.0)),
+        "scores": float(np.abs(a.scores - b.scores).max(initial=0.0)),
+        "keypoints_xy": float(np.abs(a.keypoints[..., :2] - b.keypoints[..., :2]).max(initial=0.0)),
+        "keypoint_conf": float(np.abs(a.keypoints[..., 2] - b.keypoints[..., 2]).max(initial=0.0)),
+    }
+
+
+def same_within(a: Detections, b: Detections, bounds: Mapping[str, float]) -> bool:
+    """The same detections, in the same order, each quantity within its bound (e.g. conftest.photo_bounds)."""
+    if len(a.scores) != len(b.scores):
+        return False
+    return all(value <= bounds[key] for key, value in differences(a, b).items())
+
+
+def assert_same(a: Detections, b: Detections, bounds: Mapping[str, float]) -> None:
+    """Two runs of one photo (batched or alone, bytes or pixels) agree within ``bounds``."""
+    assert len(a.scores) == len(b.scores), (len(a.scores), len(b.scores))
+    assert same_within(a, b, bounds), {"measured": differences(a, b), "bounds": dict(bounds)}
+
+
 def match(served: Detections, expected: Detections) -> np.ndarray:
     """For each expected detection, the index of the served one with the nearest box (order may differ on ties)."""
     distance = np.abs(expected.boxes[:, None, :] - served.boxes[None, :, :]).max(axis=2)
     order = distance.argmin(axis=1)
     assert len(set(order.tolist())) == len(order), "two expected detections matched the same served one"
     return order
+
+
+def pending_requests(metrics_port: int, ensemble: str) -> int:
+    """Requests Triton holds in the steps of ``ensemble`` right now (queued or executing), from its
+    pending-request gauges. The ensemble's own gauge stays 0: its requests wait in its steps."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in PIPELINE_SUFFIXES)
+    found = re.findall(rf'^nv_inference_pending_request_count{{model="(?:{steps})",version="1"}} (\d+)', text, re.M)
+    assert len(found) == len(PIPELINE_SUFFIXES), f"Triton exposes no pending-request count for the steps of {ensemble}"
+    return sum(int(count) for count in found)

@@ -8,6 +8,7 @@ reads every anchor's box, person score and K keypoints off a 1x1 convolution, in
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -66,8 +67,16 @@ def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyE
     sizes = (size, model.num_anchors, candidate_width(keypoints))
     unified = clean_and_check(finish_unified(graph, graph.outputs[0], source, sizes))
 
-    def reference(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return network(torch.from_numpy(batch)).numpy()
+    network_float64 = copy.deepcopy(network).double()
 
-    return FamilyExport(unified=unified, reference=reference, source=f"seed:{options.seed}", extra_files={})
+    def forward(net: nn.Module, batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(batch)).numpy()
+
+    return FamilyExport(
+        unified=unified,
+        reference=lambda batch: forward(network, batch),
+        reference_float64=lambda batch: forward(network_float64, batch),
+        source=f"seed:{options.seed}",
+        extra_files={},
+    )

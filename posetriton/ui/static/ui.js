@@ -230,9 +230,15 @@ function rerunPhotos() {
 
 const camera = {
   stream: null, socket: null, timer: null, capture: document.createElement("canvas"),
-  sent: 0, encoding: 0, answered: 0, sentAt: new Map(), droppedHere: 0, droppedServer: 0,
+  captured: 0, sent: 0, encoding: 0, answered: 0, sentAt: new Map(), droppedHere: 0, droppedServer: 0,
   shown: [], frames: 0, tracking: false,
 };
+
+// Every captured frame is sent, being encoded, or dropped here: one attribute, so a reader sees one moment.
+function cameraLedger() {
+  const { captured, sent, encoding, answered, droppedHere } = camera;
+  $("camera").dataset.ledger = JSON.stringify({ captured, sent, encoding, answered, droppedHere });
+}
 
 function cameraStats(latency) {
   const now = performance.now();
@@ -242,6 +248,7 @@ function cameraStats(latency) {
   const dropped = camera.droppedHere + camera.droppedServer;
   $("stat-dropped").textContent = String(dropped);
   $("camera").dataset.dropped = String(dropped);
+  cameraLedger();
 }
 
 function onCameraMessage(event) {
@@ -289,6 +296,7 @@ function onCameraMessage(event) {
 function captureFrame() {
   const video = $("video");
   if (!camera.socket || camera.socket.readyState !== WebSocket.OPEN || !video.videoWidth) return;
+  camera.captured += 1;
   if (camera.sent + camera.encoding - camera.answered >= MAX_IN_FLIGHT) {
     camera.droppedHere += 1; // the server is behind: skip this frame rather than queue it
     cameraStats(null);
@@ -299,12 +307,14 @@ function captureFrame() {
   camera.capture.height = Math.round(video.videoHeight * scale);
   camera.capture.getContext("2d").drawImage(video, 0, 0, camera.capture.width, camera.capture.height);
   camera.encoding += 1;
+  cameraLedger();
   camera.capture.toBlob((blob) => {
     camera.encoding -= 1;
     if (!blob || !camera.socket || camera.socket.readyState !== WebSocket.OPEN) return;
     camera.sentAt.set(camera.sent, performance.now());
     camera.sent += 1; // the app numbers binary messages in arrival order, as here
     camera.socket.send(blob);
+    cameraLedger();
   }, "image/jpeg", JPEG_QUALITY);
 }
 
@@ -323,7 +333,9 @@ async function startCamera() {
   const video = $("video");
   video.srcObject = camera.stream;
   await video.play();
-  Object.assign(camera, { sent: 0, encoding: 0, answered: 0, droppedHere: 0, droppedServer: 0, frames: 0, shown: [] });
+  Object.assign(camera, {
+    captured: 0, sent: 0, encoding: 0, answered: 0, droppedHere: 0, droppedServer: 0, frames: 0, shown: [],
+  });
   camera.sentAt.clear();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const mode = $("camera-track").checked ? "track" : "frames";
