@@ -4,10 +4,19 @@
 at its best for throughput (THROUGHPUT hint, an AsyncInferQueue with the optimal number of requests, all cores)
 and, for single-request latency, the LATENCY hint. *Served*: the whole ensemble (encoded photo in, poses out)
 through a real Triton on 127.0.0.1, driven by an asyncio gRPC client. *Raw network*: the IR alone on
-pre-letterboxed canvases (the previous table's baseline). Same photos, same precision, same cores, one after the
-other in one run. Also prints the bytes per image that cross each step.
+pre-letterboxed canvases. Same photos, same precision, same cores, in one run.
 
-    python benchmarks/lean_path.py --repository triton_models --model yolo11n_pose --config-name cpu --seconds 20
+Every model x precision is a *cell*; in each, the served *variants* (Tuning overrides re-rendered into a scratch
+repository, e.g. ``network_instances=1`` against ``network_instances=2``) run alternated with the in-process
+pipeline, ``--repeats`` times (A B A B ...), so load from elsewhere falls on all of them alike; the tables take
+the median over the repeats. Per window it records the server's CPU per process (tritonserver, each step's
+stubs) and the whole machine's. The c=1 overhead per photo = served p50 - network alone (LATENCY) p50 -
+decode + letterbox p50; the tables give the median over the photos. The full matrix (about 12 minutes):
+
+    python benchmarks/lean_path.py --repository REPO --models yolo11n_pose yolo_nas_pose_n \\
+        --config-names cpu cpu_bf16 --variants network_instances=1 network_instances=2 --repeats 2 \\
+        --seconds 6 --rounds 8 --json results/lean_path.json --markdown results/lean_path.md
+    python benchmarks/lean_path.py --render results/lean_path.json    # the docs tables again
 """
 
 from __future__ import annotations
