@@ -473,7 +473,42 @@ def render_markdown(results: dict) -> str:
                 roles = ("tritonserver", "preprocess", "network", "postprocess", "server", "client", "machine")
                 cpu_lines.append(f"{head} | {n} | " + " | ".join(f"{c.get(r, 0.0):.2f}" for r in roles) + " |")
     return "\n".join([*lines, "", "Server CPU per process during each window (cores busy on average, of "
-                       f"{results['cores']}):", "", *cpu_lines]) + "\n"  # fmt: skip
+                       f"{results['cores']}):", "", *cpu_lines, "", *c1_breakdown(results)]) + "\n"  # fmt: skip
+
+
+def c1_breakdown(results: dict) -> list[str]:
+    """Where a lone request's milliseconds go: the work measured in-process, each step as Triton times it, the rest."""
+    lines = [
+        "A lone request (c=1), ms, medians over photos and repeats; steps as Triton's statistics time them "
+        "(queue + compute input + infer + output, means); *outside the steps* = served mean − the steps' sum "
+        "(gRPC, ensemble hand-offs, client):",
+        "",
+        "| model | precision | served variant | served p50 / mean | network alone (LATENCY) | decode + letterbox "
+        "| preprocess step | network step (of which compute) | postprocess step | outside the steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        base = cell["in_process"]
+        for variant in cell["summary"]:
+            runs = [run["served"][variant] for run in cell["rounds"]]
+            p50 = statistics.median(statistics.median(r["single_p50_ms"].values()) for r in runs)
+            mean = statistics.median(1000 / r["c1_images_per_s"] for r in runs)
+
+            def step(role: str, runs: list = runs) -> float:
+                return statistics.median(
+                    sum(v for k, v in r["profile_c1_ms"][role].items() if k != "images_per_execution") for r in runs
+                )
+
+            steps = {role: step(role) for role in ("preprocess", "network", "postprocess")}
+            compute = statistics.median(r["profile_c1_ms"]["network"]["compute_infer"] for r in runs)
+            lines.append(
+                f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
+                f"| {statistics.median(base['network_single_p50_ms'].values()):.1f} "
+                f"| {statistics.median(base['prepare_p50_ms'].values()):.1f} | {steps['preprocess']:.1f} "
+                f"| {steps['network']:.1f} ({compute:.1f}) | {steps['postprocess']:.1f} "
+                f"| {mean - sum(steps.values()):.1f} |"
+            )
+    return lines
 
 
 def main() -> None:
