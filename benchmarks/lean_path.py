@@ -371,22 +371,23 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
             "network_out": {"before": BEFORE_NETWORK_OUT, "after": k * candidate_width(17) * 4},
         },
     }
-    latency = InProcessPipeline(model, xml, precision, "LATENCY")
-    cell["in_process"] = {
-        "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
-        # The network call alone and decode + letterbox alone, per photo: the c=1 overhead is what is left.
-        "network_single_p50_ms": {n: network_single_ms(latency, c, args.rounds) for n, c in canvases.items()},
-        "prepare_p50_ms": {n: prepare_ms(latency, d, args.rounds) for n, d in encoded.items()},
-    }
-    del latency
     cell["raw_network_images_per_s"] = raw_network_throughput(xml, precision, list(canvases.values()), args.seconds)
     cell["rounds"] = []
     scratch = Path(tempfile.mkdtemp(prefix="lean_path-"))
     try:
         for _ in range(args.repeats):  # A B A B ...: load from elsewhere falls on every variant alike
+            latency = InProcessPipeline(model, xml, precision, "LATENCY")
+            single = {
+                "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
+                # The network call alone and decode + letterbox alone, per photo: the c=1 overhead is what is left.
+                "network_single_p50_ms": {n: network_single_ms(latency, c, args.rounds) for n, c in canvases.items()},
+                "prepare_p50_ms": {n: prepare_ms(latency, d, args.rounds) for n, d in encoded.items()},
+            }
+            del latency
             throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
             run: dict = {
                 "in_process": {
+                    **single,
                     "optimal_requests": throughput.optimal,
                     **{
                         f"in_flight_{n}": throughput.throughput(list(encoded.values()), n, args.seconds)
@@ -413,7 +414,7 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
 
 def summarize_served(cell: dict, run: dict, variant: str) -> dict:
     served, inproc = run["served"][variant], run["in_process"]
-    base = cell["in_process"]
+    base = c1_baseline(cell, run)
     overhead = {
         n: served["single_p50_ms"][n] - base["network_single_p50_ms"][n] - base["prepare_p50_ms"][n]
         for n in served["single_p50_ms"]
@@ -432,6 +433,11 @@ def summarize_served(cell: dict, run: dict, variant: str) -> dict:
         },
         **{f"cpu_{n}": served[f"in_flight_{n}"]["server_cpu_cores"] for n in flights},
     }
+
+
+def c1_baseline(cell: dict, run: dict) -> dict:
+    """The in-process c=1 figures of this repeat (measured next to its served windows; once per cell before)."""
+    return run["in_process"] if "prepare_p50_ms" in run["in_process"] else cell["in_process"]
 
 
 def median_summary(rows: list[dict]) -> dict:
@@ -488,7 +494,6 @@ def c1_breakdown(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in results["cells"]:
-        base = cell["in_process"]
         for variant in cell["summary"]:
             runs = [run["served"][variant] for run in cell["rounds"]]
             p50 = statistics.median(statistics.median(r["single_p50_ms"].values()) for r in runs)
@@ -500,11 +505,14 @@ def c1_breakdown(results: dict) -> list[str]:
                 )
 
             steps = {role: step(role) for role in ("preprocess", "network", "postprocess")}
+            alone, prepare = (
+                statistics.median(statistics.median(c1_baseline(cell, r)[key].values()) for r in cell["rounds"])
+                for key in ("network_single_p50_ms", "prepare_p50_ms")
+            )
             compute = statistics.median(r["profile_c1_ms"]["network"]["compute_infer"] for r in runs)
             lines.append(
                 f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
-                f"| {statistics.median(base['network_single_p50_ms'].values()):.1f} "
-                f"| {statistics.median(base['prepare_p50_ms'].values()):.1f} | {steps['preprocess']:.1f} "
+                f"| {alone:.1f} | {prepare:.1f} | {steps['preprocess']:.1f} "
                 f"| {steps['network']:.1f} ({compute:.1f}) | {steps['postprocess']:.1f} "
                 f"| {mean - sum(steps.values()):.1f} |"
             )
@@ -526,10 +534,10 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, nargs="+", default=None)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--markdown", type=Path, help="Also write the docs tables here.")
-    parser.add_argument("--render", type=Path, help="Only print the docs tables of this --json file.")
+    parser.add_argument("--render", type=Path, nargs="+", help="Only print the docs tables of these --json files.")
     args = parser.parse_args()
     if args.render:
-        print(render_markdown(json.loads(args.render.read_text())), end="")
+        print("\n".join(render_markdown(json.loads(path.read_text())) for path in args.render), end="")
         return
 
     catalog = load_catalog(ROOT / "build_engines" / "models.toml")
