@@ -48,7 +48,12 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         # Dynamic batching hands over several requests: run them as one batch, split the result back.
         # A request its client already cancelled is answered CANCELLED, not computed.
-        responses: list = [cancelled() if r.is_cancelled() else None for r in requests]
+        responses: list = []
+        for request in requests:
+            try:
+                responses.append(cancelled() if request.is_cancelled() else None)
+            except Exception as exc:  # unforeseen: this request alone fails
+                responses.append(self._failed(exc))
         live = [i for i, response in enumerate(responses) if response is None]
         if live:
             try:
