@@ -374,17 +374,17 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
     cell["raw_network_images_per_s"] = raw_network_throughput(xml, precision, list(canvases.values()), args.seconds)
     cell["rounds"] = []
     scratch = Path(tempfile.mkdtemp(prefix="lean_path-"))
+    # Compiled once per cell: destroying a compiled OpenVINO model between the phases hung this script at times.
+    latency = InProcessPipeline(model, xml, precision, "LATENCY")
+    throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
     try:
         for _ in range(args.repeats):  # A B A B ...: load from elsewhere falls on every variant alike
-            latency = InProcessPipeline(model, xml, precision, "LATENCY")
             single = {
                 "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
                 # The network call alone and decode + letterbox alone, per photo: the c=1 overhead is what is left.
                 "network_single_p50_ms": {n: network_single_ms(latency, c, args.rounds) for n, c in canvases.items()},
                 "prepare_p50_ms": {n: prepare_ms(latency, d, args.rounds) for n, d in encoded.items()},
             }
-            del latency
-            throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
             run: dict = {
                 "in_process": {
                     **single,
@@ -396,7 +396,6 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
                 },
                 "served": {},
             }
-            del throughput
             for variant in variants:
                 repository = args.repository
                 if variant != AS_BUILT:
