@@ -89,9 +89,9 @@ bench: models perf-tools
 	$(EXPORT_VENV)/bin/python -m build_engines build yolo_nas_pose_n --seed 0 --repository $(REPOSITORY) \
 	  --workdir build/bench-export
 	mkdir -p results
-	for model in yolo11n_pose yolo_nas_pose_n; do for config in cpu cpu_bf16; do \
-	  $(VENV)/bin/python benchmarks/lean_path.py --repository $(REPOSITORY) --model $$model \
-	    --config-name $$config --json results/lean_path_$${model}_$${config}.json || exit 1; done; done
+	$(VENV)/bin/python benchmarks/lean_path.py --repository $(REPOSITORY) --models yolo11n_pose yolo_nas_pose_n \
+	  --config-names cpu cpu_bf16 --variants network_instances=1 network_instances=2 --repeats 2 --seconds 6 \
+	  --rounds 8 --json results/lean_path.json --markdown results/lean_path.md
 	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
 	  > results/precision_yolo11n_pose.json
 	$(VENV)/bin/python benchmarks/comparisons.py --repository $(REPOSITORY) --model yolo_nas_pose_n \

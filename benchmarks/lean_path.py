@@ -4,21 +4,35 @@
 at its best for throughput (THROUGHPUT hint, an AsyncInferQueue with the optimal number of requests, all cores)
 and, for single-request latency, the LATENCY hint. *Served*: the whole ensemble (encoded photo in, poses out)
 through a real Triton on 127.0.0.1, driven by an asyncio gRPC client. *Raw network*: the IR alone on
-pre-letterboxed canvases (the previous table's baseline). Same photos, same precision, same cores, one after the
-other in one run. Also prints the bytes per image that cross each step.
+pre-letterboxed canvases. Same photos, same precision, same cores, in one run.
 
-    python benchmarks/lean_path.py --repository triton_models --model yolo11n_pose --config-name cpu --seconds 20
+Every model x precision is a *cell*; in each, the served *variants* (Tuning overrides re-rendered into a scratch
+repository, e.g. ``network_instances=1`` against ``network_instances=2``) run alternated with the in-process
+pipeline, ``--repeats`` times (A B A B ...), so load from elsewhere falls on all of them alike; the tables take
+the median over the repeats. Per window it records the server's CPU per process (tritonserver, each step's
+stubs) and the whole machine's. The c=1 overhead per photo = served p50 - network alone (LATENCY) p50 -
+decode + letterbox p50; the tables give the median over the photos. The full matrix (about 12 minutes):
+
+    python benchmarks/lean_path.py --repository REPO --models yolo11n_pose yolo_nas_pose_n \\
+        --config-names cpu cpu_bf16 --variants network_instances=1 network_instances=2 --repeats 2 \\
+        --seconds 6 --rounds 8 --json results/lean_path.json --markdown results/lean_path.md
+    python benchmarks/lean_path.py --render results/lean_path.json    # the docs tables again
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,13 +47,15 @@ from posetriton.images import decode_image
 from posetriton.launcher import ServerOptions, TritonServer, free_port
 from posetriton.openvino_runtime import OpenVinoRunner, cpu_threads
 from posetriton.processing import letterbox, postprocess
-from posetriton.repository import CPU_CONFIGS, ServedModel, load_catalog
+from posetriton.repository import CPU_CONFIGS, VERSION, ServedModel, Tuning, load_catalog, write_model
+from posetriton.watchdog import python_stubs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Before this change every image crossed preprocess -> network as float32 [3, 640, 640] and network ->
 # postprocess as all 8400 anchors x 56 float32 (see docs/benchmarks.md, "Bytes per image").
 BEFORE_NETWORK_IN = 3 * 640 * 640 * 4
 BEFORE_NETWORK_OUT = 8400 * 56 * 4
+AS_BUILT = "as-built"
 
 
 def default_photos() -> list[Path]:
@@ -132,7 +148,53 @@ def raw_network_throughput(xml: Path, precision: str, canvases: list[np.ndarray]
     return count / (time.perf_counter() - begin)
 
 
-async def served_throughput(url: str, model: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+class CpuWindow:
+    """CPU used by the server during one window, per process role, from /proc (cores busy on average).
+
+    Roles: ``tritonserver`` itself (gRPC, ensemble scheduling, batching) and each step's Python stubs summed
+    over instances; plus this benchmark's own client and the whole machine (``machine``: every process,
+    the other users of a shared machine included), so the load situation is on record."""
+
+    TICKS = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, server_pid: int, model: ServedModel) -> None:
+        self.server_pid = server_pid
+        self.roles = {model.step(role): role for role in ("preprocess", "network", "postprocess")}
+
+    def _process_seconds(self, pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.TICKS  # utime + stime
+
+    def _read(self) -> dict[str, float]:
+        seconds = {"tritonserver": self._process_seconds(self.server_pid)}
+        for pid, model_name in python_stubs(self.server_pid).values():
+            role = self.roles.get(model_name, "other stubs")
+            try:
+                seconds[role] = seconds.get(role, 0.0) + self._process_seconds(pid)
+            except OSError:
+                continue
+        seconds["client"] = sum(os.times()[:2])
+        with open("/proc/stat") as stat:
+            cpu = [int(x) for x in stat.readline().split()[1:]]
+        seconds["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / self.TICKS  # all but idle and iowait
+        seconds["wall"] = time.perf_counter()
+        return seconds
+
+    def __enter__(self) -> CpuWindow:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        end = self._read()
+        wall = end.pop("wall") - self._start["wall"]
+        self.cores = {role: (value - self._start.get(role, 0.0)) / wall for role, value in end.items()}
+        self.cores["server"] = sum(v for k, v in self.cores.items() if k not in ("client", "machine"))
+
+
+async def served_throughput(
+    url: str, model: str, photos: list[bytes], concurrency: int, seconds: float, cpu: CpuWindow | None = None
+) -> dict:
     client = grpcaio.InferenceServerClient(url)
     latencies: list[float] = []
     response_bytes: list[int] = []
@@ -149,18 +211,21 @@ async def served_throughput(url: str, model: str, photos: list[bytes], concurren
 
     await asyncio.gather(*(worker(i, time.perf_counter() + 2) for i in range(concurrency)))  # warm-up
     latencies.clear()
-    begin = time.perf_counter()
-    counts = await asyncio.gather(*(worker(i, begin + seconds) for i in range(concurrency)))
-    elapsed = time.perf_counter() - begin
+    with cpu or contextlib.nullcontext():
+        begin = time.perf_counter()
+        counts = await asyncio.gather(*(worker(i, begin + seconds) for i in range(concurrency)))
+        elapsed = time.perf_counter() - begin
     await client.close()
     return {
         "images_per_s": sum(counts) / elapsed,
         "p50_ms": 1000 * statistics.median(latencies),
         "response_bytes_mean": statistics.mean(response_bytes),
+        **({"server_cpu_cores": cpu.cores} if cpu else {}),
     }
 
 
-async def served_single_ms(url: str, model: str, data: bytes, rounds: int) -> float:
+async def served_single_times(url: str, model: str, data: bytes, rounds: int) -> list[float]:
+    """Seconds of each of ``rounds`` requests one after the other (after one warm-up request)."""
     client = grpcaio.InferenceServerClient(url)
     await client.infer(model, [image_bytes_input([data])])
     times = []
@@ -169,7 +234,11 @@ async def served_single_ms(url: str, model: str, data: bytes, rounds: int) -> fl
         await client.infer(model, [image_bytes_input([data])])
         times.append(time.perf_counter() - start)
     await client.close()
-    return 1000 * statistics.median(times)
+    return times
+
+
+async def served_single_ms(url: str, model: str, data: bytes, rounds: int) -> float:
+    return 1000 * statistics.median(await served_single_times(url, model, data, rounds))
 
 
 def step_times(url: str, model: str) -> dict[str, dict[str, int]]:
@@ -204,13 +273,25 @@ def step_profile(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return profile
 
 
-def network_single_ms(pipeline: InProcessPipeline, canvases: list[np.ndarray], rounds: int) -> float:
+def network_single_ms(pipeline: InProcessPipeline, canvas: np.ndarray, rounds: int) -> float:
+    """The network call alone (LATENCY, one image), median of ``rounds``."""
+    pipeline.compiled({0: canvas})
     times = []
-    for i in range(rounds * len(canvases)):
+    for _ in range(rounds):
         start = time.perf_counter()
-        pipeline.compiled({0: canvases[i % len(canvases)]})
+        pipeline.compiled({0: canvas})
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def prepare_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
+    """Decode + letterbox of one photo (the preprocess step's work), median of ``rounds``."""
+    times = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        pipeline.prepare(data)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
 
 
 def single_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
@@ -223,89 +304,260 @@ def single_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def parse_variant(text: str) -> dict[str, int | str]:
+    """``network_instances=2,network_performance_hint=LATENCY`` -> Tuning overrides (ints where they parse)."""
+    fields = {f.name for f in dataclasses.fields(Tuning)}
+    overrides: dict[str, int | str] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--variants: {key!r} is not a Tuning field ({sorted(fields)})")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    return overrides
+
+
+def variant_repository(base: Path, model: ServedModel, overrides: dict, scratch: Path) -> Path:
+    """The model's entries re-rendered with ``overrides`` applied to its Tuning, reusing the built network files."""
+    built = base / model.step("network") / VERSION
+    network_files = {p.name: p for p in built.iterdir() if p.suffix in (".onnx", ".xml", ".bin")}
+    repository = scratch / "repository"
+    shutil.rmtree(repository, ignore_errors=True)
+    write_model(
+        dataclasses.replace(model, tuning=dataclasses.replace(model.tuning, **overrides)), repository, network_files
+    )
+    return repository
+
+
+def measure_served(repository: Path, model: ServedModel, config_name: str, encoded: dict[str, bytes], args) -> dict:
+    options = ServerOptions(repository=repository, config_name=config_name, http_port=free_port(),
+                            grpc_port=free_port(), metrics_port=free_port(), models=[model.name])  # fmt: skip
+    served: dict = {}
+    with TritonServer(options) as server:
+        assert server.process is not None
+        url, pid = server.grpc_url, server.process.pid
+        before = step_times(url, model.name)
+        single = {
+            name: asyncio.run(served_single_times(url, model.name, data, args.rounds)) for name, data in encoded.items()
+        }
+        after = step_times(url, model.name)
+        served["single_p50_ms"] = {name: 1000 * statistics.median(times) for name, times in single.items()}
+        served["c1_images_per_s"] = sum(map(len, single.values())) / sum(map(sum, single.values()))
+        served["profile_c1_ms"] = step_profile(before, after)
+        for n in args.in_flight:
+            window = CpuWindow(pid, model)
+            photos = list(encoded.values())
+            served[f"in_flight_{n}"] = asyncio.run(served_throughput(url, model.name, photos, n, args.seconds, window))
+            before, after = after, step_times(url, model.name)
+            served[f"in_flight_{n}"]["profile_ms"] = step_profile(before, after)
+    return served
+
+
+def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], variants: list[str], args) -> dict:
+    """One model at one precision: in-process and raw baselines, then each served variant, alternated."""
+    encoded = {p.name: p.read_bytes() for p in photo_paths}
+    precision = CPU_CONFIGS[config_name]
+    xml = args.repository / model.step("network") / VERSION / "model.xml"
+    spec = model.letterbox
+    canvases = {n: letterbox(decode_image(d, spec.max_pixels), spec)[0][None] for n, d in encoded.items()}
+    k = model.num_candidates
+    cell: dict = {
+        "model": model.name,
+        "config_name": config_name,
+        "precision": precision,
+        "photos": list(encoded),
+        "bytes_per_image": {
+            "input_jpeg_mean": int(statistics.mean(len(d) for d in encoded.values())),
+            "network_in": {"before": BEFORE_NETWORK_IN, "after": next(iter(canvases.values()))[0].nbytes},
+            "network_out": {"before": BEFORE_NETWORK_OUT, "after": k * candidate_width(17) * 4},
+        },
+    }
+    cell["raw_network_images_per_s"] = raw_network_throughput(xml, precision, list(canvases.values()), args.seconds)
+    cell["rounds"] = []
+    scratch = Path(tempfile.mkdtemp(prefix="lean_path-"))
+    # Compiled once per cell: destroying a compiled OpenVINO model between the phases hung this script at times.
+    latency = InProcessPipeline(model, xml, precision, "LATENCY")
+    throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
+    try:
+        for _ in range(args.repeats):  # A B A B ...: load from elsewhere falls on every variant alike
+            single = {
+                "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
+                # The network call alone and decode + letterbox alone, per photo: the c=1 overhead is what is left.
+                "network_single_p50_ms": {n: network_single_ms(latency, c, args.rounds) for n, c in canvases.items()},
+                "prepare_p50_ms": {n: prepare_ms(latency, d, args.rounds) for n, d in encoded.items()},
+            }
+            run: dict = {
+                "in_process": {
+                    **single,
+                    "optimal_requests": throughput.optimal,
+                    **{
+                        f"in_flight_{n}": throughput.throughput(list(encoded.values()), n, args.seconds)
+                        for n in args.in_flight
+                    },
+                },
+                "served": {},
+            }
+            for variant in variants:
+                repository = args.repository
+                if variant != AS_BUILT:
+                    repository = variant_repository(args.repository, model, parse_variant(variant), scratch)
+                run["served"][variant] = measure_served(repository, model, config_name, encoded, args)
+                print(
+                    model.name, config_name, variant, summarize_served(cell, run, variant), file=sys.stderr, flush=True
+                )
+            cell["rounds"].append(run)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    cell["summary"] = {v: median_summary([summarize_served(cell, run, v) for run in cell["rounds"]]) for v in variants}
+    return cell
+
+
+def summarize_served(cell: dict, run: dict, variant: str) -> dict:
+    served, inproc = run["served"][variant], run["in_process"]
+    base = c1_baseline(cell, run)
+    overhead = {
+        n: served["single_p50_ms"][n] - base["network_single_p50_ms"][n] - base["prepare_p50_ms"][n]
+        for n in served["single_p50_ms"]
+    }
+    flights = [int(key.removeprefix("in_flight_")) for key in inproc if key.startswith("in_flight_")]
+    return {
+        "c1_images_per_s": served["c1_images_per_s"],
+        "c1_p50_ms": statistics.median(served["single_p50_ms"].values()),
+        "overhead_c1_ms": statistics.median(overhead.values()),
+        **{f"in_process_{n}": inproc[f"in_flight_{n}"]["images_per_s"] for n in flights},
+        **{f"served_{n}": served[f"in_flight_{n}"]["images_per_s"] for n in flights},
+        **{
+            f"served_over_in_process_{n}": served[f"in_flight_{n}"]["images_per_s"]
+            / inproc[f"in_flight_{n}"]["images_per_s"]
+            for n in flights
+        },
+        **{f"cpu_{n}": served[f"in_flight_{n}"]["server_cpu_cores"] for n in flights},
+    }
+
+
+def c1_baseline(cell: dict, run: dict) -> dict:
+    """The in-process c=1 figures of this repeat (measured next to its served windows; once per cell before)."""
+    return run["in_process"] if "prepare_p50_ms" in run["in_process"] else cell["in_process"]
+
+
+def median_summary(rows: list[dict]) -> dict:
+    """Median over the repeats, key by key (CPU per role too)."""
+    out: dict = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            out[key] = {role: statistics.median(r[key].get(role, 0.0) for r in rows) for role in value}
+        else:
+            out[key] = statistics.median(r[key] for r in rows)
+    return out
+
+
+def render_markdown(results: dict) -> str:
+    """The docs tables from one run's JSON, so no number is copied by hand."""
+    lines = [
+        f"{results['date']}, **{results['machine']}**; command: `{results['command']}`",
+        "",
+        "| model | precision | served variant | in-process img/s (4 / 8) | served img/s (c=1 / 4 / 8) "
+        "| **served ÷ in-process** (4 / 8) | c=1 p50 | **c=1 overhead** |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cpu_lines = [
+        "| model | precision | served variant | in flight | tritonserver | preprocess | network | postprocess "
+        "| server total | benchmark client | whole machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        for variant, s in cell["summary"].items():
+            head = f"| {cell['model']} | {cell['precision']} | {variant}"
+            lines.append(
+                f"{head} | {s['in_process_4']:.1f} / {s['in_process_8']:.1f} "
+                f"| {s['c1_images_per_s']:.1f} / {s['served_4']:.1f} / {s['served_8']:.1f} "
+                f"| **{s['served_over_in_process_4']:.2f} / {s['served_over_in_process_8']:.2f}** "
+                f"| {s['c1_p50_ms']:.1f} ms | **{s['overhead_c1_ms']:.1f} ms** |"
+            )
+            for n in (4, 8):
+                c = s[f"cpu_{n}"]
+                roles = ("tritonserver", "preprocess", "network", "postprocess", "server", "client", "machine")
+                cpu_lines.append(f"{head} | {n} | " + " | ".join(f"{c.get(r, 0.0):.2f}" for r in roles) + " |")
+    return "\n".join([*lines, "", "Server CPU per process during each window (cores busy on average, of "
+                       f"{results['cores']}):", "", *cpu_lines, "", *c1_breakdown(results)]) + "\n"  # fmt: skip
+
+
+def c1_breakdown(results: dict) -> list[str]:
+    """Where a lone request's milliseconds go: the work measured in-process, each step as Triton times it, the rest."""
+    lines = [
+        "A lone request (c=1), ms, medians over photos and repeats; steps as Triton's statistics time them "
+        "(queue + compute input + infer + output, means); *outside the steps* = served mean − the steps' sum "
+        "(gRPC, ensemble hand-offs, client):",
+        "",
+        "| model | precision | served variant | served p50 / mean | network alone (LATENCY) | decode + letterbox "
+        "| preprocess step | network step (of which compute) | postprocess step | outside the steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        for variant in cell["summary"]:
+            runs = [run["served"][variant] for run in cell["rounds"]]
+            p50 = statistics.median(statistics.median(r["single_p50_ms"].values()) for r in runs)
+            mean = statistics.median(1000 / r["c1_images_per_s"] for r in runs)
+
+            def step(role: str, runs: list = runs) -> float:
+                return statistics.median(
+                    sum(v for k, v in r["profile_c1_ms"][role].items() if k != "images_per_execution") for r in runs
+                )
+
+            steps = {role: step(role) for role in ("preprocess", "network", "postprocess")}
+            alone, prepare = (
+                statistics.median(statistics.median(c1_baseline(cell, r)[key].values()) for r in cell["rounds"])
+                for key in ("network_single_p50_ms", "prepare_p50_ms")
+            )
+            compute = statistics.median(r["profile_c1_ms"]["network"]["compute_infer"] for r in runs)
+            lines.append(
+                f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
+                f"| {alone:.1f} | {prepare:.1f} | {steps['preprocess']:.1f} "
+                f"| {steps['network']:.1f} ({compute:.1f}) | {steps['postprocess']:.1f} "
+                f"| {mean - sum(steps.values()):.1f} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=ROOT / "triton_models")
-    parser.add_argument("--model", default="yolo11n_pose")
-    parser.add_argument("--config-name", default="cpu", choices=sorted(CPU_CONFIGS))
+    parser.add_argument("--models", nargs="+", default=["yolo11n_pose"])
+    parser.add_argument("--config-names", nargs="+", default=["cpu"], choices=sorted(CPU_CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=[AS_BUILT],
+                        help="Served variants, alternated: Tuning overrides such as network_instances=1, "
+                        f"or {AS_BUILT!r} (the repository as it is).")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds of in-process + every variant (A B A B).")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=20, help="Single requests per photo for the c=1 medians.")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--photos", type=Path, nargs="+", default=None)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--markdown", type=Path, help="Also write the docs tables here.")
+    parser.add_argument("--render", type=Path, nargs="+", help="Only print the docs tables of these --json files.")
     args = parser.parse_args()
+    if args.render:
+        print("\n".join(render_markdown(json.loads(path.read_text())) for path in args.render), end="")
+        return
 
-    model = load_catalog(ROOT / "build_engines" / "models.toml")[args.model]
+    catalog = load_catalog(ROOT / "build_engines" / "models.toml")
     photo_paths = args.photos or default_photos()
-    encoded = [p.read_bytes() for p in photo_paths]
-    precision = CPU_CONFIGS[args.config_name]
-    xml = args.repository / f"{args.model}_network" / "1" / "model.xml"
-    canvases = [letterbox(decode_image(d, model.letterbox.max_pixels), model.letterbox)[0][None] for d in encoded]
-    k = model.num_candidates
     results: dict = {
-        "model": args.model,
-        "precision": precision,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": cpu_model(),
-        "photos": [p.name for p in photo_paths],
-        "bytes_per_image": {
-            "input_jpeg_mean": int(statistics.mean(len(d) for d in encoded)),
-            "network_in": {"before": BEFORE_NETWORK_IN, "after": canvases[0][0].nbytes},
-            "network_out": {"before": BEFORE_NETWORK_OUT, "after": k * candidate_width(17) * 4},
-        },
+        "cores": cpu_threads(),
+        "command": "python benchmarks/lean_path.py " + " ".join(sys.argv[1:]).replace(str(args.repository), "REPO"),
+        "cells": [],
     }
-    throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
-    latency = InProcessPipeline(model, xml, precision, "LATENCY")
-    results["in_process"] = {
-        "optimal_requests": throughput.optimal,
-        **{f"in_flight_{n}": throughput.throughput(encoded, n, args.seconds) for n in args.in_flight},
-        "single_p50_ms": {
-            p.name: single_ms(latency, d, args.rounds) for p, d in zip(photo_paths, encoded, strict=True)
-        },
-        # The network call alone (LATENCY), to hold against the network step's compute_infer in the profile.
-        "network_single_p50_ms": network_single_ms(latency, canvases, args.rounds),
-    }
-    del throughput, latency
-    results["raw_network_images_per_s"] = raw_network_throughput(xml, precision, canvases, args.seconds)
-
-    options = ServerOptions(repository=args.repository, config_name=args.config_name, http_port=free_port(),
-                            grpc_port=free_port(), metrics_port=free_port(), models=[args.model])  # fmt: skip
-    served: dict = {}
-    with TritonServer(options) as server:
-        before = step_times(server.grpc_url, args.model)
-        served["single_p50_ms"] = {
-            p.name: asyncio.run(served_single_ms(server.grpc_url, args.model, d, args.rounds))
-            for p, d in zip(photo_paths, encoded, strict=True)
-        }
-        after = step_times(server.grpc_url, args.model)
-        served["profile_c1_ms"] = step_profile(before, after)
-        for n in args.in_flight:
-            served[f"in_flight_{n}"] = asyncio.run(
-                served_throughput(server.grpc_url, args.model, encoded, n, args.seconds)
-            )
-            before, after = after, step_times(server.grpc_url, args.model)
-            served[f"in_flight_{n}"]["profile_ms"] = step_profile(before, after)
-    results["served"] = served
-    inproc = results["in_process"]
-    results["summary"] = {
-        **{
-            f"served_over_in_process_{n}": served[f"in_flight_{n}"]["images_per_s"]
-            / inproc[f"in_flight_{n}"]["images_per_s"]
-            for n in args.in_flight
-        },
-        **{
-            f"served_over_raw_network_{n}": served[f"in_flight_{n}"]["images_per_s"]
-            / results["raw_network_images_per_s"]
-            for n in args.in_flight
-        },
-        "overhead_c1_ms": {p: served["single_p50_ms"][p] - inproc["single_p50_ms"][p] for p in served["single_p50_ms"]},
-    }
-    results["summary"]["overhead_c1_ms_median"] = statistics.median(results["summary"]["overhead_c1_ms"].values())
-    results["bytes_per_image"]["response_mean"] = served[f"in_flight_{args.in_flight[0]}"]["response_bytes_mean"]
-    results["pid"] = os.getpid()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    for model_name in args.models:
+        for config_name in args.config_names:
+            cell = measure_cell(catalog[model_name], config_name, photo_paths, args.variants, args)
+            results["cells"].append(cell)
+            if args.json:  # after every cell: a run cut short keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps([{c["model"]: c["summary"]} for c in results["cells"]], indent=2))
+    if args.markdown:
+        args.markdown.write_text(render_markdown(results))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ class Tuning:
 
     max_batch_size: int = 32
     preprocess_instances: int = 2
-    network_instances: int = 1
+    # CPU network instances (one process each) sharing the cores: while one computes, the next batch is formed
+    # and handed to another, so the cores never wait for Triton; each runs on every core while it is alone and
+    # on its share while another computes (posetriton.openvino_runtime.CoreShare, docs/benchmarks.md).
+    network_instances: int = 2
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
@@ -104,6 +107,9 @@ class Tuning:
     ort_trt_workspace_bytes: int = 4 << 30
     ort_trt_engine_cache_path: str = "/tmp/posetriton-ort-trt-cache"
     gpu_preprocess_instances: int = 1
+    # TensorRT execution contexts per GPU: one batch's copies and Triton's handover to and from the Python steps
+    # overlap the other's compute, so the engine never waits between batches.
+    gpu_network_instances: int = 2
 
 
 @dataclass(frozen=True)
@@ -393,7 +399,7 @@ def network_gpu_config(model: ServedModel) -> str:
             'default_model_filename: "model.plan"',
             _network_io(model),
             _batching(100, t.preferred_batch_sizes),
-            _instances(t.network_instances, "KIND_GPU"),
+            _instances(t.gpu_network_instances, "KIND_GPU"),
         ]
     )
 
@@ -446,7 +452,7 @@ def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -
             'default_model_filename: "model.onnx"',
             _network_io(model),
             _batching(100, t.preferred_batch_sizes),
-            _instances(t.network_instances, "KIND_GPU"),
+            _instances(t.gpu_network_instances, "KIND_GPU"),
             "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
             f'  name : "tensorrt"\n{accelerator}\n}} ] }} }}',
             _warmup(model),

@@ -435,8 +435,9 @@ def pool_bytes(max_batch_size: int, input_size: int, num_candidates: int, candid
         "canvas_uint8": canvas,
         "letterbox_fp64": max_batch_size * LETTERBOX_WIDTH * 8,
         "candidates_fp32": max_batch_size * num_candidates * candidate_width * 4,
-        # the preprocess output in the pool, the network's gathered input batch, and one batch in flight behind it
-        "suggested_pool": 4 * canvas,
+        # the preprocess output in the pool, the gathered input batch of each of the two network instances
+        # (gpu_network_instances), and one batch in flight behind them
+        "suggested_pool": 5 * canvas,
     }
 
 

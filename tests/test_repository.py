@@ -42,9 +42,24 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     assert (
         gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     )
+    tuning = CATALOG[name].tuning
+    # Several engine contexts per GPU and several CPU network instances: a batch computes while the next is handed over.
+    gpu_networks = [
+        gpu,
+        *(parse(files[f"{name}_network/configs/{c}.pbtxt"]) for c in ("gpu_ort_trt", "gpu_ort_trt_nvjpeg")),
+    ]
+    for network in gpu_networks:
+        assert [(g.count, g.kind) for g in network.instance_group] == [
+            (tuning.gpu_network_instances, model_config_pb2.ModelInstanceGroup.KIND_GPU)
+        ]
+        assert network.instance_group[0].count >= 2 and network.dynamic_batching.preferred_batch_size
     for config_name, precision in CPU_CONFIGS.items():
         cpu = parse(files[f"{name}_network/configs/{config_name}.pbtxt"])
         assert cpu.backend == "python" and cpu.parameters["precision"].string_value == precision
+        assert [(g.count, g.kind) for g in cpu.instance_group] == [
+            (tuning.network_instances, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+        ]
+        assert tuning.network_instances >= 2, "one CPU instance leaves the cores idle while the next batch forms"
         assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
         assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
 

@@ -88,3 +88,16 @@ def respond_each(
 
 def output_dtype(model_config: dict[str, Any], name: str) -> Any:
     return pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(model_config, name)["data_type"])
+
+
+def cancelled() -> Any:
+    """The answer to a request its client cancelled before it was computed (gRPC CANCELLED)."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED)
+    )
+
+
+def instance_count(model_config: dict[str, Any]) -> int:
+    """Instances of this model Triton runs (the sum over its ``instance_group`` entries; 1 when it has none)."""
+    groups = model_config.get("instance_group") or [{"count": 1}]
+    return sum(int(group.get("count", 1)) for group in groups)
