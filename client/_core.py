@@ -7,10 +7,11 @@ with ``await``), so the two behave the same by construction.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -19,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
 
-from .errors import PoseClientError, translate
+from .errors import PoseClientError, ServerBusyError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
 from .results import OUTPUT_NAMES, ImagePoses, ModelMetadata, poses_from_batch
 from .shm import Region, bytes_tensor_size
@@ -34,6 +35,7 @@ DEFAULT_IN_FLIGHT = 4
 # NAME_track serves video (track()), not predict(); its tracker step is a step like the others.
 TRACKING_SUFFIXES = (TRACK_SUFFIX,)
 _MAX_MESSAGE_BYTES = 2**31 - 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class RetryPolicy:
     ``jitter=1`` is "full jitter" (a pause drawn uniformly up to the backoff), which spreads the retries of
     clients refused together by a busy server. A retry whose pause would end past the call's deadline is not
     made. Errors that another try cannot fix (a refused image, an unknown model, a deadline) are raised at once.
+
+    Busy answers (:class:`ServerBusyError`: the server is up and refusing work) are also throttled per client,
+    as gRPC's retry throttling (gRFC A6) does: each one costs a token of ``busy_tokens``, each answered call
+    earns ``busy_token_ratio`` back, and a busy answer is retried only while more than half of the tokens are
+    left. So a client that meets a saturated server stops multiplying its own load (every refused try has
+    already cost the server a decode), while it still retries a passing burst. A server that is down or
+    restarting costs no tokens: those retries go on until the deadline.
     """
 
     attempts: int = 3
@@ -54,12 +63,16 @@ class RetryPolicy:
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
     jitter: float = 1.0
+    busy_tokens: float = 10.0
+    busy_token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
         if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1 or not 0 <= self.jitter <= 1:
             raise ValueError(f"invalid backoff settings: {self}")
+        if self.busy_tokens <= 0 or self.busy_token_ratio <= 0:
+            raise ValueError(f"busy_tokens and busy_token_ratio must be positive: {self}")
 
     def delay(self, retry: int) -> float:
         base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**retry)
@@ -69,10 +82,30 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+class RetryBudget:
+    """The busy-answer token bucket of one client (:class:`RetryPolicy`); thread-safe, shared by its calls."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.max_tokens, self.ratio = policy.busy_tokens, policy.busy_token_ratio
+        self.tokens = self.max_tokens
+        self._lock = threading.Lock()
+
+    def spend(self) -> bool:
+        """A busy answer: take a token; whether it may still be retried."""
+        with self._lock:
+            self.tokens = max(0.0, self.tokens - 1.0)
+            return self.tokens > self.max_tokens / 2
+
+    def earn(self) -> None:
+        """An answered call."""
+        with self._lock:
+            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+
 # The share of what is left of a call's deadline that the server may spend queueing the request (Triton's
 # per-request timeout, checked in each step's queue); the rest is left for computing it. Without it a request
 # could wait in the network step's queue up to the whole deadline, then be computed for nobody.
-QUEUE_SHARE = 0.5
+QUEUE_SHARE = 0.3
 
 
 class Deadline:
@@ -179,6 +212,7 @@ class ClientCore:
         if retry is None:
             retry = RetryPolicy()
         self.retry = RetryPolicy(attempts=retry) if isinstance(retry, int) else retry
+        self._busy_budget = RetryBudget(self.retry)
         self.headers = dict(headers or {})
         self.array_encoding: ArrayEncoding = array_encoding
         self.shared_memory = shared_memory
@@ -246,6 +280,8 @@ class ClientCore:
     def _should_retry(self, error: PoseClientError, attempt: int, deadline: Deadline | None = None) -> float | None:
         """The pause before another try of a call whose try number ``attempt`` (1-based) failed, or None
         (also when the pause would end past the call's ``deadline``)."""
+        if isinstance(error, ServerBusyError) and not self._busy_budget.spend():
+            return None
         if not error.transient or attempt >= self.retry.attempts:
             return None
         delay = self.retry.delay(attempt - 1)
@@ -254,6 +290,11 @@ class ClientCore:
         if self.on_retry is not None:
             self.on_retry(attempt, error, delay)
         return delay
+
+    def _answered(self, result: T) -> T:
+        """A call the server answered (its result passes through): it earns back part of the busy budget."""
+        self._busy_budget.earn()
+        return result
 
     def _outputs(self, result: Any, model: str) -> dict[str, NDArray[Any]]:
         outputs: dict[str, NDArray[Any]] = {}

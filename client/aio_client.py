@@ -349,7 +349,7 @@ class AsyncPoseClient(ClientCore):
         attempt = 1
         while True:
             try:
-                return await operation()
+                return self._answered(await operation())
             except InferenceServerException as exc:
                 error = self._error(exc, model, timeout_s, request)
                 delay = self._should_retry(error, attempt, deadline)

@@ -396,7 +396,7 @@ class PoseClient(ClientCore):
         attempt = 1
         while True:
             try:
-                return operation()
+                return self._answered(operation())
             except InferenceServerException as exc:
                 error = self._error(exc, model, timeout_s, request)
                 delay = self._should_retry(error, attempt, deadline)

@@ -92,7 +92,7 @@ class Tuning:
     # CPU network instances (one process each) sharing the cores: while one computes, the next batch is formed
     # and handed to another, so the cores never wait for Triton; each runs on every core while it is alone and
     # on its share while another computes (posetriton.openvino_runtime.CoreShare, docs/benchmarks.md).
-    network_instances: int = 2
+    network_instances: int = 1
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)

@@ -6,6 +6,7 @@ session server. The figures these tests print are recorded in docs/reliability.m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -46,19 +47,26 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "6
 DEADLINE_S = 60.0
 
 
-def memory_bytes(pid: int) -> int:
-    """Resident memory of a process and all its children (the Python-backend stubs)."""
+def memory_bytes(pid: int, shm_prefix: str | None = None) -> int:
+    """Memory of a process and all its children (the Python-backend stubs): each one's own resident pages
+    (anonymous and file-backed), plus the server's Python-backend shared-memory regions (``shm_prefix``) counted
+    once. RSS alone would count a region twice: in the stub and in tritonserver, which both map it."""
     total, pids = 0, [pid]
     while pids:
         current = pids.pop()
         try:
             with open(f"/proc/{current}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+            total += sum(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssFile"))
             with open(f"/proc/{current}/task/{current}/children") as children:
                 pids += [int(child) for child in children.read().split()]
-        except (OSError, StopIteration):
+        except (OSError, KeyError, ValueError):
             continue
-    return total * 1024
+    if shm_prefix:
+        for region in Path("/dev/shm").glob(f"{shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                total += region.stat().st_blocks * 512  # the pages written, not the size reserved
+    return total
 
 
 def growth_per_request(requests: list[int], memory: list[int]) -> float:
@@ -114,12 +122,12 @@ def soak(
             for _ in range(3):
                 list(pool.map(lambda _: batch_request(server.grpc_url, [photos["bus.jpg"]] * 8), range(8)))
             list(pool.map(lambda job: request(server.grpc_url, job[1]), jobs[:warmup]))
-            served, readings, results = [0], [memory_bytes(pid)], []
+            served, readings, results = [0], [memory_bytes(pid, server.shm_prefix)], []
             started = time.monotonic()
             for first in range(warmup, total, per_round):
                 results += pool.map(lambda job: request(server.grpc_url, job[1]), jobs[first : first + per_round])
                 served.append(len(results))
-                readings.append(memory_bytes(pid))
+                readings.append(memory_bytes(pid, server.shm_prefix))
             elapsed = time.monotonic() - started
     outcomes: Counter[str] = Counter()
     for (name, _, valid), result in zip(jobs[warmup:], results, strict=True):

@@ -59,7 +59,6 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
         assert [(g.count, g.kind) for g in cpu.instance_group] == [
             (tuning.network_instances, model_config_pb2.ModelInstanceGroup.KIND_CPU)
         ]
-        assert tuning.network_instances >= 2, "one CPU instance leaves the cores idle while the next batch forms"
         assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
         assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
 

@@ -220,7 +220,7 @@ def test_full_jitter_backoff_stays_within_the_deadline() -> None:
     deadline = Deadline(1.0, clock=lambda: now[0])
     now[0] = 0.75
     assert deadline.remaining() == pytest.approx(0.25)
-    assert deadline.server_timeout_us() == 125_000  # half of what is left, for queueing
+    assert deadline.server_timeout_us() == 75_000  # QUEUE_SHARE (0.3) of what is left, for queueing
     now[0] = 2.0
     assert deadline.remaining() == 0.0 and deadline.server_timeout_us() == 1
 
@@ -235,6 +235,26 @@ def test_the_client_does_not_retry_past_its_deadline() -> None:
         assert client._should_retry(busy, 1, deadline) == pytest.approx(0.4)
         now[0] = 0.7
         assert client._should_retry(busy, 2, deadline) is None  # a 0.8 s pause would end past the deadline
+
+
+def test_busy_answers_are_retried_only_while_the_client_has_budget() -> None:
+    """gRPC-style retry throttling: a saturated server's refusals drain the client's tokens, answers earn them
+    back; a server that is down costs none (its retries go on until the deadline)."""
+    from posetriton.client import PoseClient
+
+    busy = translate(_exception("UNAVAILABLE", "Exceeds maximum queue size"), url="u", model="m", timeout_s=1)
+    down = translate(_exception("UNAVAILABLE", "failed to connect to all addresses"), url="u", model="m", timeout_s=1)
+    policy = RetryPolicy(attempts=100, initial_backoff_s=0.0, busy_tokens=10, busy_token_ratio=0.5)
+    with PoseClient("127.0.0.1:1", retry=policy) as client:
+        retried = [client._should_retry(busy, 1) is not None for _ in range(8)]
+        assert retried == [True, True, True, True, False, False, False, False]  # 9, 8, 7, 6 left; then <= 5
+        assert all(client._should_retry(down, n) is not None for n in range(1, 50))  # 2 tokens left
+        for _ in range(5):  # answered calls: 2 + 5 x 0.5 = 4.5 tokens
+            client._answered(None)
+        assert client._should_retry(busy, 1) is None  # 3.5 left after this refusal
+        for _ in range(6):  # 3.5 + 3 = 6.5
+            client._answered(None)
+        assert client._should_retry(busy, 1) is not None  # 5.5 left > 5
 
 
 def test_sequence_ids_are_unpredictable_and_in_range() -> None:
