@@ -348,6 +348,13 @@ def test_shared_memory_gives_the_same_results_and_cleans_up(served_url: str, pho
     assert not _registered(served_url)
 
 
+def _preprocessed(url: str) -> int:
+    """Requests the preprocess step has finished so far (Triton's statistics)."""
+    with grpcclient.InferenceServerClient(url) as triton:
+        (stats,) = triton.get_inference_statistics(f"{UL_MODEL}_preprocess", as_json=True)["model_stats"]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
 def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, photo_paths: list[Path]) -> None:
     # Triton refuses to unregister a region a request still holds; close() during a request waits.
     images: list[Any] = [photo_paths[2]] * 16  # a request of about a second on 2 cores
@@ -362,10 +369,16 @@ def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, 
 
     client._client.infer = recorded_infer
     outcome: dict[str, Any] = {}
+    preprocessed = _preprocessed(served_url)
     worker = threading.Thread(target=lambda: outcome.update(result=client.predict_batch(images)))
     worker.start()
     assert sending.wait(30), "the request was sent"
-    time.sleep(0.2)  # on its way to the server, which then holds the region for the whole batch
+    # Past the preprocess step, the request is inside the ensemble (the network takes most of its second), which
+    # holds its region until the response is written: close() now meets a region in use.
+    deadline = time.monotonic() + 30
+    while _preprocessed(served_url) == preprocessed:
+        assert time.monotonic() < deadline, "the request reached the server"
+        time.sleep(0.005)
     assert _registered(served_url), "the request registered its region"
     keys = [r.key for r in client._regions._all]
     client.close()
