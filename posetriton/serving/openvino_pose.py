@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from posetriton.contract import CANDIDATES, CANVAS
 from posetriton.cpu_limit import container_cpu_limit
 from posetriton.openvino_runtime import CoreShare, OpenVinoRunner
-from posetriton.serving.triton_utils import cancelled, instance_count, internal_error, model_parameters
+from posetriton.serving.triton_utils import cancelled, instance_count, internal_error, model_parameters, unforeseen
 
 
 class TritonPythonModel:
@@ -44,6 +44,7 @@ class TritonPythonModel:
         # The instances of this network share the cores: each knows whether another one computes now.
         self.cores = CoreShare(version_dir) if instances > 1 else None
         self.logger = pb_utils.Logger
+        self.name = args["model_name"]
 
     def execute(self, requests: list) -> list:
         # Dynamic batching hands over several requests: run them as one batch, split the result back.
@@ -91,9 +92,7 @@ class TritonPythonModel:
             return self._failed(exc)
 
     def _failed(self, exc: Exception) -> object:
-        message = f"network step failed: {type(exc).__name__}: {exc}"
-        self.logger.log_error(message)
-        return internal_error(message)
+        return unforeseen(self.name, exc, self.logger)
 
     def finalize(self) -> None:
         if self.cores is not None:

@@ -67,23 +67,21 @@ def respond_each(
     responses = []
     for request in requests:
         try:
-            if request.is_cancelled():
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError("the request was cancelled", pb_utils.TritonError.CANCELLED)
-                    )
-                )
-                continue
-            responses.append(handle(request))
+            responses.append(cancelled() if request.is_cancelled() else handle(request))
         except refused as exc:
             responses.append(invalid_argument(str(exc)))
         except StepBusy as exc:
             responses.append(unavailable(str(exc)))
         except Exception as exc:
-            message = f"{step} failed on this request: {type(exc).__name__}: {exc}"
-            log.log_error(message)
-            responses.append(internal_error(message))
+            responses.append(unforeseen(step, exc, log))
     return responses
+
+
+def unforeseen(step: str, exc: Exception, logger: Any) -> Any:
+    """An exception no check foresaw: logged with Triton's logger, answered INTERNAL for this request only."""
+    message = f"{step} failed on this request: {type(exc).__name__}: {exc}"
+    logger.log_error(message)
+    return internal_error(message)
 
 
 def output_dtype(model_config: dict[str, Any], name: str) -> Any:
