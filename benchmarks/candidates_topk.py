@@ -22,10 +22,10 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from PIL import Image
 
-from posetriton.contract import CANDIDATES, CANVAS, SCORE_COLUMN, Thresholds
-from posetriton.images import decode_image
-from posetriton.processing import letterbox, select_poses
-from posetriton.repository import load_catalog
+from posetriton.core.contract import CANDIDATES, CANVAS, SCORE_COLUMN, Thresholds
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox, select_poses
+from posetriton.server.repository import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Client throughput: the sync client vs the asyncio client with N requests in flight, and shared memory vs gRPC.
 
-Starts its own Triton (posetriton.launcher, CPU configuration, free ports) on a repository
+Starts its own Triton (posetriton.server.launcher, CPU configuration, free ports) on a repository
 holding yolo11n_pose, sends the sample photos one image per request, and prints a Markdown
 table (and optionally JSON). Example::
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from posetriton.client import AsyncPoseClient, PoseClient
-from posetriton.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = [ROOT / "samples" / "grace_hopper.jpg", ROOT / "samples" / "astronaut.webp"]

@@ -39,11 +39,11 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from posetriton.client import image_bytes_input
-from posetriton.contract import CANDIDATES, CANVAS, NUM_DETECTIONS, OUTPUTS
-from posetriton.images import decode_image
-from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.processing import LetterboxTransform, letterbox, postprocess
-from posetriton.repository import CPU_CONFIGS, ServedModel, load_catalog
+from posetriton.core.contract import CANDIDATES, CANVAS, NUM_DETECTIONS, OUTPUTS
+from posetriton.core.images import decode_image
+from posetriton.core.processing import LetterboxTransform, letterbox, postprocess
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server.repository import CPU_CONFIGS, ServedModel, load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

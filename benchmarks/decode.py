@@ -41,12 +41,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from posetriton import images
-from posetriton.images import decode_image, decode_image_reduced
-from posetriton.openvino_runtime import OpenVinoRunner
-from posetriton.processing import Poses, letterbox, postprocess, to_network_input
-from posetriton.repository import ServedModel, load_catalog
-from posetriton.spec import LetterboxSpec
+from posetriton.core import images
+from posetriton.core.images import decode_image, decode_image_reduced
+from posetriton.core.processing import Poses, letterbox, postprocess, to_network_input
+from posetriton.core.spec import LetterboxSpec
+from posetriton.server.openvino_runtime import OpenVinoRunner
+from posetriton.server.repository import ServedModel, load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -42,13 +42,13 @@ import openvino as ov
 import tritonclient.grpc.aio as grpcaio
 
 from posetriton.client import image_bytes_input
-from posetriton.contract import OUTPUTS, candidate_width
-from posetriton.images import decode_image
-from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.openvino_runtime import OpenVinoRunner, cpu_threads
-from posetriton.processing import letterbox, postprocess
-from posetriton.repository import CPU_CONFIGS, VERSION, ServedModel, Tuning, load_catalog, write_model
-from posetriton.watchdog import python_stubs
+from posetriton.core.contract import OUTPUTS, candidate_width
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox, postprocess
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server.openvino_runtime import OpenVinoRunner, cpu_threads
+from posetriton.server.repository import CPU_CONFIGS, VERSION, ServedModel, Tuning, load_catalog, write_model
+from posetriton.server.watchdog import python_stubs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Before this change every image crossed preprocess -> network as float32 [3, 640, 640] and network ->

@@ -196,7 +196,7 @@ def main() -> None:
     data = input_data(args.photos or default_photos(), workdir / "photos.json")
     server = None
     if args.url is None:
-        from posetriton.launcher import ServerOptions, TritonServer, free_port
+        from posetriton.server.launcher import ServerOptions, TritonServer, free_port
 
         options = ServerOptions(
             repository=args.repository, config_name=args.config_name, http_port=free_port(),

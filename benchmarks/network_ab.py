@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from lean_path import default_photos, served_single_ms, served_throughput, step_profile, step_times  # noqa: E402
 
-from posetriton.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from posetriton.images import decode_image
-from posetriton.openvino_runtime import OpenVinoRunner
-from posetriton.processing import Poses, letterbox, postprocess
-from posetriton.repository import load_catalog
+from posetriton.core.images import decode_image
+from posetriton.core.processing import Poses, letterbox, postprocess
+from posetriton.server.openvino_runtime import OpenVinoRunner
+from posetriton.server.repository import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -5,7 +5,7 @@ Starts its own Triton (CPU configuration, free ports) with ``NAME_track`` for ea
 (``AsyncPoseClient.track(..., live=True)``: a frame that finds every slot busy replaces the unsent
 one and counts as dropped). A level is sustained when the p95 frame latency is under the limit
 and under 5 % of the frames were dropped. The frames are a 640x480 clip of two people crossing,
-made from the sample photos (posetriton.clips), JPEG-encoded by the client.
+made from the sample photos (posetriton.core.clips), JPEG-encoded by the client.
 
 The tracking step's own cost per frame is read from Triton's statistics of ``NAME_tracker``
 (compute time per request, tensors in and out included) and measured offline on the same
@@ -17,7 +17,7 @@ detections (``PoseTracker.update`` alone). Example::
 ``--keypoints`` measures the keypoint smoothing instead: clips of the sample photos with known geometry
 (a still camera with sensor noise: every true keypoint stands still; a steady pan: a known
 trajectory) go through ``NAME_track`` once, then the server's own smoothing code
-(``posetriton.tracking.smooth_tracks``) is replayed on the raw keypoints and track IDs for a grid of
+(``posetriton.server.tracking.smooth_tracks``) is replayed on the raw keypoints and track IDs for a grid of
 ``smooth_min_cutoff`` x ``smooth_beta``: jitter, error and OKS against the truth, lag on the pan, and the
 cost per frame; a table, and the trade-off plot (``--plot``)::
 
@@ -43,10 +43,10 @@ from numpy.typing import NDArray
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame
 from posetriton.client.inputs import encode_rgb
-from posetriton.clips import ClipFrame, Window, camera_path, noisy_still, sample_clip, score_keypoints
-from posetriton.contract import TRACKER_SUFFIX, UNTRACKED, Smoothing
-from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.tracking import DEFAULT_SMOOTHING, KeypointSmoother, PoseTracker, TrackerSpec, smooth_tracks
+from posetriton.core.clips import ClipFrame, Window, camera_path, noisy_still, sample_clip, score_keypoints
+from posetriton.core.contract import TRACKER_SUFFIX, UNTRACKED, Smoothing
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server.tracking import DEFAULT_SMOOTHING, KeypointSmoother, PoseTracker, TrackerSpec, smooth_tracks
 
 ROOT = Path(__file__).resolve().parent.parent
 FPS = 15.0
@@ -193,7 +193,7 @@ def measure_smoothing(url: str, model: str, samples: Path) -> dict[str, Any]:
 def _trails(frames: list[ClipFrame], results: list[TrackedFrame]) -> dict[str, Any]:
     """The first person's keypoints over a still clip, raw and as served (smoothed), in the first frame's pixels
     (mapped through each frame's known placement)."""
-    from posetriton.clips import to_frame, to_photo
+    from posetriton.core.clips import to_frame, to_photo
 
     (first,) = frames[0].placements
     out: dict[str, list[Any]] = {"raw": [], "smoothed": []}

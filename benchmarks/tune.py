@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.loadtest import default_photos, input_data, perf_analyzer_env, run_perf_analyzer  # noqa: E402
-from posetriton.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from posetriton.repository import VERSION, load_catalog, write_model  # noqa: E402
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
+from posetriton.server.repository import VERSION, load_catalog, write_model  # noqa: E402
 
 GRID = {
     "preprocess_instances": [1, 2],

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from posetriton.repository import ServedModel, load_catalog, write_model
+from posetriton.server.repository import ServedModel, load_catalog, write_model
 
 CATALOG = Path(__file__).with_name("models.toml")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posetriton.contract import CANVAS
+from posetriton.core.contract import CANVAS
 
 STAMP_SUFFIX = ".json"
 PLAN_NAME = "model.plan"

@@ -14,8 +14,8 @@ import onnx
 from build_engines.onnx_graph import check_served_interface, check_unified_interface, clean_and_check, to_served_graph
 from build_engines.parity import ExportResult, parity_canvases, verify_export
 from build_engines.registry import ExportOptions, family_exporter
-from posetriton.processing import to_network_input
-from posetriton.repository import ServedModel
+from posetriton.core.processing import to_network_input
+from posetriton.server.repository import ServedModel
 
 
 def export_network(model: ServedModel, out_dir: Path, photos: list[Path], options: ExportOptions) -> ExportResult:

@@ -4,7 +4,7 @@ Two stages. Each family module (:mod:`build_engines.registry`) turns its raw out
 ``[batch, A, 5 + 3K]`` over all A anchors, with the building blocks below (float32 ``images``
 ``[batch, 3, S, S]`` in, the family's channel order): per anchor ``x1, y1, x2, y2`` (network-input pixels),
 the person score in [0, 1], then K keypoints as ``(x, y, confidence)``. The export checks that stage against
-PyTorch anchor by anchor. :func:`to_served_graph` then gives it the served interface (:mod:`posetriton.contract`):
+PyTorch anchor by anchor. :func:`to_served_graph` then gives it the served interface (:mod:`posetriton.core.contract`):
 the letterboxed ``canvas`` uint8 ``[batch, S, S, 3]`` in decoded RGB order comes in (Cast, channel reorder for
 BGR families, NHWC->NCHW, /255 are prepended), and only the best ``k`` anchors by person score go out (TopK +
 GatherND appended), sorted by score. Only layout ops and that selection are added, so the numbers the network
@@ -18,8 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from posetriton.contract import CANDIDATES, CANVAS, SCORE_COLUMN, candidate_width
-from posetriton.spec import LetterboxSpec
+from posetriton.core.contract import CANDIDATES, CANVAS, SCORE_COLUMN, candidate_width
+from posetriton.core.spec import LetterboxSpec
 
 # The float input of the unified (pre-served) graph, as the family's own export names it after renaming.
 FLOAT_INPUT_NAME = "images"
@@ -39,7 +39,7 @@ class GraphContractError(ValueError):
 def to_served_graph(unified: onnx.ModelProto, letterbox: LetterboxSpec, topk: int) -> onnx.ModelProto:
     """The unified graph with the served interface: uint8 ``canvas`` NHWC RGB in, the best ``topk`` rows out.
 
-    Prepended, exactly what :func:`posetriton.processing.to_network_input` does in numpy: Cast to float32, the
+    Prepended, exactly what :func:`posetriton.core.processing.to_network_input` does in numpy: Cast to float32, the
     channels reversed for a BGR family (a Gather on the channel axis), NHWC -> NCHW, then ``/ 255`` (float32
     division, correctly rounded as numpy's). Appended: TopK on the person score (sorted, ties to the lower
     anchor index) and a GatherND of those rows, so ``k`` rows of ``[batch, A, W]`` leave the network instead of
@@ -124,7 +124,7 @@ def check_unified_interface(model: onnx.ModelProto, input_size: int, num_anchors
 
 
 def check_served_interface(model: onnx.ModelProto, input_size: int, num_candidates: int, num_keypoints: int) -> None:
-    """Raise unless the graph has exactly the served input and output (posetriton.contract), batch symbolic."""
+    """Raise unless the graph has exactly the served input and output (posetriton.core.contract), batch symbolic."""
     _check_interface(
         model,
         (CANVAS, onnx.TensorProto.UINT8, (BATCH_DIM, input_size, input_size, 3)),

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from posetriton.contract import BOX_SCORE_COLUMNS, CANDIDATES, CANVAS, SCORE_COLUMN
-from posetriton.images import decode_image
-from posetriton.processing import letterbox, to_network_input
-from posetriton.spec import LetterboxSpec
+from posetriton.core.contract import BOX_SCORE_COLUMNS, CANDIDATES, CANVAS, SCORE_COLUMN
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox, to_network_input
+from posetriton.core.spec import LetterboxSpec
 
 if TYPE_CHECKING:  # the comparisons below are numpy-only, so the tests import them without the export tools
     import onnx

@@ -1,7 +1,7 @@
 """Real photos as network inputs for the export parity checks, letterboxed by the served code itself.
 
 The parity checks compare ONNX Runtime and OpenVINO with PyTorch on exactly what the server will
-feed the network, so this uses the shared ``posetriton.processing`` letterbox with the model's
+feed the network, so this uses the shared ``posetriton.core.processing`` letterbox with the model's
 own spec (checked bit-exact against super-gradients and against Ultralytics by the tests).
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from posetriton.images import decode_image
-from posetriton.processing import letterbox, to_network_input
-from posetriton.spec import LetterboxSpec
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox, to_network_input
+from posetriton.core.spec import LetterboxSpec
 
 
 def network_input(path: Path, spec: LetterboxSpec) -> np.ndarray:

@@ -5,12 +5,12 @@ calibration cache), and ONNX Runtime runs the same graph on CPU, so the accuracy
 that quantizes, before any GPU is involved:
 
 1. :class:`PhotoCalibrationReader` letterboxes a directory of real photos (plus flips and crops) with the shared
-   :func:`posetriton.processing.letterbox`, exactly as the served preprocess step does;
+   :func:`posetriton.core.processing.letterbox`, exactly as the served preprocess step does;
 2. :func:`quantize_qdq` runs ``onnxruntime.quantization.quantize_static`` in QDQ format with TensorRT's
    constraints: symmetric signed INT8 (zero point 0) for activations and weights, per-channel weights, FP32
    weights behind Q->DQ pairs, biases left in float, Q/DQ only on the inputs of the quantized ops;
 3. :func:`evaluate` runs FP32 and Q/DQ graphs on held-out photos, post-processes both with the shared
-   :func:`posetriton.processing.postprocess`, matches detections and measures keypoint error (original-image px),
+   :func:`posetriton.core.processing.postprocess`, matches detections and measures keypoint error (original-image px),
    score error and detection agreement; :func:`gate` fails the build above :class:`AccuracyLimits`.
 
 The reader and the gate arithmetic need only numpy; ONNX Runtime is imported where it runs.
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from posetriton.contract import CANDIDATES, CANVAS
-from posetriton.processing import Poses, letterbox, postprocess
-from posetriton.spec import LetterboxSpec, PostprocessSpec
+from posetriton.core.contract import CANDIDATES, CANVAS
+from posetriton.core.processing import Poses, letterbox, postprocess
+from posetriton.core.spec import LetterboxSpec, PostprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PhotoCalibrationReader:
     def __init__(
         self, photos: Sequence[Path], spec: LetterboxSpec, *, augment: bool = True, batch_size: int = 1
     ) -> None:
-        from posetriton.images import decode_image
+        from posetriton.core.images import decode_image
 
         if not photos:
             raise ValueError("calibration needs at least one photo")
@@ -335,7 +335,7 @@ def evaluate(
     """Run both graphs (ONNX Runtime, CPU) on ``photos`` and compare their served poses."""
     import onnxruntime as ort
 
-    from posetriton.images import decode_image
+    from posetriton.core.images import decode_image
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 if TYPE_CHECKING:
-    from posetriton.repository import ServedModel
+    from posetriton.server.repository import ServedModel
 
 OPSET = 17  # every runtime here loads it, the ONNX Runtime 1.15 that super-gradients pins included
 

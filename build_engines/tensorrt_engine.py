@@ -47,7 +47,7 @@ from build_engines.engine_cache import (
     temporary_sibling,
     write_stamp,
 )
-from posetriton.contract import CANVAS
+from posetriton.core.contract import CANVAS
 
 logger = logging.getLogger(__name__)
 

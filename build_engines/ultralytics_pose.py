@@ -35,8 +35,8 @@ from build_engines.onnx_graph import (
 )
 from build_engines.parity import PARITY_SCORE_FLOOR, candidate_differences, enforce, ort_session
 from build_engines.registry import OPSET, ExportOptions, FamilyExport
-from posetriton.contract import SCORE_COLUMN, candidate_width
-from posetriton.repository import ServedModel
+from posetriton.core.contract import SCORE_COLUMN, candidate_width
+from posetriton.server.repository import ServedModel
 
 
 def export(model: ServedModel, out_dir: Path, options: ExportOptions) -> FamilyExport:

@@ -36,9 +36,9 @@ from build_engines.onnx_graph import (
 )
 from build_engines.photos import network_batch, sample_photos
 from build_engines.registry import OPSET, ExportOptions, FamilyExport
-from posetriton.contract import candidate_width
-from posetriton.repository import ServedModel
-from posetriton.spec import LetterboxSpec
+from posetriton.core.contract import candidate_width
+from posetriton.core.spec import LetterboxSpec
+from posetriton.server.repository import ServedModel
 
 DOWNLOAD_TIMEOUT_S = 60
 YOLO_NAS_VARIANTS = ("n", "s", "m", "l")

@@ -12,7 +12,7 @@ The drawing helpers (``posetriton.client.drawing``), COCO evaluation (``posetrit
 needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not imported here.
 """
 
-from posetriton.contract import Smoothing, Thresholds
+from posetriton.core.contract import Smoothing, Thresholds
 
 from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy, image_bytes_input
 from .aio_client import AsyncPoseClient

@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
+from posetriton.core.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
 
 from .errors import PoseClientError, ServerBusyError, translate
 from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import Smoothing, Thresholds
+from posetriton.core.contract import Smoothing, Thresholds
 
 from ._core import (
     DEFAULT_IN_FLIGHT,

@@ -20,8 +20,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from posetriton.contract import ContractError, Thresholds
-from posetriton.launcher import ServerOptions, ServerStartError, serve_forever
+from posetriton.core.contract import ContractError, Thresholds
+from posetriton.server.launcher import ServerOptions, ServerStartError, serve_forever
 
 from ._core import DEFAULT_IN_FLIGHT
 from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
@@ -91,7 +91,7 @@ UrlOption = Annotated[
     str, typer.Option(help="Triton's gRPC address, HOST:PORT.", envvar="POSETRITON_URL", callback=_check_url)
 ]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Served model (ensemble) name.")]
-# Thresholds: checked once, by posetriton.contract.Thresholds (see _thresholds), not by Typer.
+# Thresholds: checked once, by posetriton.core.contract.Thresholds (see _thresholds), not by Typer.
 ConfOption = Annotated[
     float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
 ]
@@ -316,7 +316,7 @@ def _predict_video(
 
 
 def _thresholds(conf: float | None, iou: float | None, max_det: int | None, limit: int | None) -> Thresholds:
-    """The one validation of the thresholds (posetriton.contract.Thresholds), as a usage error."""
+    """The one validation of the thresholds (posetriton.core.contract.Thresholds), as a usage error."""
     try:
         return Thresholds(conf, iou, max_det).check(limit)
     except ContractError as exc:

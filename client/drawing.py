@@ -1,7 +1,7 @@
 """Draw poses onto images, for people to look at results.
 
 Coordinates from the server refer to the image after its EXIF orientation is applied, so the
-image is decoded here exactly as the server decodes it (``posetriton.images.decode_image``);
+image is decoded here exactly as the server decodes it (``posetriton.core.images.decode_image``);
 drawing on the raw, unrotated pixels would misplace every pose on phone photos.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from posetriton.images import decode_image
+from posetriton.core.images import decode_image
 
 from .results import Keypoint, Pose
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import parse_error
+from posetriton.core.contract import parse_error
 
 # Triton may prefix a message with the request id; the ensemble prefix and the image index are the contract's.
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from posetriton.contract import ContractError, Thresholds
+from posetriton.core.contract import ContractError, Thresholds
 
 from .errors import InvalidInputError
 

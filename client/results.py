@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from posetriton.contract import BOXES, IMAGE_SIZE, KEYPOINTS, NUM_DETECTIONS, OUTPUTS, SCORES
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.core.contract import BOXES, IMAGE_SIZE, KEYPOINTS, NUM_DETECTIONS, OUTPUTS, SCORES
+from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 Box = tuple[float, float, float, float]
 

@@ -3,7 +3,7 @@
 A video is one Triton *sequence* on the ``NAME_track`` ensemble: every frame is a request on one
 bidirectional gRPC stream with the same correlation ID (``sequence_id``), the first with
 ``sequence_start``, and the sequence is closed with ``sequence_end``. The server keeps each
-stream's tracker (posetriton.tracking) and answers each frame with ``TRACK_IDS`` beside the poses.
+stream's tracker (posetriton.server.tracking) and answers each frame with ``TRACK_IDS`` beside the poses.
 
 How frames are sent:
 
@@ -49,7 +49,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
-from posetriton.contract import (
+from posetriton.core.contract import (
     FRAME_INDEX,
     SMOOTHED_KEYPOINTS,
     TRACK_IDS,
@@ -98,7 +98,7 @@ class TrackedPose(Pose):
     """A :class:`Pose` with the ID of the person's track in this video (``None`` when not tracked).
 
     ``keypoints`` are the server's smoothed ones (filtered over the track's frames, see
-    posetriton.tracking.KeypointSmoother) unless the video was tracked with ``smoothed=False``;
+    posetriton.server.tracking.KeypointSmoother) unless the video was tracked with ``smoothed=False``;
     ``raw_keypoints`` are the frame's own detection either way.
     """
 

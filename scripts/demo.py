@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from posetriton.contract import TRACK_SUFFIX
-from posetriton.launcher import ServerOptions, ServerStartError, TritonServer, free_port
+from posetriton.core.contract import TRACK_SUFFIX
+from posetriton.server.launcher import ServerOptions, ServerStartError, TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def demo_photos(inputs: Path) -> list[Path]:
 def track_demo(url: str, model: str, output: Path) -> int:
     """A short clip made from the sample photos (two people crossing), tracked: JSON Lines and an annotated video."""
     from posetriton.client.drawing import VideoSink
-    from posetriton.clips import sample_clip
+    from posetriton.core.clips import sample_clip
 
     clip = output / "inputs" / "crossing.mp4"
     with VideoSink(clip, 15.0, 640, 480) as sink:

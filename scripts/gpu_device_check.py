@@ -43,9 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from posetriton.contract import CANDIDATES, CANVAS, LETTERBOX_WIDTH  # noqa: E402
-from posetriton.processing import Poses, letterbox, postprocess  # noqa: E402
-from posetriton.spec import LetterboxSpec, PostprocessSpec  # noqa: E402
+from posetriton.core.contract import CANDIDATES, CANVAS, LETTERBOX_WIDTH  # noqa: E402
+from posetriton.core.processing import Poses, letterbox, postprocess  # noqa: E402
+from posetriton.core.spec import LetterboxSpec, PostprocessSpec  # noqa: E402
 
 MODEL = "yolo11n_pose"
 KEYPOINT_CONFIDENCE = 0.5
@@ -306,8 +306,8 @@ def prepare(out: Path, onnx_path: Path | None) -> dict[str, Any]:
     import torch
 
     from build_engines.tensorrt_engine import decode_tail, onnx_graph_nodes
-    from posetriton.images import decode_image
-    from posetriton.repository import load_catalog
+    from posetriton.core.images import decode_image
+    from posetriton.server.repository import load_catalog
 
     served = load_catalog(ROOT / "build_engines" / "models.toml")[MODEL]
     out.mkdir(parents=True, exist_ok=True)
@@ -448,8 +448,8 @@ def run(bundle: Path, device_name: str = "cuda", seconds: float = 2.0, quick: bo
     import onnx
     import torch
 
-    from posetriton.images import InvalidImageError, decode_image
-    from posetriton.serving import gpu_preprocess as gp
+    from posetriton.core.images import InvalidImageError, decode_image
+    from posetriton.server.steps import gpu_preprocess as gp
 
     started = time.perf_counter()
     device = torch.device(device_name)

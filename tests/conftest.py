@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from posetriton.launcher import ServerOptions, TritonServer, free_port
-from posetriton.server_ownership import PREFIX_ENV, regions_of, servers_of, stubs_of
+from posetriton.server.launcher import ServerOptions, TritonServer, free_port
+from posetriton.server.server_ownership import PREFIX_ENV, regions_of, servers_of, stubs_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "tests"
@@ -36,12 +36,12 @@ EXPORT_CODE = [
 ]  # fmt: skip
 CACHE_INPUTS = [
     *(ROOT / "build_engines" / name for name in EXPORT_CODE),
-    ROOT / "posetriton" / "contract.py",
-    ROOT / "posetriton" / "processing.py",
-    ROOT / "posetriton" / "images.py",
+    ROOT / "posetriton" / "core" / "contract.py",
+    ROOT / "posetriton" / "core" / "processing.py",
+    ROOT / "posetriton" / "core" / "images.py",
     ROOT / "build_engines" / "models.toml",
-    ROOT / "posetriton" / "repository.py",
-    ROOT / "posetriton" / "spec.py",
+    ROOT / "posetriton" / "server" / "repository.py",
+    ROOT / "posetriton" / "core" / "spec.py",
     ROOT / "tests" / "reference" / "make_references.py",
 ]
 
@@ -198,7 +198,7 @@ def float32_noise_of(references: dict, photo_paths: list[Path], crowd_photo: Pat
     on the rows the served network returns (build_engines.parity.float32_noise): the scale of every bound that
     compares two float32 runs of a network."""
     from build_engines.parity import float32_noise, top_k_rows
-    from posetriton.repository import load_catalog
+    from posetriton.server.repository import load_catalog
 
     catalog = load_catalog(ROOT / "build_engines" / "models.toml")
     photos = [*photo_paths, crowd_photo]
@@ -234,8 +234,8 @@ def photo_bounds(noise: dict[str, float], width: int, height: int, input_size: i
 @pytest.fixture(scope="session")
 def bounds_for(float32_noise_of: dict[str, dict[str, float]]) -> Callable[[str, bytes], dict[str, float]]:
     """``bounds_for(model, image)``: how far two float32 runs of ``model`` on that encoded photo may differ."""
-    from posetriton.images import decode_image
-    from posetriton.repository import load_catalog
+    from posetriton.core.images import decode_image
+    from posetriton.server.repository import load_catalog
 
     catalog = load_catalog(ROOT / "build_engines" / "models.toml")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from posetriton.admin_keys import (
+from posetriton.server.admin_keys import (
     CONTROL_APIS,
     SHARED_MEMORY_APIS,
     AdminKey,
@@ -19,7 +19,7 @@ from posetriton.admin_keys import (
     command_line_exposure,
     read_shared_memory_key,
 )
-from posetriton.launcher import ServerOptions, TritonServer
+from posetriton.server.launcher import ServerOptions, TritonServer
 
 
 def test_key_values_appear_in_no_repr() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from posetriton.repository import QUEUE_LIMITS, TRACK_MAX_SEQUENCES
+from posetriton.server.repository import QUEUE_LIMITS, TRACK_MAX_SEQUENCES
 from tests.test_k8s import K8S, _run, _tool
 
 RULES = K8S / "monitoring" / "alert-rules.yaml"

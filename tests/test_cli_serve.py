@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from posetriton.launcher import BINARY_ENV
-from posetriton.server_ownership import regions_of, shm_prefix_in, stubs_of
-from posetriton.watchdog import KILL_GRACE_S, TRITON_EXIT_TIMEOUT_S, http_ready
+from posetriton.server.launcher import BINARY_ENV
+from posetriton.server.server_ownership import regions_of, shm_prefix_in, stubs_of
+from posetriton.server.watchdog import KILL_GRACE_S, TRITON_EXIT_TIMEOUT_S, http_ready
 from tests.conftest import SESSION_SHM_PREFIX, UL_MODEL, free_port, leftovers, wait_until
 
 POSETRITON = Path(sys.executable).parent / "posetriton"

@@ -32,8 +32,8 @@ from posetriton.client import (
     directory_images,
     video_frames,
 )
-from posetriton.launcher import ServerOptions, TritonServer
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.server.launcher import ServerOptions, TritonServer
 from tests.conftest import SG_MODEL, UL_MODEL, free_port, model_stats
 
 PIXELS_MODEL = f"{UL_MODEL}_pixels"

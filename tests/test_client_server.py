@@ -26,9 +26,9 @@ from posetriton.client import (
     PoseClientError,
     ServerUnavailableError,
 )
-from posetriton.launcher import TritonServer
-from posetriton.repository import load_catalog
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.server.launcher import TritonServer
+from posetriton.server.repository import load_catalog
 from tests.conftest import ROOT, SG_MODEL, UL_MODEL, free_port, model_stats, photo_bounds, start_server
 
 EXIF_ORIENTATION = 0x0112

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from posetriton.client import AccessDeniedError, AsyncPoseClient, PoseClient, ServerUnavailableError
-from posetriton.launcher import ServerOptions, TritonServer
+from posetriton.server.launcher import ServerOptions, TritonServer
 from tests.conftest import UL_MODEL, free_port
 
 # Triton checks the header named by --grpc-restricted-protocol with its own prefix.

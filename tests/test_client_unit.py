@@ -24,8 +24,8 @@ from posetriton.client.cli import _draw_targets, app
 from posetriton.client.drawing import draw_poses, keypoint_color, load_image_rgb
 from posetriton.client.grpc_client import encode_image, parse_grpc_url, request_parameters
 from posetriton.client.results import MetadataError, poses_from_batch
-from posetriton.contract import Thresholds
-from posetriton.launcher import free_port
+from posetriton.core.contract import Thresholds
+from posetriton.server.launcher import free_port
 
 K = 17
 

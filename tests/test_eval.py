@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from posetriton.client import ImagePoses, PoseClient, to_coco_results
 from posetriton.client.cli import app
-from posetriton.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from tests.conftest import UL_MODEL
 
 OFFSET = (1.5, -1.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from posetriton.client import PoseClient
-from posetriton.repository import load_catalog
+from posetriton.server.repository import load_catalog
 from tests.conftest import EXPORT_PYTHON, ROOT, run_export_python, start_server
 
 NAMES = ["head", "left_hand", "right_hand", "left_foot", "right_foot"]

@@ -21,10 +21,10 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posetriton.images import InvalidImageError, check_pixels, decode_image
-from posetriton.launcher import TritonServer
-from posetriton.processing import letterbox, to_network_input
-from posetriton.spec import LetterboxSpec
+from posetriton.core.images import InvalidImageError, check_pixels, decode_image
+from posetriton.core.processing import letterbox, to_network_input
+from posetriton.core.spec import LetterboxSpec
+from posetriton.server.launcher import TritonServer
 from tests.conftest import UL_MODEL, model_stats
 from tests.inputs import encode, photo_rgb, png_header_only
 from tests.triton_requests import Detections, assert_same, image_input, split

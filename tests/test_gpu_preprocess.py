@@ -19,10 +19,10 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
-from posetriton.images import decode_image
-from posetriton.processing import letterbox
-from posetriton.repository import load_catalog
-from posetriton.serving import gpu_preprocess as gp
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox
+from posetriton.server.repository import load_catalog
+from posetriton.server.steps import gpu_preprocess as gp
 
 photos = [Path(p) for p in sys.argv[1:]]
 catalog = load_catalog(Path("build_engines/models.toml"))
@@ -123,11 +123,11 @@ sys.modules["triton_python_backend_utils"] = types.SimpleNamespace(
     TritonError=TritonError, Tensor=Tensor, InferenceResponse=InferenceResponse,
     get_input_tensor_by_name=get_input_tensor_by_name)
 
-from posetriton.contract import CANVAS, LETTERBOX
-from posetriton.images import decode_image
-from posetriton.processing import letterbox
-from posetriton.repository import load_catalog
-from posetriton.serving import gpu_preprocess as gp
+from posetriton.core.contract import CANVAS, LETTERBOX
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox
+from posetriton.server.repository import load_catalog
+from posetriton.server.steps import gpu_preprocess as gp
 
 photos = [Path(p).read_bytes() for p in sys.argv[1:]]
 jpegs = [b for b in photos if b.startswith(gp.JPEG_MAGIC)]
@@ -340,9 +340,9 @@ def test_gpu_device_check_on_cuda(model_repository: Path, tmp_path: Path) -> Non
 
 
 def test_gpu_preprocess_module_is_what_the_gpu_config_loads() -> None:
-    from posetriton.repository import load_catalog, render
+    from posetriton.server.repository import load_catalog, render
 
     files = render(load_catalog(ROOT / "build_engines" / "models.toml")[UL_MODEL])
     shim = files[f"{UL_MODEL}_preprocess/1/gpu_model.py"]
-    assert "from posetriton.serving.gpu_preprocess import TritonPythonModel" in shim
-    assert (ROOT / "posetriton" / "serving" / "gpu_preprocess.py").is_file()
+    assert "from posetriton.server.steps.gpu_preprocess import TritonPythonModel" in shim
+    assert (ROOT / "posetriton" / "server" / "steps" / "gpu_preprocess.py").is_file()

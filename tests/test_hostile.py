@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from posetriton.launcher import TritonServer
-from posetriton.repository import load_catalog
+from posetriton.server.launcher import TritonServer
+from posetriton.server.repository import load_catalog
 from tests.conftest import ROOT, UL_MODEL
 from tests.inputs import png_header_only
 from tests.triton_requests import Detections, image_input, split
@@ -429,7 +429,7 @@ def few_slots_server(model_repository: Path, tmp_path: Path) -> Any:
 def test_sequence_stress_ends_with_no_open_stream(few_slots_server: TritonServer) -> None:
     """More streams than slots, all abandoned (no END), then a tracker stub killed with streams open: every
     stream is served or clearly refused, and the open-stream gauge comes back to 0."""
-    from posetriton.watchdog import python_stubs
+    from posetriton.server.watchdog import python_stubs
     from tests.test_tracking import _poll, open_sequences
 
     server, url = few_slots_server, few_slots_server.grpc_url

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from posetriton import images
-from posetriton.images import InvalidImageError, check_pixels, decode_image, decode_image_reduced
+from posetriton.core import images
+from posetriton.core.images import InvalidImageError, check_pixels, decode_image, decode_image_reduced
 from tests.inputs import SAMPLE, bad_inputs, encode, exif_rotated_jpeg, photo_rgb, png_header_only, sixteen_bit_png
 
 LIMIT = 50_000_000
@@ -163,7 +163,7 @@ def mode_cases() -> dict[str, bytes]:
     }
 
 
-# Left to Pillow on purpose (see posetriton/images.py); everything else in mode_cases() goes through OpenCV.
+# Left to Pillow on purpose (see posetriton/core/images.py); everything else in mode_cases() goes through OpenCV.
 PILLOW_DECODES = {"png EXIF orientation", "webp animated", "jpeg CMYK", "bmp", "gif"}
 
 

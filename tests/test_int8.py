@@ -21,10 +21,10 @@ from build_engines.quantize import (
     gate_failures,
     match_detections,
 )
-from posetriton.contract import CANVAS
-from posetriton.images import decode_image
-from posetriton.processing import Poses, letterbox
-from posetriton.repository import load_catalog
+from posetriton.core.contract import CANVAS
+from posetriton.core.images import decode_image
+from posetriton.core.processing import Poses, letterbox
+from posetriton.server.repository import load_catalog
 from tests.conftest import EXPORT_PYTHON, ROOT, UL_MODEL
 from tests.test_tensorrt_offline import TRT_OPS, graph_summary
 

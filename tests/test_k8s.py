@@ -33,13 +33,13 @@ from typing import Any
 
 import pytest
 
-from posetriton.admin_keys import CONTROL_HEADER, AdminKey, read_shared_memory_key
 from posetriton.client import PoseClient, PoseClientError
-from posetriton.contract import STEP_SUFFIXES
-from posetriton.cpu_limit import CPU_LIMIT_ENV, container_cpu_limit
-from posetriton.launcher import ServerOptions, TritonServer, _pytriton_root
-from posetriton.repository import CPU_CONFIGS, load_catalog
-from posetriton.watchdog import EXIT_GAVE_UP, python_stubs
+from posetriton.core.contract import STEP_SUFFIXES
+from posetriton.server.admin_keys import CONTROL_HEADER, AdminKey, read_shared_memory_key
+from posetriton.server.cpu_limit import CPU_LIMIT_ENV, container_cpu_limit
+from posetriton.server.launcher import ServerOptions, TritonServer, _pytriton_root
+from posetriton.server.repository import CPU_CONFIGS, load_catalog
+from posetriton.server.watchdog import EXIT_GAVE_UP, python_stubs
 from tests.conftest import UL_MODEL, free_port
 from tests.test_launcher import _http_call
 
@@ -430,7 +430,7 @@ def test_cpu_overlay_selects_the_cpu_configuration_and_gpu_the_default(
     entrypoint, cmd = (
         [json.loads(args) for instr, args in _dockerfile() if instr == name] for name in ("ENTRYPOINT", "CMD")
     )
-    assert entrypoint[0][:3] == cpu["command"][:3] == ["python3", "-m", "posetriton.watchdog"]
+    assert entrypoint[0][:3] == cpu["command"][:3] == ["python3", "-m", "posetriton.server.watchdog"]
     assert entrypoint[0][3:] == cpu["command"][cpu["command"].index("--") :] == ["--", NGC_TRITONSERVER]
     assert set(cmd[0]) <= set(cpu["args"]), "the image's default arguments are a subset of the CPU overlay's"
     assert set(cmd[1]) <= set(gpu["args"]), "the GPU target's default arguments are a subset of the GPU overlay's"
@@ -535,11 +535,11 @@ def test_image_installs_a_hashed_lock_for_its_python() -> None:
 def test_image_build_refuses_an_empty_or_incomplete_model_repository(model_repository: Path, tmp_path: Path) -> None:
     """The check the Dockerfile runs on /models after copying it, on the real repository and broken copies."""
     runs = [args for instr, args in _dockerfile() if instr == "RUN"]
-    assert any(args.startswith("python3 -m posetriton.repository_check /models --config-name") for args in runs)
+    assert any(args.startswith("python3 -m posetriton.server.repository_check /models --config-name") for args in runs)
     assert _arg_default("MODEL_CONFIG_NAME") == "cpu"
 
     def check(repository: Path, *config: str) -> subprocess.CompletedProcess[str]:
-        return _run([sys.executable, "-m", "posetriton.repository_check", str(repository), *config])
+        return _run([sys.executable, "-m", "posetriton.server.repository_check", str(repository), *config])
 
     assert check(model_repository, "--config-name", "cpu").returncode == 0
     empty = tmp_path / "empty"
@@ -825,9 +825,11 @@ def test_openvino_threads_follow_the_container_cpu_limit(
         field = env["valueFrom"]["resourceFieldRef"]
         assert field == {"containerName": "triton", "resource": "limits.cpu", "divisor": "1"}, variant
         assert _cpus(triton["resources"]["limits"]["cpu"]) >= 1, variant
-    source = (ROOT / "posetriton" / "serving" / "openvino_pose.py").read_text()  # imports Triton's backend utils
+    source = (
+        ROOT / "posetriton" / "server" / "steps" / "openvino_pose.py"
+    ).read_text()  # imports Triton's backend utils
     assert 'num_threads=int(params["num_threads"]) if params.get("num_threads") else container_cpu_limit()' in source
-    runner_module = importlib.import_module("posetriton.openvino_runtime")
+    runner_module = importlib.import_module("posetriton.server.openvino_runtime")
     monkeypatch.setenv(CPU_LIMIT_ENV, "1")
     runner = runner_module.OpenVinoRunner(
         model_repository / f"{UL_MODEL}_network" / "1" / "model.xml", performance_hint="LATENCY",

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from posetriton import launcher
 from posetriton.client import AccessDeniedError, PoseClient
-from posetriton.launcher import ServerOptions, ServerStartError, TritonServer
-from posetriton.server_ownership import regions_of, stubs_of
-from posetriton.watchdog import KILL_GRACE_S, http_ready, python_stubs
-from posetriton.watchdog import main as watchdog_main
+from posetriton.server import launcher
+from posetriton.server.launcher import ServerOptions, ServerStartError, TritonServer
+from posetriton.server.server_ownership import regions_of, stubs_of
+from posetriton.server.watchdog import KILL_GRACE_S, http_ready, python_stubs
+from posetriton.server.watchdog import main as watchdog_main
 from tests.conftest import (
     RELEASE_WAIT_S,
     SESSION_SHM_PREFIX,
@@ -83,7 +83,7 @@ def test_sigterm_stops_the_server_and_frees_its_ports(model_repository: Path) ->
 
 
 def test_container_entry_point_refuses_a_triton_that_cannot_reload_models() -> None:
-    # The k8s pod runs Triton under posetriton.watchdog, which reloads models through the repository API.
+    # The k8s pod runs Triton under posetriton.server.watchdog, which reloads models through the repository API.
     with pytest.raises(SystemExit, match="--model-control-mode=explicit"):
         watchdog_main(["--", "/opt/tritonserver/bin/tritonserver", "--model-repository=/models"])
     with pytest.raises(SystemExit, match="usage"):
@@ -132,7 +132,7 @@ def test_stop_kills_a_triton_that_ignores_sigterm(
 def test_container_entry_point_kills_a_triton_that_ignores_sigterm(tmp_path: Path) -> None:
     http = free_port()
     command = [
-        sys.executable, "-m", "posetriton.watchdog", "--", str(STANDIN), "--model-control-mode=explicit",
+        sys.executable, "-m", "posetriton.server.watchdog", "--", str(STANDIN), "--model-control-mode=explicit",
         "--exit-timeout-secs=1", f"--http-port={http}", f"--metrics-port={free_port()}",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -303,10 +303,10 @@ def test_a_sigkilled_server_leaves_no_stub_and_no_shared_memory(
 
 
 class _EntryPointServer(TritonServer):
-    """The real tritonserver run as the container runs it, under ``python -m posetriton.watchdog``."""
+    """The real tritonserver run as the container runs it, under ``python -m posetriton.server.watchdog``."""
 
     def command(self, backend_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "posetriton.watchdog", "--", *super().command(backend_dir)]
+        return [sys.executable, "-m", "posetriton.server.watchdog", "--", *super().command(backend_dir)]
 
     def triton_pid(self) -> int:
         assert self.process is not None

@@ -16,7 +16,7 @@ from benchmarks.loadtest import (
     scrape,
     write_outputs,
 )
-from posetriton.launcher import TritonServer
+from posetriton.server.launcher import TritonServer
 from tests.conftest import UL_MODEL
 
 

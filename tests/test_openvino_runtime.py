@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from posetriton.images import decode_image
-from posetriton.openvino_runtime import CoreShare, OpenVinoRunner, cpu_threads
-from posetriton.processing import letterbox
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox
+from posetriton.server.openvino_runtime import CoreShare, OpenVinoRunner, cpu_threads
 from tests.conftest import UL_MODEL
 from tests.test_repository import CATALOG
 

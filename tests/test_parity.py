@@ -29,10 +29,10 @@ from build_engines.parity import (
     top_k_differences,
     top_k_rows,
 )
-from posetriton.images import decode_image
-from posetriton.openvino_runtime import OpenVinoRunner
-from posetriton.processing import letterbox, to_network_input
-from posetriton.repository import load_catalog
+from posetriton.core.images import decode_image
+from posetriton.core.processing import letterbox, to_network_input
+from posetriton.server.openvino_runtime import OpenVinoRunner
+from posetriton.server.repository import load_catalog
 from tests.conftest import (
     CACHE,
     ROOT,

@@ -7,9 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posetriton.contract import ContractError, Thresholds
-from posetriton.processing import LetterboxTransform, Poses, letterbox, nms, select_poses, to_network_input, to_original
-from posetriton.spec import LetterboxSpec, PostprocessSpec
+from posetriton.core.contract import ContractError, Thresholds
+from posetriton.core.processing import (
+    LetterboxTransform,
+    Poses,
+    letterbox,
+    nms,
+    select_poses,
+    to_network_input,
+    to_original,
+)
+from posetriton.core.spec import LetterboxSpec, PostprocessSpec
 
 SG = LetterboxSpec(channel_order="BGR", pad_position="bottom_right", pad_value=127)
 UL = LetterboxSpec(channel_order="RGB", pad_position="center", pad_value=114, per_axis_scale=True)

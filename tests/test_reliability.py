@@ -20,8 +20,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import PoseClient, RetryPolicy
-from posetriton.launcher import ServerOptions, TritonServer
-from posetriton.watchdog import python_stubs
+from posetriton.server.launcher import ServerOptions, TritonServer
+from posetriton.server.watchdog import python_stubs
 from tests.conftest import UL_MODEL, free_port, wait_until
 from tests.inputs import bad_inputs
 from tests.triton_requests import Detections, differences, image_input, pending_requests, same_within, split

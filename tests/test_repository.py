@@ -10,9 +10,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from posetriton import contract
-from posetriton.repository import CPU_CONFIGS, load_catalog, render, write_model
-from posetriton.spec import LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.core import contract
+from posetriton.core.spec import LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.server.repository import CPU_CONFIGS, load_catalog, render, write_model
 from tests.conftest import ROOT
 
 CATALOG = load_catalog(ROOT / "build_engines" / "models.toml")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from posetriton.images import decode_image
-from posetriton.launcher import TritonServer
+from posetriton.core.images import decode_image
+from posetriton.server.launcher import TritonServer
 from tests.conftest import SG_MODEL, UL_MODEL, start_server
 from tests.inputs import bad_inputs, encode, exif_rotated_jpeg, sixteen_bit_png
 from tests.triton_requests import (

@@ -41,8 +41,8 @@ from build_engines.tensorrt_engine import (
     load_timing_cache,
     trtexec_command,
 )
-from posetriton.contract import CANVAS
-from posetriton.repository import GPU_CONFIGS, load_catalog, render
+from posetriton.core.contract import CANVAS
+from posetriton.server.repository import GPU_CONFIGS, load_catalog, render
 from tests.conftest import ROOT, UL_MODEL, run_export_python
 
 CATALOG = load_catalog(ROOT / "build_engines" / "models.toml")
@@ -566,7 +566,7 @@ def test_gpu_configurations_parse_and_keep_the_ensemble_interface(name: str, con
         assert preprocess.instance_group[0].kind == kind_gpu
         assert preprocess.default_model_filename == "gpu_model.py"
         assert f"{name}_preprocess/1/gpu_model.py" in files
-        assert "posetriton.serving.gpu_preprocess" in files[f"{name}_preprocess/1/gpu_model.py"]
+        assert "posetriton.server.steps.gpu_preprocess" in files[f"{name}_preprocess/1/gpu_model.py"]
         assert dict(preprocess.parameters) == dict(default[f"{name}_preprocess"].parameters)
     else:
         assert preprocess == default[f"{name}_preprocess"]
@@ -584,7 +584,7 @@ def test_gpu_configurations_parse_and_keep_the_ensemble_interface(name: str, con
 
 def test_ort_trt_engine_cache_is_per_model_and_per_onnx_hash() -> None:
     """ONNX Runtime keys its engine cache by file name and graph, not weights: a re-export gets a new folder."""
-    from posetriton.repository import network_ort_trt_config
+    from posetriton.server.repository import network_ort_trt_config
 
     def cache_path(name: str, sha: str) -> str:
         config = parse(network_ort_trt_config(CATALOG[name], sha))
@@ -710,7 +710,7 @@ def test_gpu_entrypoint_builds_checks_then_execs_the_watchdog_command(
     monkeypatch.setattr(cli, "_check_installed", lambda *args: calls.append("check"))
     monkeypatch.setattr(cli.os, "execvp", lambda file, argv: calls.append(f"exec {argv}"))
     triton = [
-        "python3", "-m", "posetriton.watchdog", "--", "/opt/tritonserver/bin/tritonserver",
+        "python3", "-m", "posetriton.server.watchdog", "--", "/opt/tritonserver/bin/tritonserver",
         "--model-repository=/models", "--model-control-mode=explicit", "--load-model=*",
     ]  # fmt: skip
     args = ["gpu-entrypoint", "--repository", str(tmp_path), "--cache", str(tmp_path / "cache"), "--", *triton]

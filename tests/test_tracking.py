@@ -1,6 +1,6 @@
 """Pose tracking (NAME_track): stable track IDs on videos made from real photos, against the real Triton server.
 
-The clips (posetriton.clips) move a virtual camera over a photo or slide two photos past each
+The clips (posetriton.core.clips) move a virtual camera over a photo or slide two photos past each
 other, so each frame's ground truth is the still photo's detections mapped through the frame's
 known scale and offset. ID switches are counted the MOT way (a person's matched track ID differs
 from the one matched before) and printed; run with ``-s`` to see them.
@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from posetriton.client import AsyncPoseClient, PoseClient, TrackedFrame, TrackingStreamError
 from posetriton.client.inputs import encode_rgb
-from posetriton.clips import (
+from posetriton.core.clips import (
     ClipFrame,
     KeypointScore,
     TrackScore,
@@ -39,10 +39,10 @@ from posetriton.clips import (
     score_tracks,
     slide,
 )
-from posetriton.contract import FRAME_INDEX, ContractError, Smoothing, Thresholds
-from posetriton.launcher import TritonServer
-from posetriton.repository import load_catalog, render, track_models
-from posetriton.tracking import (
+from posetriton.core.contract import FRAME_INDEX, ContractError, Smoothing, Thresholds
+from posetriton.server.launcher import TritonServer
+from posetriton.server.repository import load_catalog, render, track_models
+from posetriton.server.tracking import (
     DEFAULT_SMOOTHING,
     REID_MAX_LOST,
     KeypointSmoother,
@@ -347,7 +347,7 @@ def test_same_person_keeps_the_same_id(served_url: str, server: TritonServer, pe
     print(f"\n{name}: {len(clip)} frames, ID switches {score.switches}, coverage {score.coverage:.2f}, IDs {tracked}")
     assert score.coverage >= 0.8, score
     # leave_return: she comes back after 13 frames out of view; occlusion: hidden behind a pillar (33 frames
-    # under 60 % visible, 2.2 s at 15 fps). Both are re-identified (posetriton.tracking.Reidentifier).
+    # under 60 % visible, 2.2 s at 15 fps). Both are re-identified (posetriton.server.tracking.Reidentifier).
     # Measured: 0 switches on every clip.
     if name == "occlusion":
         hidden = sum(not any(source == 0 for source, _, _ in frame.ground_truth(truth)) for frame in clip)

@@ -36,8 +36,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from posetriton.client import InvalidInputError, PoseClient
-from posetriton.contract import TRACK_SUFFIX
-from posetriton.launcher import free_port
+from posetriton.core.contract import TRACK_SUFFIX
+from posetriton.server.launcher import free_port
 from tests.conftest import SG_MODEL, UL_MODEL
 from tests.conftest import wait_until as poll_until
 

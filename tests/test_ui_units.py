@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from posetriton.contract import ContractError, Thresholds
+from posetriton.core.contract import ContractError, Thresholds
 from posetriton.ui.camera import CameraFrame, LatestFrame
 from posetriton.ui.limits import UploadRefused, check_image, image_type, thresholds_from_query
 from posetriton.ui.origins import HostPolicy, parse_authority

@@ -1,4 +1,4 @@
-"""The input checks every step makes (posetriton.validation), the tracker's caps (posetriton.tracking) and
+"""The input checks every step makes (posetriton.core.validation), the tracker's caps (posetriton.server.tracking) and
 the SDK's busy/deadline policy (client/_core.py, client/errors.py): pure functions, no server. The same
 checks are exercised through the real server in tests/test_hostile.py."""
 
@@ -12,20 +12,10 @@ from posetriton.client import RetryPolicy, ServerBusyError
 from posetriton.client._core import Deadline
 from posetriton.client.errors import ModelNotReadyError, ServerUnavailableError, translate
 from posetriton.client.tracking import new_sequence_id
-from posetriton.contract import ContractError
-from posetriton.processing import LetterboxTransform, letterbox_geometry
-from posetriton.repository import QUEUE_LIMITS, load_catalog, queue_policy, render, stream_limits
-from posetriton.spec import LetterboxSpec, SpecError
-from posetriton.tracking import (
-    PoseTracker,
-    SequenceStore,
-    StreamLimits,
-    TrackerFull,
-    TrackerSpec,
-    TrackingError,
-    cap_live_tracks,
-)
-from posetriton.validation import (
+from posetriton.core.contract import ContractError
+from posetriton.core.processing import LetterboxTransform, letterbox_geometry
+from posetriton.core.spec import LetterboxSpec, SpecError
+from posetriton.core.validation import (
     MAX_FRAME_GAP,
     check_candidates,
     check_detections,
@@ -33,6 +23,16 @@ from posetriton.validation import (
     check_letterbox_rows,
     check_request_pixels,
     count_non_finite,
+)
+from posetriton.server.repository import QUEUE_LIMITS, load_catalog, queue_policy, render, stream_limits
+from posetriton.server.tracking import (
+    PoseTracker,
+    SequenceStore,
+    StreamLimits,
+    TrackerFull,
+    TrackerSpec,
+    TrackingError,
+    cap_live_tracks,
 )
 from tests.conftest import ROOT, UL_MODEL
 

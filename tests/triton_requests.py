@@ -12,7 +12,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import image_bytes_input as image_input
-from posetriton.contract import PIPELINE_SUFFIXES
+from posetriton.core.contract import PIPELINE_SUFFIXES
 
 
 @dataclass

@@ -58,7 +58,7 @@ from posetriton.client import (
     PoseClientError,
     ServerUnavailableError,
 )
-from posetriton.contract import IMAGE, THRESHOLD_NAMES, TRACK_SUFFIX, ContractError, Thresholds
+from posetriton.core.contract import IMAGE, THRESHOLD_NAMES, TRACK_SUFFIX, ContractError, Thresholds
 
 from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, TrackingEngine, error_message
 from .limits import (

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from posetriton.client import AsyncPoseClient, Frame, InvalidInputError, PoseClientError
-from posetriton.contract import Thresholds
+from posetriton.core.contract import Thresholds
 
 Message = dict[str, Any]
 Emit = Callable[[Message], Awaitable[None]]

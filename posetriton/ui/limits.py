@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 
-from posetriton.contract import ContractError, Thresholds
+from posetriton.core.contract import ContractError, Thresholds
 
 # Signatures of the formats the served models decode (JPEG, PNG, WebP, BMP, GIF).
 _SIGNATURES: tuple[tuple[str, bytes, int], ...] = (

@@ -20,8 +20,8 @@ from torch import nn
 
 from build_engines.onnx_graph import OUTPUT_NAME, clean_and_check, finish_unified
 from build_engines.registry import OPSET, ExportOptions, FamilyExport
-from posetriton.contract import candidate_width
-from posetriton.repository import ServedModel
+from posetriton.core.contract import candidate_width
+from posetriton.server.repository import ServedModel
 
 
 class ToyPoseHead(nn.Module):

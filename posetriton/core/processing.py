@@ -1,7 +1,7 @@
 """Pure numpy geometry shared by the server models, the client and the tests.
 
 Every served network outputs one candidate tensor per image, ``[k, 5 + 3 * K]`` (the best ``k``
-anchors by person score, see :mod:`posetriton.contract`): ``x1, y1, x2, y2, person_score`` then
+anchors by person score, see :mod:`posetriton.core.contract`): ``x1, y1, x2, y2, person_score`` then
 ``K`` keypoints as ``(x, y, confidence)``, all in network-input pixels. The export step rewrites
 each family's raw heads into this layout, so the functions below serve every family; the
 family's own rules come from the specs.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from posetriton.contract import BOX_SCORE_COLUMNS, LETTERBOX_WIDTH, SCORE_COLUMN, Thresholds
-from posetriton.spec import LetterboxSpec, PostprocessSpec
+from posetriton.core.contract import BOX_SCORE_COLUMNS, LETTERBOX_WIDTH, SCORE_COLUMN, Thresholds
+from posetriton.core.spec import LetterboxSpec, PostprocessSpec
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def letterbox_geometry(height: int, width: int, spec: LetterboxSpec) -> tuple[in
     Matches super-gradients (``round`` half-to-even sizes, pad bottom-right) and Ultralytics (same
     resize, pad split around the centre with its -0.1/+0.1 rounding). Small images are upscaled,
     as both references do; a side never shrinks below one pixel. Shared by the CPU letterbox below
-    and the GPU one (posetriton.serving.gpu_preprocess).
+    and the GPU one (posetriton.server.steps.gpu_preprocess).
     """
     size = spec.input_size
     scale = min(size / height, size / width)

@@ -3,7 +3,7 @@
 The Triton wheel used here ships no OpenVINO backend, and running the IR in-process keeps the
 precision (f32 / bf16) and stream layout in this model's ``parameters``. With several instances (one
 process each) a batch computes while the next one is formed and handed over, so the cores never wait
-for Triton; a lone request still gets every core (posetriton.openvino_runtime.CoreShare).
+for Triton; a lone request still gets every core (posetriton.server.openvino_runtime.CoreShare).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CANDIDATES, CANVAS
-from posetriton.cpu_limit import container_cpu_limit
-from posetriton.openvino_runtime import CoreShare, OpenVinoRunner
-from posetriton.serving.triton_utils import cancelled, instance_count, internal_error, model_parameters, unforeseen
+from posetriton.core.contract import CANDIDATES, CANVAS
+from posetriton.server.cpu_limit import container_cpu_limit
+from posetriton.server.openvino_runtime import CoreShare, OpenVinoRunner
+from posetriton.server.steps.triton_utils import cancelled, instance_count, internal_error, model_parameters, unforeseen
 
 
 class TritonPythonModel:

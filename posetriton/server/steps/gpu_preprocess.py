@@ -16,16 +16,16 @@ stream hand-shake). Failures stay per request:
 * any other error on the GPU path (out of memory, nvJPEG internals) sends that request through the CPU decode
   and letterbox instead (its canvas then leaves from host memory), and the other requests are unaffected;
 * a sticky CUDA error (the context is unusable: every later CUDA call fails) makes the stub exit, so the model
-  does not stay READY while failing: the stub watchdog (``posetriton.watchdog``) reloads the model with a fresh
+  does not stay READY while failing: the stub watchdog (``posetriton.server.watchdog``) reloads the model with a fresh
   stub and CUDA context, and if that fails too the model is not ready and the pod's readiness probe fails.
 
-Geometry is the shared numpy letterbox's (:func:`posetriton.processing.letterbox`): the same resized size, pad
-placement, pad value and :class:`~posetriton.processing.LetterboxTransform`. The resize is
+Geometry is the shared numpy letterbox's (:func:`posetriton.core.processing.letterbox`): the same resized size, pad
+placement, pad value and :class:`~posetriton.core.processing.LetterboxTransform`. The resize is
 :func:`resize_linear_cv2`, which reproduces ``cv2.resize(INTER_LINEAR)`` exactly in integer torch ops (a float
 ``interpolate`` would differ by 1 grey level on about 10 % of pixels). JPEG decoding differs between nvJPEG and
 libjpeg (Pillow, the CPU path) by IDCT rounding and chroma upsampling (see docs/gpu.md). Everything that is not
 a JPEG Pillow/nvJPEG handles alike (PNG, WebP, BMP, GIF, CMYK JPEGs, anything nvJPEG rejects) takes the CPU
-path: :func:`posetriton.images.decode_image` + the numpy letterbox.
+path: :func:`posetriton.core.images.decode_image` + the numpy letterbox.
 
 The functions take a ``device`` argument, so the whole path runs on CPU in tests (tests/test_gpu_preprocess.py).
 """
@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, image_error
-from posetriton.processing import LetterboxTransform, letterbox, letterbox_geometry
-from posetriton.spec import LetterboxSpec
+from posetriton.core.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, image_error
+from posetriton.core.processing import LetterboxTransform, letterbox, letterbox_geometry
+from posetriton.core.spec import LetterboxSpec
 
 try:  # only inside Triton's Python-backend stub
     import triton_python_backend_utils as pb_utils
@@ -238,7 +238,7 @@ def preprocess_requests(
     context_usable: Callable[[torch.device], bool] = cuda_context_usable,
 ) -> list[Prepared | Exception]:
     """Preprocess every request of one ``execute`` call: per request a :class:`Prepared`, or the
-    :class:`~posetriton.images.InvalidImageError` that refuses it.
+    :class:`~posetriton.core.images.InvalidImageError` that refuses it.
 
     Items are encoded images (bytes) or ``[H, W, 3]`` uint8 RGB arrays. The JPEGs of all requests are decoded in
     one batched nvJPEG call when ``device`` is CUDA (``torch_decode`` forces that path on any device, so tests run
@@ -246,7 +246,7 @@ def preprocess_requests(
     path fails for any other reason is redone on the CPU; :class:`CudaFault` is raised when the CUDA context is
     no longer usable. ``decode`` and ``context_usable`` are replaceable for tests.
     """
-    from posetriton.images import InvalidImageError, check_pixels
+    from posetriton.core.images import InvalidImageError, check_pixels
 
     device = torch.device(device)
     if torch_decode is None:
@@ -309,7 +309,7 @@ def preprocess_requests(
 def _letterbox_request(
     plan: list[tuple[str, Any]], rows: Any, spec: LetterboxSpec, decoded: dict[int, torch.Tensor | None]
 ) -> Prepared:
-    from posetriton.images import InvalidImageError
+    from posetriton.core.images import InvalidImageError
 
     transforms, paths = [], []
     for i, (kind, value) in enumerate(plan):
@@ -331,14 +331,14 @@ def _letterbox_request(
 
 
 def _cpu_letterbox(data: bytes, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxTransform]:
-    from posetriton.images import decode_image
+    from posetriton.core.images import decode_image
 
     return letterbox(decode_image(data, spec.max_pixels), spec)
 
 
 def _cpu_request(items: Sequence[Item], spec: LetterboxSpec) -> Prepared | Exception:
     """The CPU step's decode and letterbox for one request (host memory), after its GPU path failed."""
-    from posetriton.images import InvalidImageError, check_pixels
+    from posetriton.core.images import InvalidImageError, check_pixels
 
     canvases, transforms = [], []
     for i, item in enumerate(items):
@@ -364,7 +364,7 @@ def preprocess_batch(
 ) -> tuple[torch.Tensor, list[LetterboxTransform], list[str]]:
     """One request's items -> ``[B, S, S, 3]`` uint8 canvases on ``device``, transforms and per-item paths.
 
-    Raises :class:`~posetriton.images.InvalidImageError` naming the item that cannot be used.
+    Raises :class:`~posetriton.core.images.InvalidImageError` naming the item that cannot be used.
     """
     (result,) = preprocess_requests([items], spec, device, torch_decode=torch_decode)
     if isinstance(result, Exception):
@@ -387,7 +387,7 @@ def canvas_output(canvases: torch.Tensor | np.ndarray) -> Any:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from posetriton.serving.triton_utils import model_parameters
+        from posetriton.server.steps.triton_utils import model_parameters
 
         config = json.loads(args["model_config"])
         self.spec = LetterboxSpec.from_parameters(model_parameters(config))
@@ -399,8 +399,8 @@ class TritonPythonModel:
         self.exit: Callable[[int], Any] = os._exit  # replaceable in tests
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        from posetriton.images import InvalidImageError
-        from posetriton.serving.triton_utils import internal_error, invalid_argument
+        from posetriton.core.images import InvalidImageError
+        from posetriton.server.steps.triton_utils import internal_error, invalid_argument
 
         items: list[list[Item] | Exception] = []
         for request in requests:
@@ -443,7 +443,7 @@ class TritonPythonModel:
         return responses
 
     def _items(self, request: Any) -> list[Item]:
-        from posetriton.images import InvalidImageError
+        from posetriton.core.images import InvalidImageError
 
         encoded = pb_utils.get_input_tensor_by_name(request, IMAGE)
         if encoded is not None:

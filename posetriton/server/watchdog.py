@@ -13,11 +13,11 @@ that whoever runs it (Kubernetes, systemd) starts a fresh one.
 The control APIs Triton exposes next to inference (model repository, shared memory, logging,
 trace) are closed to clients: Triton runs with ``--grpc-restricted-protocol`` and
 ``--http-restricted-api`` behind two keys made afresh at every start (``AdminKeys.generate``, see
-``posetriton.admin_keys``): model control (with logging and trace), which only the watchdog and the
+``posetriton.server.admin_keys``): model control (with logging and trace), which only the watchdog and the
 launcher send for their reloads, and shared memory, for clients on the same host.
 
-``posetriton.launcher`` runs the watchdog beside the server it starts. In a container, where
-Triton is the entry point, ``python -m posetriton.watchdog -- tritonserver ARGS...`` runs Triton
+``posetriton.server.launcher`` runs the watchdog beside the server it starts. In a container, where
+Triton is the entry point, ``python -m posetriton.server.watchdog -- tritonserver ARGS...`` runs Triton
 as a child with the watchdog beside it (see ``supervise``).
 """
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posetriton.admin_keys import AdminKeys, command_line_exposure
-from posetriton.server_ownership import ServerReaper, processes, with_shm_prefix
+from posetriton.server.admin_keys import AdminKeys, command_line_exposure
+from posetriton.server.server_ownership import ServerReaper, processes, with_shm_prefix
 
 # Triton's own default for --exit-timeout-secs; we kill it this long after that if it has not exited.
 TRITON_EXIT_TIMEOUT_S = 30
@@ -250,12 +250,12 @@ def supervise(
     """
     if not command:
         raise SystemExit(
-            "usage: python -m posetriton.watchdog [--interval S] [--control-key-file F] [--shm-key-file F] "
+            "usage: python -m posetriton.server.watchdog [--interval S] [--control-key-file F] [--shm-key-file F] "
             "-- tritonserver ..."
         )
     if _flag_value(command, "--model-control-mode", "none") != "explicit":
         raise SystemExit(
-            "posetriton.watchdog: Triton must run with --model-control-mode=explicit (and --load-model=*): "
+            "posetriton.server.watchdog: Triton must run with --model-control-mode=explicit (and --load-model=*): "
             "reloading a model whose stub died goes through the repository API, which other modes refuse"
         )
     address = _flag_value(command, "--http-address", "127.0.0.1")
@@ -314,7 +314,7 @@ def supervise(
 
 
 def _reap_when_gone(server: subprocess.Popen[bytes], shm_prefix: str) -> ServerReaper:
-    """However Triton ends, its stubs end and its shared memory goes with it (posetriton.server_ownership)."""
+    """However Triton ends, its stubs end and its shared memory goes with it (posetriton.server.server_ownership)."""
     reaper = ServerReaper(server.pid, shm_prefix, _report)
     reaper.start()
     return reaper

@@ -14,12 +14,12 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, ContractError, image_error
-from posetriton.images import InvalidImageError, check_pixels, declared_size, decode_image
-from posetriton.processing import LetterboxTransform, letterbox
-from posetriton.serving.triton_utils import model_parameters, respond_each
-from posetriton.spec import LetterboxSpec
-from posetriton.validation import check_request_pixels
+from posetriton.core.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, ContractError, image_error
+from posetriton.core.images import InvalidImageError, check_pixels, declared_size, decode_image
+from posetriton.core.processing import LetterboxTransform, letterbox
+from posetriton.core.spec import LetterboxSpec
+from posetriton.core.validation import check_request_pixels
+from posetriton.server.steps.triton_utils import model_parameters, respond_each
 
 
 class TritonPythonModel:
@@ -82,7 +82,7 @@ class TritonPythonModel:
         data = item if isinstance(item, bytes) else bytes(item)  # type: ignore[call-overload]
         if not self.spec.reduced_jpeg_decode:
             return decode_image(data, self.spec.max_pixels), None
-        from posetriton.images import decode_image_reduced
+        from posetriton.core.images import decode_image_reduced
 
         image, original = decode_image_reduced(data, self.spec.max_pixels, self.spec.input_size)
         return image, (original if original != (image.shape[1], image.shape[0]) else None)

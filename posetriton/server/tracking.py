@@ -14,7 +14,7 @@ supports numpy < 2, keypoints and a custom distance.
 
 One :class:`PoseTracker` per video stream; :class:`SequenceStore` keeps them by Triton correlation
 ID and frees a stream's state at its END or after it was idle too long. The Triton model
-(``posetriton.serving.track``), the tests and the benchmark share this code; only :class:`PoseTracker`
+(``posetriton.server.steps.track``), the tests and the benchmark share this code; only :class:`PoseTracker`
 imports Norfair (a serving dependency), so the client and the repository generator can import the
 names here without it.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from posetriton.contract import (  # noqa: F401  (re-exported: the tracking names live in the contract)
+from posetriton.core.contract import (  # noqa: F401  (re-exported: the tracking names live in the contract)
     CONTROL_CORRID,
     CONTROL_END,
     CONTROL_START,

@@ -1,8 +1,8 @@
 """What each step checks on the tensors it receives, before any work: every model of the repository is a
 public endpoint (Triton answers any client on its port, the internal steps included).
 
-Pure numpy, no Triton: the steps (``posetriton.serving``), the tests and a client that wants to check what it
-sends share these functions. Each raises :class:`~posetriton.contract.ContractError` naming the first problem;
+Pure numpy, no Triton: the steps (``posetriton.server.steps``), the tests and a client that wants to check what it
+sends share these functions. Each raises :class:`~posetriton.core.contract.ContractError` naming the first problem;
 the step turns it into INVALID_ARGUMENT for that request alone. The bounds keep the cost of one request
 bounded: counts never exceed what the step's own model could have produced, and every value that reaches a
 geometric computation (NMS, the Kalman filter, Norfair's distances) is finite.
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from posetriton.contract import LETTERBOX_WIDTH, ContractError
+from posetriton.core.contract import LETTERBOX_WIDTH, ContractError
 
-# Step-config parameters (written by posetriton.repository) that carry the bounds the checks need.
+# Step-config parameters (written by posetriton.server.repository) that carry the bounds the checks need.
 INPUT_SIZE_PARAMETER = "input_size"  # NAME_postprocess: the canvas its letterbox rows refer to
 
 # IMAGE_SIZE travels as INT32: an original side must fit it.

@@ -8,7 +8,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import ContractError
+from posetriton.core.contract import ContractError
 
 
 def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:

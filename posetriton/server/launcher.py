@@ -6,7 +6,7 @@ started with this interpreter's environment first on PATH: the Python-backend mo
 import ``posetriton`` and its dependencies from here.
 
 The control APIs are restricted behind two keys made for each server start
-(``TritonServer.admin_keys``, see ``posetriton.admin_keys``): one for model control, logging and
+(``TritonServer.admin_keys``, see ``posetriton.server.admin_keys``): one for model control, logging and
 trace, one for shared memory; clients keep inference, health, metadata and statistics.
 ``POSETRITON_TRITONSERVER`` names another ``tritonserver`` binary to run.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from posetriton.admin_keys import AdminKeys, command_line_exposure
-from posetriton.server_ownership import Released, ServerReaper, with_shm_prefix
-from posetriton.watchdog import (
+from posetriton.server.admin_keys import AdminKeys, command_line_exposure
+from posetriton.server.server_ownership import Released, ServerReaper, with_shm_prefix
+from posetriton.server.watchdog import (
     EXIT_GAVE_UP,
     KILL_GRACE_S,
     TRITON_EXIT_TIMEOUT_S,
@@ -58,7 +58,7 @@ class ServerOptions:
     models: list[str] | None = None
     log_file: Path | None = None
     log_verbose: int = 0
-    # Reload a model whose Python-backend stub died (Triton itself does not); see posetriton.watchdog.
+    # Reload a model whose Python-backend stub died (Triton itself does not); see posetriton.server.watchdog.
     stub_watchdog: bool = True
     # Close the model-repository, shared-memory, logging and trace APIs to clients without the admin key.
     restrict_control_apis: bool = True
@@ -314,7 +314,7 @@ class TritonServer:
         self.process = None
         return code
 
-    # --- everything the server started ends with it (posetriton.server_ownership) ---------------------------
+    # --- everything the server started ends with it (posetriton.server.server_ownership) ---------------------------
 
     def _start_reaper(self) -> None:
         assert self.process is not None and self.shm_prefix is not None

@@ -4,16 +4,16 @@ Per served model ``NAME`` the repository holds five models:
 
     NAME               ensemble: IMAGE (encoded bytes) -> NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS
     NAME_pixels        ensemble: PIXELS (raw uint8 HWC RGB) -> the same outputs
-    NAME_preprocess    Python backend: decode + letterbox            (posetriton.serving.preprocess)
+    NAME_preprocess    Python backend: decode + letterbox            (posetriton.server.steps.preprocess)
     NAME_network       config.pbtxt: TensorRT plan (GPU, the default)
                        configs/cpu.pbtxt, configs/cpu_bf16.pbtxt: OpenVINO IR in the Python backend
                        configs/gpu_ort_trt*.pbtxt: ONNX Runtime + TensorRT accelerator (no engine build)
-    NAME_postprocess   Python backend: threshold + NMS + map back    (posetriton.serving.postprocess)
+    NAME_postprocess   Python backend: threshold + NMS + map back    (posetriton.server.steps.postprocess)
 
 ``tritonserver --model-config-name=cpu`` selects the CPU network; a model without a file of that
 name falls back to its ``config.pbtxt``. GPU configuration names (:data:`GPU_CONFIGS`) pick the
 network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GPU JPEG decode and
-letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.serving.gpu_preprocess),
+letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.server.steps.gpu_preprocess),
 ``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The
 ensembles are the same for every configuration.
 """
@@ -33,8 +33,8 @@ if sys.version_info >= (3, 11):
 else:  # the NGC Triton image runs Python 3.10
     import tomli as tomllib
 
-from posetriton import contract
-from posetriton.contract import (
+from posetriton.core import contract
+from posetriton.core.contract import (
     CANDIDATES,
     CANVAS,
     CONTROL_CORRID,
@@ -50,7 +50,7 @@ from posetriton.contract import (
     TRACK_SUFFIX,
     TRACKER_SUFFIX,
 )
-from posetriton.spec import (
+from posetriton.core.spec import (
     COCO_KEYPOINT_NAMES,
     COCO_SKELETON,
     KEYPOINT_LAYOUTS,
@@ -59,8 +59,8 @@ from posetriton.spec import (
     SpecError,
     check_keypoint_layout,
 )
-from posetriton.tracking import StreamLimits, TrackerSpec
-from posetriton.validation import INPUT_SIZE_PARAMETER
+from posetriton.core.validation import INPUT_SIZE_PARAMETER
+from posetriton.server.tracking import StreamLimits, TrackerSpec
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
 CPU_CONFIGS = {"cpu": "f32", "cpu_bf16": "bf16"}
@@ -91,12 +91,12 @@ class Tuning:
     preprocess_instances: int = 2
     # CPU network instances (one process each) sharing the cores: while one computes, the next batch is formed
     # and handed to another, so the cores never wait for Triton; each runs on every core while it is alone and
-    # on its share while another computes (posetriton.openvino_runtime.CoreShare, docs/benchmarks.md).
+    # on its share while another computes (posetriton.server.openvino_runtime.CoreShare, docs/benchmarks.md).
     network_instances: int = 1
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    # OpenVINO on CPU (posetriton.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
+    # OpenVINO on CPU (posetriton.server.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
     # (LATENCY) and splits a batch across the THROUGHPUT streams (docs/benchmarks.md).
     network_performance_hint: str = "ADAPTIVE"
     # OpenVINO pins its stream threads to cores by default; in the server the preprocess and postprocess stubs
@@ -336,7 +336,7 @@ def ensemble_config(model: ServedModel, pixels: bool) -> str:
 
 def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
     """CPU decode + letterbox (config.pbtxt), or with ``gpu`` nvJPEG decode + letterbox on the GPU
-    (posetriton.serving.gpu_preprocess, non-JPEG inputs on the CPU path); the tensors are the same."""
+    (posetriton.server.steps.gpu_preprocess, non-JPEG inputs on the CPU path); the tensors are the same."""
     s = model.letterbox.input_size
     optional = " optional: true"
     if gpu:
@@ -469,7 +469,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
     return "\n".join(
         [
             _header(model.step("network"), 'backend: "python"', t.max_batch_size),
-            f"# OpenVINO IR (model.xml) run by posetriton.serving.openvino_pose at {precision} precision.",
+            f"# OpenVINO IR (model.xml) run by posetriton.server.steps.openvino_pose at {precision} precision.",
             _network_io(model),
             _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_policy("network")),
             _instances(t.network_instances, "KIND_CPU"),
@@ -487,8 +487,8 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
 
 def _shim(module: str) -> str:
     return (
-        f'"""Generated: Triton loads this file; the model is posetriton.serving.{module}."""\n\n'
-        f"from posetriton.serving.{module} import TritonPythonModel  # noqa: F401\n"
+        f'"""Generated: Triton loads this file; the model is posetriton.server.steps.{module}."""\n\n'
+        f"from posetriton.server.steps.{module} import TritonPythonModel  # noqa: F401\n"
     )
 
 
@@ -547,7 +547,7 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
 
 # ------------------------------------------------------------------------------------------------ tracking
 # NAME_track = NAME's steps + NAME_tracker (stateful, Triton's sequence batcher): poses with track IDs per video.
-# Kept apart from NAME so that NAME stays stateless (no correlation ID needed); see posetriton.tracking.
+# Kept apart from NAME so that NAME stays stateless (no correlation ID needed); see posetriton.server.tracking.
 TRACK_IDLE_MICROSECONDS = 10_000_000  # a stream silent this long is dropped, and its tracking state freed
 TRACK_MAX_SEQUENCES = 1024  # open streams per tracker instance; more wait in Triton's backlog
 TRACKER_INSTANCES = 1
@@ -605,7 +605,7 @@ def stream_limits(model: ServedModel) -> StreamLimits:
 
 def _tracker_pixels(model: ServedModel) -> list[str]:
     """The frame as the network saw it (and how it maps to the original): the tracker reads each person's colours
-    from it to tell a returning person from someone else (posetriton.tracking.box_colours)."""
+    from it to tell a returning person from someone else (posetriton.server.tracking.box_colours)."""
     s = model.letterbox.input_size
     return [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"), _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH))]
 

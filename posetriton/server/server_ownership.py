@@ -9,7 +9,7 @@ and never confused with those of another server on the same host.
 
 :class:`ServerReaper` watches the server process (a pidfd, so it does not reap it) and, once it has exited,
 SIGKILLs its stubs and removes its regions (:func:`release`). The launcher (``posetriton serve``, the test
-fixtures) and the container entry point (``python -m posetriton.watchdog``) both run one beside their server.
+fixtures) and the container entry point (``python -m posetriton.server.watchdog``) both run one beside their server.
 
 ``POSETRITON_SHM_PREFIX`` sets the start of every prefix made here (default ``posetriton_``); each server adds
 its own unique part. A test session sets it to find, at its end, anything of its own servers left behind.

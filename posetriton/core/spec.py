@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
-from posetriton.contract import ContractError, Thresholds
+from posetriton.core.contract import ContractError, Thresholds
 
 ChannelOrder = Literal["RGB", "BGR"]
 PadPosition = Literal["bottom_right", "center"]
@@ -161,5 +161,5 @@ class PostprocessSpec(_Spec):
 
     @property
     def thresholds(self) -> Thresholds:
-        """The served defaults, which a request's own :class:`~posetriton.contract.Thresholds` override."""
+        """The served defaults, which a request's own :class:`~posetriton.core.contract.Thresholds` override."""
         return Thresholds(self.conf, self.iou, self.max_det)

@@ -8,8 +8,8 @@ sequence batcher's ``max_sequence_idle_microseconds`` is freed by a timer (Trito
 request unless it starts anew, so it cannot come back to stale state). The gauge
 ``posetriton_track_sequences`` on Triton's metrics endpoint counts the open streams.
 
-Any client may call this step directly, so each request is checked first (:mod:`posetriton.validation`,
-:class:`~posetriton.tracking.StreamLimits`): at most ``max_rows`` finite detection rows and a
+Any client may call this step directly, so each request is checked first (:mod:`posetriton.core.validation`,
+:class:`~posetriton.server.tracking.StreamLimits`): at most ``max_rows`` finite detection rows and a
 ``NUM_DETECTIONS`` that fits them, a sane frame index; a START on a live correlation ID is refused, and so
 is a stream over the instance's cap (UNAVAILABLE); only the ``max_tracked`` best poses of a frame are
 tracked and a stream keeps at most ``max_tracks`` tracks, so one request's cost is bounded.
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import (
+from posetriton.core.contract import (
     CANVAS,
     CONTROL_CORRID,
     CONTROL_END,
@@ -37,8 +37,9 @@ from posetriton.contract import (
     ContractError,
     Smoothing,
 )
-from posetriton.serving.triton_utils import StepBusy, model_parameters, request_parameters, respond_each
-from posetriton.tracking import (
+from posetriton.core.validation import check_detections, check_frame_index, check_letterbox_rows
+from posetriton.server.steps.triton_utils import StepBusy, model_parameters, request_parameters, respond_each
+from posetriton.server.tracking import (
     PoseTracker,
     SequenceStore,
     StreamLimits,
@@ -49,7 +50,6 @@ from posetriton.tracking import (
     cap_live_tracks,
     idle_seconds,
 )
-from posetriton.validation import check_detections, check_frame_index, check_letterbox_rows
 
 SEQUENCES_METRIC = "posetriton_track_sequences"
 # How often the timer looks for idle streams, at most (and at least a tenth of the idle limit).

@@ -209,7 +209,7 @@ def score_tracks(
     min_iou: float = 0.5,
 ) -> TrackScore:
     """Match each frame's tracked detections (``boxes``, ``track_ids``) to its ground truth by IoU, greedily."""
-    from posetriton.tracking import box_iou
+    from posetriton.server.tracking import box_iou
 
     ids: dict[tuple[int, int], list[int | None]] = {}
     matched = visible = 0
@@ -296,7 +296,7 @@ def score_keypoints(
     the photo's true people (``truth_boxes [P, 4]``, ``truth_keypoints [P, K, 3]``, photo pixels) on a clip of
     one photo (:func:`camera_path`, :func:`noisy_still`). A keypoint counts where the truth and the
     detection both are confident (``min_conf``); a person's detection is the one with the best box IoU."""
-    from posetriton.tracking import COCO_SIGMAS, box_iou
+    from posetriton.server.tracking import COCO_SIGMAS, box_iou
 
     k = truth_keypoints.shape[1]
     sigmas = COCO_SIGMAS if k == len(COCO_SIGMAS) else np.full(k, COCO_SIGMAS.mean())

@@ -3,7 +3,7 @@
 Run at image build time (k8s/Dockerfile) so that an image with an empty or half-copied repository
 fails to build instead of starting green and serving nothing:
 
-    python3 -m posetriton.repository_check /models --config-name cpu
+    python3 -m posetriton.server.repository_check /models --config-name cpu
 
 ``--config-name`` is Triton's ``--model-config-name``: ``configs/NAME.pbtxt`` where a model has one,
 else ``config.pbtxt``. Standard library only: it runs before anything else is known to work.

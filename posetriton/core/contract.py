@@ -32,10 +32,10 @@ BOXES = "BOXES"  # FP32 [B, N, 4] xyxy, original-image pixels
 SCORES = "SCORES"  # FP32 [B, N]
 KEYPOINTS = "KEYPOINTS"  # FP32 [B, N, K, 3] (x, y, confidence)
 IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [B, 2] (width, height) of the upright original image
-# Video (NAME_track ensemble, posetriton.tracking): one more input and one more output.
+# Video (NAME_track ensemble, posetriton.server.tracking): one more input and one more output.
 FRAME_INDEX = "FRAME_INDEX"  # INT64 [B, 1]: the frame's position in its video, sent by the client
 TRACK_IDS = "TRACK_IDS"  # INT64 [B, N]: track ID per pose row, UNTRACKED for none (and for padding)
-# FP32 [B, N, K, 3]: KEYPOINTS filtered over each track's frames (posetriton.tracking.KeypointSmoother); the
+# FP32 [B, N, K, 3]: KEYPOINTS filtered over each track's frames (posetriton.server.tracking.KeypointSmoother); the
 # confidences are KEYPOINTS' own. A pose without a track ID gets its raw keypoints.
 SMOOTHED_KEYPOINTS = "SMOOTHED_KEYPOINTS"
 UNTRACKED = -1

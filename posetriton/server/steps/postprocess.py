@@ -2,7 +2,7 @@
 
 Per-request ``conf``, ``iou`` and ``max_det`` arrive as request parameters, which (unlike
 optional inputs) do not split dynamic batches. The candidates and letterbox rows are checked first
-(:mod:`posetriton.validation`): a direct caller may send anything.
+(:mod:`posetriton.core.validation`): a direct caller may send anything.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.contract import (
+from posetriton.core.contract import (
     BOXES,
     CANDIDATES,
     IMAGE_SIZE,
@@ -24,10 +24,10 @@ from posetriton.contract import (
     Thresholds,
     candidate_width,
 )
-from posetriton.processing import LetterboxTransform, Poses, postprocess
-from posetriton.serving.triton_utils import model_parameters, request_parameters, respond_each
-from posetriton.spec import PostprocessSpec
-from posetriton.validation import INPUT_SIZE_PARAMETER, check_candidates, check_letterbox_rows
+from posetriton.core.processing import LetterboxTransform, Poses, postprocess
+from posetriton.core.spec import PostprocessSpec
+from posetriton.core.validation import INPUT_SIZE_PARAMETER, check_candidates, check_letterbox_rows
+from posetriton.server.steps.triton_utils import model_parameters, request_parameters, respond_each
 
 
 class TritonPythonModel:
