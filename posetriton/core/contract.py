@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 # ------------------------------------------------------------------------------------------ tensor names
 IMAGE = "IMAGE"  # ensemble input: encoded images, BYTES [B, 1]
@@ -81,113 +81,189 @@ class ContractError(ValueError):
     """A value does not follow the wire contract; the message names it."""
 
 
-# ---------------------------------------------------------------------------------------------- thresholds
-THRESHOLD_NAMES = ("conf", "iou", "max_det")
-# The keypoint smoothing of NAME_track (see Smoothing); request parameters too, read by the tracker step.
-SMOOTHING_NAMES = ("smooth_min_cutoff", "smooth_beta")
-# Every request parameter a served ensemble accepts: each step reads its own and lets the others' pass.
-REQUEST_PARAMETER_NAMES = (*THRESHOLD_NAMES, *SMOOTHING_NAMES)
-
-
-def _known_parameters(parameters: Mapping[str, Any]) -> None:
-    unknown = sorted(set(parameters) - set(REQUEST_PARAMETER_NAMES))
-    if unknown:
-        raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(REQUEST_PARAMETER_NAMES)}")
-
-
-def _number_parameter(parameters: Mapping[str, Any], name: str, integer: bool = False) -> int | float | None:
-    """A request parameter's value as a finite number, None when absent; a wrong type is refused."""
-    if name not in parameters:
-        return None
-    value = parameters[name]
-    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not finite or (integer and value != int(value)):
-        raise ContractError(
-            f"request parameter {name} must be {'an integer' if integer else 'a number'}, got {value!r}"
-        )
-    return int(value) if integer else float(value)
+# -------------------------------------------------------------------------------------- request parameters
+# Each per-request parameter is declared once, as a field of a parameter group below (Thresholds, Smoothing):
+# its wire name, type, range and help. The validation, the wire form, the SDK's keyword arguments, the CLI's
+# options, the web page's controls and the client's error parsing all derive from these declarations.
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Per-request ``conf``, ``iou`` and ``max_det``; ``None`` means the served model's default.
+class RequestParameter:
+    """One per-request parameter: sent as Triton request parameter ``name`` (which, unlike an optional input,
+    does not split dynamic batches). ``limit`` names a per-model upper bound given to ``check`` (e.g. the
+    family's ``max_det``), used instead of ``maximum`` when known."""
 
-    They travel as Triton request parameters (which, unlike optional inputs, do not split dynamic
-    batches). :meth:`check` is the one validation: the client calls it before sending, the
-    postprocess step after reading them back.
-    """
+    name: str
+    kind: type  # int or float
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    limit: str | None = None
+    unit: str = ""
 
-    conf: float | None = None
-    iou: float | None = None
-    max_det: int | None = None
+    @property
+    def option(self) -> str:
+        """The CLI option: ``--max-det`` for ``max_det``."""
+        return "--" + self.name.replace("_", "-")
 
-    def check(self, max_det_limit: int | None = None) -> Thresholds:
-        """Return self, or raise :class:`ContractError` naming the first value out of range."""
-        if self.conf is not None and not 0.0 <= self.conf <= 1.0:
-            raise ContractError(f"conf must be in [0, 1], got {self.conf}")
-        if self.iou is not None and not 0.0 <= self.iou <= 1.0:
-            raise ContractError(f"iou must be in [0, 1], got {self.iou}")
-        if self.max_det is not None:
-            if max_det_limit is None and self.max_det < 1:
-                raise ContractError(f"max_det must be at least 1, got {self.max_det}")
-            if max_det_limit is not None and not 1 <= self.max_det <= max_det_limit:
-                raise ContractError(f"max_det must be in [1, {max_det_limit}], got {self.max_det}")
-        return self
+    def coerce(self, value: Any) -> int | float:
+        """``value`` as this parameter's type; a bool, a non-number, a non-finite or (for an int) a fractional
+        value is refused."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (self.kind is int and value != int(value)):
+            kind = "an integer" if self.kind is int else "a number"
+            raise ContractError(f"request parameter {self.name} must be {kind}, got {value!r}")
+        return int(value) if self.kind is int else float(value)
 
-    def to_parameters(self) -> dict[str, float | int]:
-        """The request parameters to send: only the values that are set."""
-        return {name: value for name in THRESHOLD_NAMES if (value := getattr(self, name)) is not None}
+    def check(self, value: int | float, limit: float | None = None) -> None:
+        """Raise :class:`ContractError` naming this parameter when ``value`` is out of its range."""
+        low, high = self.minimum, self.maximum if limit is None else limit
+        unit = f" ({self.unit})" if self.unit else ""
+        if self.exclusive_minimum and low is not None and high is None and not value > low:
+            raise ContractError(f"{self.name} must be > {_plain(low)}{unit}, got {value}")
+        if low is not None and high is None and not value >= low:
+            raise ContractError(f"{self.name} must be {_at_least(self)} {_plain(low)}{unit}, got {value}")
+        if low is not None and high is not None and not low <= value <= high:
+            raise ContractError(f"{self.name} must be in [{_plain(low)}, {_plain(high)}]{unit}, got {value}")
+
+    def describe(self) -> dict[str, Any]:
+        """What a user interface needs to offer this parameter (the web page builds its controls from it)."""
+        return {
+            "name": self.name, "type": self.kind.__name__, "help": self.help, "minimum": self.minimum,
+            "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum, "limit": self.limit,
+        }  # fmt: skip
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _at_least(parameter: RequestParameter) -> str:
+    return "at least" if parameter.kind is int else ">="
+
+
+def parameter(declaration: RequestParameter) -> Any:
+    """A parameter group's field: unset (``None``, the served model's default) unless given."""
+    return field(default=None, metadata={"parameter": declaration})
+
+
+G = TypeVar("G", bound="ParameterGroup")
+
+
+class ParameterGroup:
+    """Base of a frozen dataclass whose fields are request parameters (declared with :func:`parameter`);
+    ``None`` means the served model's default. :meth:`check` is the one validation: the client calls it
+    before sending, the step that reads the group after reading it back."""
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, Any]) -> Thresholds:
-        """Read request parameters; unknown names and values of the wrong type are refused."""
-        _known_parameters(parameters)
-        return cls(*(_number_parameter(parameters, name, integer=name == "max_det") for name in THRESHOLD_NAMES))  # type: ignore[arg-type]
+    def declarations(cls) -> dict[str, RequestParameter]:
+        """Field name -> its parameter, in declaration order."""
+        return {f.name: f.metadata["parameter"] for f in fields(cls)}  # type: ignore[arg-type]
 
-    def or_defaults(self, defaults: Thresholds) -> Thresholds:
+    def check(self: G, limits: Mapping[str, float | None] | None = None) -> G:
+        """Return self, or raise :class:`ContractError` naming the first value out of range."""
+        for attribute, declared in self.declarations().items():
+            value = getattr(self, attribute)
+            if value is not None:
+                declared.check(declared.coerce(value), (limits or {}).get(declared.limit or ""))
+        return self
+
+    def to_parameters(self) -> dict[str, int | float]:
+        """The request parameters to send: only the values that are set."""
+        return {
+            declared.name: declared.coerce(value)
+            for attribute, declared in self.declarations().items()
+            if (value := getattr(self, attribute)) is not None
+        }
+
+    @classmethod
+    def from_parameters(cls: type[G], parameters: Mapping[str, Any]) -> G:
+        """Read this group from request parameters; unknown names and values of the wrong type are refused
+        (another group's names pass: each step reads its own)."""
+        unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+        if unknown:
+            raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(REQUEST_PARAMETERS)}")
+        return cls(**{
+            attribute: declared.coerce(parameters[declared.name]) if declared.name in parameters else None
+            for attribute, declared in cls.declarations().items()
+        })  # fmt: skip
+
+    def or_defaults(self: G, defaults: G) -> G:
         """Fill unset values from ``defaults`` (the served model's)."""
-        return Thresholds(
-            *(getattr(defaults, n) if getattr(self, n) is None else getattr(self, n) for n in THRESHOLD_NAMES)
-        )
+        chosen = {a: v for a in self.declarations() if (v := getattr(self, a)) is not None}
+        return replace(defaults, **chosen)  # type: ignore[type-var]  # every group is a dataclass
 
 
 @dataclass(frozen=True)
-class Smoothing:
+class Thresholds(ParameterGroup):
+    """Per-request ``conf``, ``iou`` and ``max_det`` of the postprocess step."""
+
+    conf: float | None = parameter(RequestParameter("conf", float, "minimum person score", 0.0, 1.0))
+    iou: float | None = parameter(RequestParameter("iou", float, "NMS IoU threshold", 0.0, 1.0))
+    max_det: int | None = parameter(
+        RequestParameter("max_det", int, "most poses per image", minimum=1, limit="max_det")
+    )
+
+    def check(self, limits: Mapping[str, float | None] | int | None = None) -> Thresholds:
+        """As :meth:`ParameterGroup.check`; a plain number is the model's ``max_det`` limit."""
+        if limits is None or isinstance(limits, Mapping):
+            return super().check(limits)
+        return super().check({"max_det": limits})
+
+
+@dataclass(frozen=True)
+class Smoothing(ParameterGroup):
     """Per-request keypoint smoothing of ``NAME_track`` (a One Euro filter per keypoint coordinate, per track);
     ``None`` means the default, measured in docs/benchmarks.md.
 
     ``min_cutoff`` (cycles per frame) is the filter's cutoff for a keypoint at rest: lower is smoother.
     ``beta`` raises the cutoff with the keypoint's speed (in person heights per frame), so a moving
     limb is followed with little lag; 0 is a plain low-pass filter. ``min_cutoff`` >= 0.5 (the Nyquist
-    limit) turns smoothing off. They travel as the request parameters ``smooth_min_cutoff`` and
-    ``smooth_beta``; :meth:`check` is the one validation (client before sending, tracker step after).
+    limit) turns smoothing off.
     """
 
-    min_cutoff: float | None = None
-    beta: float | None = None
-
-    def check(self) -> Smoothing:
-        if self.min_cutoff is not None and not self.min_cutoff > 0.0:
-            raise ContractError(f"smooth_min_cutoff must be > 0 (cycles per frame), got {self.min_cutoff}")
-        if self.beta is not None and not self.beta >= 0.0:
-            raise ContractError(f"smooth_beta must be >= 0, got {self.beta}")
-        return self
-
-    def to_parameters(self) -> dict[str, float]:
-        values = (self.min_cutoff, self.beta)
-        return {name: value for name, value in zip(SMOOTHING_NAMES, values, strict=True) if value is not None}
-
-    @classmethod
-    def from_parameters(cls, parameters: Mapping[str, Any]) -> Smoothing:
-        """Read request parameters (the thresholds are the postprocess step's); unknown names are refused."""
-        _known_parameters(parameters)
-        return cls(*(_number_parameter(parameters, name) for name in SMOOTHING_NAMES))
-
-    def or_defaults(self, defaults: Smoothing) -> Smoothing:
-        return Smoothing(
-            defaults.min_cutoff if self.min_cutoff is None else self.min_cutoff,
-            defaults.beta if self.beta is None else self.beta,
+    min_cutoff: float | None = parameter(
+        RequestParameter(
+            "smooth_min_cutoff", float, "keypoint smoothing cutoff at rest (lower is smoother)",
+            minimum=0.0, exclusive_minimum=True, unit="cycles per frame",
         )
+    )  # fmt: skip
+    beta: float | None = parameter(
+        RequestParameter("smooth_beta", float, "keypoint smoothing speed coefficient (higher: less lag)", minimum=0.0)
+    )
+
+
+# Every parameter group, in the order the SDK, the CLI and the web page show them; a new group is added here.
+PARAMETER_GROUPS: tuple[type[ParameterGroup], ...] = (Thresholds, Smoothing)
+# Every request parameter a served ensemble accepts, by wire name: each step reads its own and lets the others pass.
+REQUEST_PARAMETERS: dict[str, RequestParameter] = {
+    declared.name: declared for group in PARAMETER_GROUPS for declared in group.declarations().values()
+}
+REQUEST_PARAMETER_NAMES = tuple(REQUEST_PARAMETERS)
+THRESHOLD_NAMES = tuple(d.name for d in Thresholds.declarations().values())
+SMOOTHING_NAMES = tuple(d.name for d in Smoothing.declarations().values())
+
+
+def request_parameters(
+    *groups: ParameterGroup | None, limits: Mapping[str, float | None] | None = None, **values: Any
+) -> dict[str, int | float]:
+    """The request parameters to send: the groups' values, then ``values`` by wire name over them (``conf=0.3``;
+    ``None`` keeps the group's), each checked by its one declaration. ContractError names the first bad one."""
+    chosen: dict[str, Any] = {}
+    for group in groups:
+        if group is not None:
+            chosen.update(group.check(limits).to_parameters())
+    unknown = sorted(set(values) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(REQUEST_PARAMETERS)}")
+    for name, value in values.items():
+        if value is not None:
+            declared = REQUEST_PARAMETERS[name]
+            number = declared.coerce(value)
+            declared.check(number, (limits or {}).get(declared.limit or ""))
+            chosen[name] = number
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------ errors
