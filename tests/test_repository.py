@@ -43,7 +43,8 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
         gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     )
     tuning = CATALOG[name].tuning
-    # Several engine contexts per GPU and several CPU network instances: a batch computes while the next is handed over.
+    # Several engine contexts per GPU (a batch computes while the next is handed over); one CPU network process
+    # whose pipeline does the same, taking one request per execute so the rest wait in Triton's bounded queue.
     gpu_networks = [
         gpu,
         *(parse(files[f"{name}_network/configs/{c}.pbtxt"]) for c in ("gpu_ort_trt", "gpu_ort_trt_nvjpeg")),
@@ -56,9 +57,9 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     for config_name, precision in CPU_CONFIGS.items():
         cpu = parse(files[f"{name}_network/configs/{config_name}.pbtxt"])
         assert cpu.backend == "python" and cpu.parameters["precision"].string_value == precision
-        assert [(g.count, g.kind) for g in cpu.instance_group] == [
-            (tuning.network_instances, model_config_pb2.ModelInstanceGroup.KIND_CPU)
-        ]
+        assert [(g.count, g.kind) for g in cpu.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+        assert list(cpu.dynamic_batching.preferred_batch_size) == list(tuning.cpu_network_preferred_batch_sizes)
+        assert cpu.dynamic_batching.default_queue_policy.max_queue_size > 0
         assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
         assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
 

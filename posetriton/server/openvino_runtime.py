@@ -1,16 +1,15 @@
 """Run a pose network's OpenVINO IR on the CPU: one request on every core, a batch across every stream.
 
 Shared by the served pose model and the benchmarks' in-process baseline, so both run the network
-the same way. Several processes (Triton instances of one network) can share the cores: each computes on
-every core while it is alone and on its share of them while another one computes (:class:`CoreShare`).
+the same way. The served step feeds it through :class:`InferencePipeline`, which keeps every stream busy
+across Triton's batches.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -46,40 +45,11 @@ class _StreamQueue:
         chunks = np.array_split(batch, min(self.num_requests, len(batch)))
         self._results.clear()
         for index, chunk in enumerate(chunks):
-            # share_inputs: OpenVINO reads the caller's (contiguous) memory instead of copying it first.
-            self.queue.start_async({0: np.ascontiguousarray(chunk)}, userdata=index, share_inputs=True)
+            # share_inputs=False: OpenVINO copies the images in (0.1 ms each). Sharing the caller's memory leaves the
+            # stream's input bound to it after the call, and another request on that stream then reads freed memory.
+            self.queue.start_async({0: np.ascontiguousarray(chunk)}, userdata=index, share_inputs=False)
         self.queue.wait_all()
         return np.concatenate([self._results[i] for i in range(len(chunks))])
-
-
-class CoreShare:
-    """Which of the processes running one network compute now, so each knows whether it has the cores alone.
-
-    Every process computing holds a shared ``flock`` on one path (the network's version folder: one per
-    model, nothing to create or clean up); "alone" means no other process holds it. A process that finds
-    itself alone runs on every core; a second one arriving meanwhile runs on its
-    share, and the first one takes its share from its next call on.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-
-    @contextmanager
-    def computing(self) -> Iterator[bool]:
-        """Hold this process's place among the computing ones; yields whether no other process computes."""
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
-        except BlockingIOError:
-            alone = False
-        fcntl.flock(self._fd, fcntl.LOCK_SH)  # from exclusive (alone) or from nothing
-        try:
-            yield alone
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class OpenVinoRunner:
@@ -88,9 +58,7 @@ class OpenVinoRunner:
     ``precision`` is explicit because on CPUs with bf16 support OpenVINO otherwise switches to
     bf16 silently (about 2x faster, keypoints off by up to a few pixels). ``num_threads`` defaults to
     the cores this process may use, so a container's CPU limit (its cpuset) is what counts.
-    ``cpu_pinning`` None keeps OpenVINO's default (pinned stream threads). ``shared_by`` > 1: that many
-    processes run this network on the same cores; each also compiles the network for its share of them
-    (``num_threads // shared_by``), used when another one is computing (``infer(batch, alone=False)``).
+    ``cpu_pinning`` None keeps OpenVINO's default (pinned stream threads).
     """
 
     def __init__(
@@ -101,12 +69,9 @@ class OpenVinoRunner:
         num_streams: int | None = None,
         num_threads: int | None = None,
         cpu_pinning: bool | None = None,
-        shared_by: int = 1,
     ) -> None:
         if performance_hint not in PERFORMANCE_HINTS:
             raise ValueError(f"performance_hint must be one of {PERFORMANCE_HINTS}, got {performance_hint!r}")
-        if shared_by < 1:
-            raise ValueError(f"shared_by must be at least 1, got {shared_by}")
         core = ov.Core()
         model = core.read_model(str(model_path))
         threads = num_threads or cpu_threads()
@@ -123,13 +88,9 @@ class OpenVinoRunner:
             if num_streams:
                 config["NUM_STREAMS"] = str(num_streams)
             self.throughput = _StreamQueue(core, model, config)
-        # This process's share of the cores, for when another process runs the network too.
-        self.shared = None
-        if shared_by > 1:
-            share = {**base, "INFERENCE_NUM_THREADS": str(max(1, threads // shared_by))}
-            share["PERFORMANCE_HINT"] = "LATENCY" if performance_hint == "LATENCY" else "THROUGHPUT"
-            self.shared = _StreamQueue(core, model, share)
         self.input_dtype = model.input(0).get_element_type().to_dtype()
+        # One image's shape (the batch dimension is dynamic), e.g. (640, 640, 3).
+        self.image_shape = tuple(int(d.get_length()) for d in model.input(0).get_partial_shape()[1:])
 
     @property
     def num_requests(self) -> int:
@@ -138,17 +99,149 @@ class OpenVinoRunner:
 
     def warm_up(self, image_shape: tuple[int, ...]) -> None:
         """Run every compiled layout once (OpenVINO finishes its set-up on the first call), so no request pays it."""
-        for queue in (self.latency, self.throughput, self.shared):
+        for queue in (self.latency, self.throughput):
             if queue is not None:
                 queue.infer(np.zeros((queue.num_requests, *image_shape), self.input_dtype))
 
-    def infer(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
-        """Run a batch through the network; returns the first output for all of it.
-
-        ``alone`` False: another process computes on the same cores now; run on this one's share of them."""
-        if not alone and self.shared is not None:
-            return self.shared.infer(batch)
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch through the network and wait for it; returns the first output for all of it."""
         if self.throughput is None or (self.latency is not None and len(batch) == 1):
             assert self.latency is not None
             return self.latency.infer(batch)
         return self.throughput.infer(batch)
+
+
+# Called once per submitted batch: its outputs (first output, one row per image) or the error that stopped it.
+Answer = Callable[[np.ndarray | None, BaseException | None], None]
+
+
+class _Batch:
+    """One submitted batch in flight: its output rows fill as each image's inference completes."""
+
+    def __init__(self, count: int, answer: Answer) -> None:
+        self.rows: list[np.ndarray | None] = [None] * count
+        self.left = count
+        self.answer = answer
+        self.error: BaseException | None = None
+
+
+class InferencePipeline:
+    """Keeps the network busy across batches: images are started as they arrive and each batch is answered the
+    moment its own images are done, never waiting for batch-mates or for the next batch to be handed over.
+
+    Triton's Python backend runs one ``execute`` at a time per instance; with a blocking ``infer`` the streams
+    idle while a finished batch is answered and the next one is formed (issue 19's idle fifth of the CPU).
+    Here ``submit`` returns once the images are queued in OpenVINO and ``answer`` runs on OpenVINO's callback
+    thread. An image that finds nothing in flight runs on the LATENCY layout (every core on one image, so a
+    lone request is as fast as before); any other joins the THROUGHPUT streams. ``submit`` blocks while every
+    infer request is busy, so waiting work stays in Triton's bounded queue (its REJECT policy and deadlines
+    still apply) rather than piling up here.
+    """
+
+    def __init__(self, runner: OpenVinoRunner, depth: int | None = None) -> None:
+        if runner.throughput is None and runner.latency is None:
+            raise ValueError("the runner has no compiled layout")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        # Images started on each layout (the benchmarks report how often a lone image took every core).
+        self.started = {"latency": 0, "throughput": 0}
+        self._idle = threading.Condition(self._lock)
+        self._latency = self._queue(runner.latency, 1) if runner.latency is not None else None
+        streams = runner.throughput or runner.latency
+        assert streams is not None
+        # One more request than streams: a stream that finishes finds its next image already started.
+        self._throughput = self._queue(streams, depth or streams.num_requests + 1)
+        # (queue, infer request) -> the image it computes, until its callback takes it (see _reap).
+        self._started: dict[tuple[int, int] | None, tuple[_Batch, int]] = {}
+        self._input_dtype = runner.input_dtype
+        self._image_shape = runner.image_shape
+
+    def _queue(self, layout: _StreamQueue, requests: int) -> ov.AsyncInferQueue:
+        queue = ov.AsyncInferQueue(layout.compiled, requests)
+        queue.set_callback(self._completed)
+        return queue
+
+    def submit(self, batch: np.ndarray, answer: Answer) -> None:
+        """Start every image of ``batch``; ``answer(outputs, None)`` follows once all are done (or
+        ``answer(None, error)`` on the first failure). The images are copied in, so ``batch`` may be reused.
+        A batch the network cannot take raises ValueError before anything starts."""
+        if batch.dtype != self._input_dtype or tuple(batch.shape[1:]) != self._image_shape:
+            raise ValueError(
+                f"the network takes {self._input_dtype} images of shape {list(self._image_shape)}, "
+                f"got {batch.dtype} {list(batch.shape)}"
+            )
+        job = _Batch(len(batch), answer)
+        for index in range(len(batch)):
+            with self._lock:
+                alone = self._in_flight == 0 and self._latency is not None
+                self._in_flight += 1
+                self.started["latency" if alone else "throughput"] += 1
+            queue = self._latency if alone else self._throughput
+            assert queue is not None
+            key = None
+            try:
+                key = (id(queue), queue.get_idle_request_id())  # waits while every request of the layout is busy
+                self._reap(queue, key)
+                with self._lock:
+                    self._started[key] = (job, index)
+                # share_inputs=False: OpenVINO copies the image, so Triton may release the request's memory.
+                queue.start_async({0: batch[index : index + 1]}, userdata=(job, index, key), share_inputs=False)
+            except BaseException:
+                # The caller answers a batch that could not be started whole: its unstarted images keep
+                # job.left above 0, so its started ones never answer it a second time.
+                with self._lock:
+                    self._started.pop(key, None)
+                    self._in_flight -= 1
+                    if self._in_flight == 0:
+                        self._idle.notify_all()
+                raise
+
+    def _reap(self, queue: ov.AsyncInferQueue, key: tuple[int, int]) -> None:
+        """OpenVINO calls no callback for an inference that failed: its request just turns idle again. Such a
+        request still holds its image here when it is reused; its failure is read and answered then."""
+        with self._lock:
+            stale = self._started.pop(key, None)
+        if stale is None:
+            return
+        try:
+            queue[key[1]].wait()
+        except Exception as exc:
+            self._finish(stale[0], stale[1], None, exc)
+        # else it succeeded and its callback, on its way, answers it
+
+    def _completed(self, request: ov.InferRequest, userdata: tuple[_Batch, int, tuple[int, int]]) -> None:
+        job, index, key = userdata
+        with self._lock:
+            if self._started.get(key) == (job, index):
+                del self._started[key]
+        try:
+            row = request.get_output_tensor(0).data[0].copy()
+        except BaseException as exc:  # an answer must follow whatever happens here
+            self._finish(job, index, None, exc)
+        else:
+            self._finish(job, index, row, None)
+
+    def _finish(self, job: _Batch, index: int, row: np.ndarray | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            job.rows[index] = row
+            job.error = job.error or error
+            job.left -= 1
+            last = job.left == 0
+            if self._in_flight == 0:
+                self._idle.notify_all()
+        if last:
+            if job.error is not None:
+                job.answer(None, job.error)
+            else:
+                job.answer(np.stack(job.rows), None)  # type: ignore[arg-type]
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is in flight (every answer given); whether it got there in time."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight

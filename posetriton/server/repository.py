@@ -89,13 +89,13 @@ class Tuning:
 
     max_batch_size: int = 32
     preprocess_instances: int = 2
-    # CPU network instances (one process each) sharing the cores: while one computes, the next batch is formed
-    # and handed to another, so the cores never wait for Triton; each runs on every core while it is alone and
-    # on its share while another computes (posetriton.server.openvino_runtime.CoreShare, docs/benchmarks.md).
-    network_instances: int = 1
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    # The CPU network step takes one request per execute: its pipeline starts each image as it comes and answers
+    # each request on its own (posetriton.server.openvino_runtime.InferencePipeline), so a bigger batch would only
+    # hold requests outside Triton's queue, where its size bound and deadlines no longer apply.
+    cpu_network_preferred_batch_sizes: tuple[int, ...] = (1,)
     # OpenVINO on CPU (posetriton.server.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
     # (LATENCY) and splits a batch across the THROUGHPUT streams (docs/benchmarks.md).
     network_performance_hint: str = "ADAPTIVE"
@@ -471,8 +471,9 @@ def network_cpu_config(model: ServedModel, precision: str) -> str:
             _header(model.step("network"), 'backend: "python"', t.max_batch_size),
             f"# OpenVINO IR (model.xml) run by posetriton.server.steps.openvino_pose at {precision} precision.",
             _network_io(model),
-            _batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_policy("network")),
-            _instances(t.network_instances, "KIND_CPU"),
+            _batching(t.network_max_queue_delay_us, t.cpu_network_preferred_batch_sizes, queue_policy("network")),
+            # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
+            _instances(1, "KIND_CPU"),
             _parameters(
                 {
                     "precision": precision,

@@ -1,9 +1,10 @@
 """Pose network step on CPU: the OpenVINO IR in this model's version folder, run in the Python backend.
 
 The Triton wheel used here ships no OpenVINO backend, and running the IR in-process keeps the
-precision (f32 / bf16) and stream layout in this model's ``parameters``. With several instances (one
-process each) a batch computes while the next one is formed and handed over, so the cores never wait
-for Triton; a lone request still gets every core (posetriton.server.openvino_runtime.CoreShare).
+precision (f32 / bf16) and stream layout in this model's ``parameters``. ``execute`` only starts each
+request's images in OpenVINO and returns; every request is answered through its response sender as soon as
+its own images are done (:class:`posetriton.server.openvino_runtime.InferencePipeline`), so the next batch is
+handed over while this one computes and the cores never wait for Triton. A lone request still gets every core.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import triton_python_backend_utils as pb_utils
 
 from posetriton.core.contract import CANDIDATES, CANVAS
 from posetriton.server.cpu_limit import container_cpu_limit
-from posetriton.server.openvino_runtime import CoreShare, OpenVinoRunner
-from posetriton.server.steps.triton_utils import cancelled, instance_count, internal_error, model_parameters, unforeseen
+from posetriton.server.openvino_runtime import Answer, InferencePipeline, OpenVinoRunner
+from posetriton.server.steps.triton_utils import cancelled, internal_error, model_parameters, unforeseen
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -28,8 +31,7 @@ class TritonPythonModel:
         precision = params.get("precision", "f32")
         if precision not in ("f32", "bf16"):
             raise ValueError(f"parameter precision must be 'f32' or 'bf16', got {precision!r}")
-        instances = instance_count(config)
-        self.runner = OpenVinoRunner(
+        runner = OpenVinoRunner(
             version_dir / params.get("model_file", "model.xml"),
             precision=precision,  # type: ignore[arg-type]
             performance_hint=params.get("performance_hint", "ADAPTIVE"),  # type: ignore[arg-type]
@@ -37,63 +39,38 @@ class TritonPythonModel:
             # The model's own setting, else the container's CPU limit (k8s downward API), else OpenVINO's choice.
             num_threads=int(params["num_threads"]) if params.get("num_threads") else container_cpu_limit(),
             cpu_pinning=params["cpu_pinning"] == "true" if params.get("cpu_pinning") else None,
-            shared_by=instances,
         )
         canvas = pb_utils.get_input_config_by_name(config, CANVAS)
-        self.runner.warm_up(tuple(int(d) for d in canvas["dims"]))
-        # The instances of this network share the cores: each knows whether another one computes now.
-        self.cores = CoreShare(version_dir) if instances > 1 else None
+        runner.warm_up(tuple(int(d) for d in canvas["dims"]))
+        self.pipeline = InferencePipeline(runner)
         self.logger = pb_utils.Logger
         self.name = args["model_name"]
 
-    def execute(self, requests: list) -> list:
-        # Dynamic batching hands over several requests: run them as one batch, split the result back.
-        # A request its client already cancelled is answered CANCELLED, not computed.
-        responses: list = []
+    def execute(self, requests: list) -> None:
+        # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
+        # candidates once computed, or an error that fails it alone.
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                responses.append(cancelled() if request.is_cancelled() else None)
+                if request.is_cancelled():
+                    sender.send(cancelled(), flags=FINAL)
+                    continue
+                canvases = pb_utils.get_input_tensor_by_name(request, CANVAS).as_numpy()
+                self.pipeline.submit(canvases, self._answerer(sender))
             except Exception as exc:  # unforeseen: this request alone fails
-                responses.append(self._failed(exc))
-        live = [i for i, response in enumerate(responses) if response is None]
-        if live:
-            try:
-                for i, response in zip(live, self._run([requests[i] for i in live]), strict=True):
-                    responses[i] = response
-            except Exception as exc:  # unforeseen: find whose request it is, fail only that one
-                if len(live) == 1:
-                    responses[live[0]] = self._failed(exc)
-                else:
-                    for i in live:
-                        responses[i] = self._run_alone(requests[i])
-        return responses
+                sender.send(unforeseen(self.name, exc, self.logger), flags=FINAL)
+        return None
 
-    def _run(self, requests: list) -> list:
-        inputs = [pb_utils.get_input_tensor_by_name(r, CANVAS).as_numpy() for r in requests]
-        batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-        try:
-            if self.cores is None:
-                outputs = self.runner.infer(batch)
+    def _answerer(self, sender: object) -> Answer:
+        def answer(candidates: np.ndarray | None, error: BaseException | None) -> None:
+            if error is not None:
+                response = internal_error(f"OpenVINO inference failed: {error}")
             else:
-                with self.cores.computing() as alone:
-                    outputs = self.runner.infer(batch, alone=alone)
-        except RuntimeError as exc:
-            return [internal_error(f"OpenVINO inference failed: {exc}") for _ in requests]
-        bounds = np.cumsum([len(x) for x in inputs])[:-1]
-        return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CANDIDATES, out)])
-            for out in np.split(outputs, bounds)
-        ]
+                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CANDIDATES, candidates)])
+            sender.send(response, flags=FINAL)  # type: ignore[attr-defined]
 
-    def _run_alone(self, request: object) -> object:
-        try:
-            return self._run([request])[0]
-        except Exception as exc:  # this request's own failure, answered and logged
-            return self._failed(exc)
-
-    def _failed(self, exc: Exception) -> object:
-        return unforeseen(self.name, exc, self.logger)
+        return answer
 
     def finalize(self) -> None:
-        if self.cores is not None:
-            self.cores.close()
+        # Answer what is in flight before the stub goes.
+        self.pipeline.wait_idle(timeout=30.0)
