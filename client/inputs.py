@@ -26,7 +26,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from posetriton.core.contract import ContractError, Thresholds
+from posetriton.core.contract import Thresholds
+from posetriton.core.contract import request_parameters as core_request_parameters
 
 from .errors import InvalidInputError
 
@@ -143,17 +144,6 @@ def request_parameters(
     conf: float | None = None, iou: float | None = None, max_det: int | None = None,
     thresholds: Thresholds | None = None, max_det_limit: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The per-request thresholds to send (``thresholds``, with ``conf`` / ``iou`` / ``max_det`` set over it);
-    omitted ones keep the model's defaults. ValueError names the first value out of range."""
-    base = thresholds or Thresholds()
-    try:
-        chosen = Thresholds(
-            base.conf if conf is None else conf,
-            base.iou if iou is None else iou,
-            base.max_det if max_det is None else max_det,
-        )
-        if chosen.max_det is not None and (isinstance(chosen.max_det, bool) or int(chosen.max_det) != chosen.max_det):
-            raise ContractError(f"max_det must be an integer, got {chosen.max_det!r}")
-        return chosen.check(max_det_limit).to_parameters()
-    except ContractError as exc:
-        raise ValueError(str(exc)) from None
+    """Deprecated: :func:`posetriton.core.contract.request_parameters`, which takes every request parameter by its
+    wire name, is the one validation. Kept, with its old keywords, for the SDK methods that still call it."""
+    return core_request_parameters(thresholds, limits={"max_det": max_det_limit}, conf=conf, iou=iou, max_det=max_det)
