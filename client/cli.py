@@ -13,14 +13,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from posetriton.core.contract import Smoothing, Thresholds
 
 from ._core import DEFAULT_IN_FLIGHT
 from .cli_options import (
@@ -34,7 +32,7 @@ from .cli_options import (
     request_options,
 )
 from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
-from .evaluation import EVAL_CONF
+from .evaluation import EVAL_THRESHOLDS
 from .grpc_client import DEFAULT_MODEL, InvalidInputError, PoseClient, PoseClientError
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata, to_coco_results
 from .streaming import directory_images, is_video, video_frames, video_info
@@ -148,14 +146,14 @@ def predict(
         with connection.client(model) as client:
             client.check_ready()
             metadata = client.model_metadata()
-            thresholds = request.checked(metadata.request_limits).of(Thresholds)
+            arguments = request.checked(metadata.request_limits).sdk_arguments()
             size = _batch_size(batch_size, metadata)
             position = 0
             while position < len(items):
                 if is_video(items[position]):
                     video = items[position]
                     results += _predict_video(
-                        client, video, thresholds, in_flight, _progress(progress), video_targets.get(video),
+                        client, video, arguments, in_flight, _progress(progress), video_targets.get(video),
                         metadata, kpt_threshold, draw_failures,
                     )  # fmt: skip
                     position += 1
@@ -164,7 +162,7 @@ def predict(
                 while position < len(items) and len(chunk) < size and not is_video(items[position]):
                     chunk.append(items[position])
                     position += 1
-                chunk_results = _predict_chunk(client, chunk, thresholds)
+                chunk_results = _predict_chunk(client, chunk, arguments)
                 results += chunk_results
                 if draw is not None:
                     targets = [image_targets[id(path)] for path in chunk]
@@ -216,7 +214,7 @@ def _video_targets(videos: Sequence[Path], directory: Path) -> dict[Path, Path]:
 
 
 def _predict_video(
-    client: PoseClient, video: Path, thresholds: Thresholds, in_flight: int, progress: bool,
+    client: PoseClient, video: Path, arguments: Mapping[str, Any], in_flight: int, progress: bool,
     target: Path | None, metadata: ModelMetadata, kpt_threshold: float, draw_failures: list[str],
 ) -> list[ImageResult]:  # fmt: skip
     """Every frame of the video, streamed; with a target, the annotated video is written alongside."""
@@ -234,7 +232,7 @@ def _predict_video(
                 draw_failures.append(f"{video}: {exc}")
         frames = video_frames(video, keep_rgb=sink is not None)
         for item in client.stream(
-            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, thresholds=thresholds
+            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, **arguments
         ):
             results.append(item.result)
             if sink is not None and item.frame.rgb is not None:
@@ -279,21 +277,21 @@ def _batch_size(requested: int, metadata: ModelMetadata) -> int:
     return requested
 
 
-def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: Thresholds) -> list[ImageResult]:
+def _predict_chunk(client: PoseClient, chunk: Sequence[Path], arguments: Mapping[str, Any]) -> list[ImageResult]:
     """One request for the chunk; if an image in it is refused, one request per image so the rest still succeed."""
     try:
-        return list[ImageResult](client.predict_batch(list(chunk), thresholds=thresholds))
+        return list[ImageResult](client.predict_batch(list(chunk), **arguments))
     except InvalidInputError as exc:
         if exc.index is None:  # the request itself was refused: every image would fail the same way
             fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
         if len(chunk) == 1:
             return [FailedImage(str(chunk[0]), exc.reason)]
-    return [_predict_one(client, path, thresholds) for path in chunk]
+    return [_predict_one(client, path, arguments) for path in chunk]
 
 
-def _predict_one(client: PoseClient, path: Path, thresholds: Thresholds) -> ImageResult:
+def _predict_one(client: PoseClient, path: Path, arguments: Mapping[str, Any]) -> ImageResult:
     try:
-        return client.predict(path, thresholds=thresholds)
+        return client.predict(path, **arguments)
     except InvalidInputError as exc:
         if exc.index is None:
             fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
@@ -450,11 +448,10 @@ def track(
         with connection.client(model) as client:
             client.check_ready(track_model(client.model))
             metadata = client.model_metadata()
-            request.checked(metadata.request_limits)
+            arguments = request.checked(metadata.request_limits).sdk_arguments(tracking=True)
             results = client.track(
-                frames, live=is_live, max_in_flight=max_in_flight, thresholds=request.of(Thresholds),
-                smoothing=request.of(Smoothing), smoothed=not raw_keypoints,
-            )  # fmt: skip
+                frames, live=is_live, max_in_flight=max_in_flight, smoothed=not raw_keypoints, **arguments
+            )
             for result in results:
                 handle.write(json.dumps(result.to_dict()) + "\n")
                 handle.flush()
@@ -585,7 +582,7 @@ def health(
 
 @app.command("eval")
 @connection_options()
-@request_options(defaults={"conf": EVAL_CONF}, notes={"conf": "AP integrates over scores, so keep it low."})
+@request_options(defaults=EVAL_THRESHOLDS.to_parameters(), notes={"conf": "AP integrates over scores, so keep it low."})
 def evaluate_command(
     annotations: Annotated[
         Path,
@@ -617,10 +614,11 @@ def evaluate_command(
     try:
         with connection.client(model) as client:
             client.check_ready()
-            thresholds = request.checked(client.model_metadata().request_limits).of(Thresholds)
+            limits = client.model_metadata().request_limits
             result = evaluate(
-                client, annotations, images, thresholds=thresholds, in_flight=in_flight, progress=_progress(progress)
-            )
+                client, annotations, images, in_flight=in_flight, progress=_progress(progress),
+                **request.checked(limits).sdk_arguments(),
+            )  # fmt: skip
     except (PoseClientError, EvaluationError) as exc:
         fail(str(exc))
     if output_json is not None:

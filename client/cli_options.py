@@ -19,17 +19,17 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from posetriton.core.contract import ContractError, ParameterGroup, RequestParameter, parameter_groups
+from posetriton.core.contract import ContractError, RequestParameter, parameter_groups, request_parameters
 
 from ._core import RetryPolicy
 from .grpc_client import DEFAULT_TIMEOUT_S, DEFAULT_URL, PoseClient, parse_grpc_url
+from .inputs import sdk_arguments
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 
 Command = TypeVar("Command", bound=Callable[..., Any])
-G = TypeVar("G", bound=ParameterGroup)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -142,23 +142,22 @@ def connection_options(*, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 3) 
 
 @dataclass(frozen=True)
 class RequestChoice:
-    """The request parameters given on the command line: one instance per group (unset values: the model's)."""
+    """The request parameters given on the command line, by wire name (the ones left unset: the model's)."""
 
-    groups: tuple[ParameterGroup, ...]
-
-    def of(self, group: type[G]) -> G:
-        """This group's values; all unset when the command does not offer it."""
-        return next((chosen for chosen in self.groups if isinstance(chosen, group)), group())
+    parameters: Mapping[str, int | float]
+    options: tuple[str, ...] = ()  # the command's parameter options, named in a usage error
 
     def checked(self, limits: Mapping[str, float | None] | None = None) -> RequestChoice:
         """Self; a value out of range (of the model's ``limits`` too, once known) is a usage error naming it."""
         try:
-            for chosen in self.groups:
-                chosen.check(limits)
+            request_parameters(limits=limits, **self.parameters)
         except ContractError as exc:
-            options = ", ".join(d.option for chosen in self.groups for d in chosen.declarations().values())
-            fail(f"{exc} ({options})", EXIT_USAGE)
+            fail(f"{exc} ({', '.join(self.options)})", EXIT_USAGE)
         return self
+
+    def sdk_arguments(self, *, tracking: bool = False) -> dict[str, Any]:
+        """The SDK's keyword arguments that send them (``thresholds=...``)."""
+        return sdk_arguments(self.parameters, tracking=tracking)
 
 
 def parameter_option(declared: RequestParameter, default: float | None = None, note: str = "") -> inspect.Parameter:
@@ -181,7 +180,7 @@ def request_options(
     options = [parameter_option(d, (defaults or {}).get(d.name), (notes or {}).get(d.name, "")) for d in declared]
 
     def build(**values: Any) -> RequestChoice:
-        chosen = (group(**{a: values[d.name] for a, d in group.declarations().items()}) for group in groups)
-        return RequestChoice(tuple(chosen)).checked()
+        given = {name: value for name, value in values.items() if value is not None}
+        return RequestChoice(given, tuple(d.option for d in declared)).checked()
 
     return with_options("request", options, build)

@@ -20,6 +20,7 @@ from posetriton.core.contract import Thresholds, request_parameters
 
 from ._core import DEFAULT_IN_FLIGHT
 from .grpc_client import PoseClient
+from .inputs import sdk_arguments
 from .results import ImagePoses
 from .streaming import Frame
 
@@ -106,7 +107,7 @@ def evaluate(
     ContractError (a ValueError) names a value out of range. Images the server refuses are reported in
     ``failed`` and count as images without detections.
     """
-    chosen = Thresholds.from_parameters(request_parameters(EVAL_THRESHOLDS, thresholds, **parameters))
+    arguments = sdk_arguments(request_parameters(EVAL_THRESHOLDS, thresholds, **parameters))
     annotations = load_annotations(annotations_path)
     root = Path(images_dir)
     frames = []
@@ -119,7 +120,7 @@ def evaluate(
     failed: list[str] = []
     ids = dict((frame.index, image_id) for image_id, frame in frames)
     for item in client.stream(
-        [frame for _, frame in frames], in_flight=in_flight, thresholds=chosen, progress=progress,
+        [frame for _, frame in frames], in_flight=in_flight, progress=progress, **arguments,
         total=len(frames),
     ):  # fmt: skip
         if isinstance(item.result, ImagePoses):

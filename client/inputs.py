@@ -17,6 +17,7 @@ Encoded images are sent unread: the server reports each image's upright size wit
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from posetriton.core.contract import Thresholds
+from posetriton.core.contract import ParameterGroup, Smoothing, Thresholds, parameter_groups
 from posetriton.core.contract import request_parameters as core_request_parameters
 
 from .errors import InvalidInputError
@@ -147,3 +148,22 @@ def request_parameters(
     """Deprecated: :func:`posetriton.core.contract.request_parameters`, which takes every request parameter by its
     wire name, is the one validation. Kept, with its old keywords, for the SDK methods that still call it."""
     return core_request_parameters(thresholds, limits={"max_det": max_det_limit}, conf=conf, iou=iou, max_det=max_det)
+
+
+# The parameter groups the SDK's methods take as objects; any other group's values go by wire name (``**parameters``).
+_SDK_KEYWORDS: dict[type[ParameterGroup], str] = {Thresholds: "thresholds", Smoothing: "smoothing"}
+
+
+def sdk_arguments(parameters: Mapping[str, int | float], *, tracking: bool = False) -> dict[str, Any]:
+    """The SDK keyword arguments that send ``parameters`` (by wire name, checked) to ``NAME`` (with ``tracking``, to
+    ``NAME_track``): ``thresholds=Thresholds(...)`` and so on; a parameter the ensemble does not read is left out."""
+    arguments: dict[str, Any] = {}
+    for group in parameter_groups(tracking=tracking):
+        keyword = _SDK_KEYWORDS.get(group)
+        if keyword is not None:
+            arguments[keyword] = group.from_parameters(parameters)
+        else:
+            arguments.update(
+                {d.name: parameters[d.name] for d in group.declarations().values() if d.name in parameters}
+            )
+    return arguments

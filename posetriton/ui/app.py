@@ -59,7 +59,8 @@ from posetriton.client import (
     PoseClientError,
     ServerUnavailableError,
 )
-from posetriton.core.contract import IMAGE, TRACK_SUFFIX, ContractError, Thresholds, parameter_groups
+from posetriton.client.inputs import sdk_arguments
+from posetriton.core.contract import IMAGE, TRACK_SUFFIX, ContractError, parameter_groups
 
 from .camera import (
     CameraEngine,
@@ -346,7 +347,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             client = await gateway.client(model)
             parameters = parameters_from_query(request.query_params, (await gateway.metadata(model)).request_limits)
             start = time.perf_counter()
-            poses = await client.predict(body, thresholds=Thresholds.from_parameters(parameters))
+            poses = await client.predict(body, **sdk_arguments(parameters))
         except UploadRefused as exc:
             return _error(exc.status, str(exc))
         except ContractError as exc:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from posetriton.client import AsyncPoseClient, Frame, InvalidInputError, PoseClientError
-from posetriton.core.contract import Smoothing, Thresholds
+from posetriton.client.inputs import sdk_arguments
 
 Message = dict[str, Any]
 # The request parameters of a connection by wire name, checked (posetriton.ui.limits.checked_parameters).
@@ -121,9 +121,8 @@ class PerFrameEngine:
 
     async def _worker(self, frames: LatestFrame, parameters: Callable[[], Parameters], emit: Emit) -> None:
         while (frame := await frames.get()) is not None:
-            thresholds = Thresholds.from_parameters(parameters())  # the tracker's own parameters do not apply here
-            try:
-                poses = await self.client.predict(frame.data, thresholds=thresholds)
+            try:  # the tracker's own parameters do not apply here: sdk_arguments leaves them out
+                poses = await self.client.predict(frame.data, **sdk_arguments(parameters()))
             except InvalidInputError as exc:  # this frame (or these parameters) refused; the next may pass
                 await emit(error_message(frame, exc.reason, frames.dropped))
                 continue
@@ -159,8 +158,7 @@ class TrackingEngine:
             received: dict[int, CameraFrame] = {}
             results = self.client.track(
                 self._sequence(frames, parameters, chosen, received), live=True, max_in_flight=self.in_flight,
-                thresholds=Thresholds.from_parameters(chosen), smoothing=Smoothing.from_parameters(chosen),
-                smoothed=self.smoothed,
+                smoothed=self.smoothed, **sdk_arguments(chosen, tracking=True),
             )  # fmt: skip
             dropped_here = 0
             try:
