@@ -13,34 +13,32 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
-from posetriton.core.contract import ContractError, Thresholds
-from posetriton.server.launcher import ServerOptions, ServerStartError, serve_forever
-
 from ._core import DEFAULT_IN_FLIGHT
-from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
-from .grpc_client import (
-    DEFAULT_MODEL,
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
-    InvalidInputError,
-    PoseClient,
-    PoseClientError,
-    RetryPolicy,
-    parse_grpc_url,
+from .cli_options import (
+    EXIT_FAILURE,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    Connection,
+    RequestChoice,
+    connection_options,
+    fail,
+    request_options,
 )
+from .drawing import VideoSink, draw_poses, load_image_rgb, save_image
+from .evaluation import EVAL_THRESHOLDS
+from .grpc_client import DEFAULT_MODEL, InvalidInputError, PoseClient, PoseClientError
 from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata, to_coco_results
 from .streaming import directory_images, is_video, video_frames, video_info
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
+__all__ = ["EXIT_FAILURE", "EXIT_PARTIAL", "EXIT_USAGE", "app"]
+
 DEFAULT_BATCH_SIZE = 8
 _GLOB_CHARS = frozenset("*?[")
 # Formats Pillow writes that keep the input's extension; anything else is drawn as PNG.
@@ -55,30 +53,11 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _make_draw_directory(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        _fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
-
-
-def _check_url(url: str) -> str:
-    try:
-        return parse_grpc_url(url)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _check_headers(values: list[str] | None) -> list[str]:
-    for value in values or []:
-        if ":" not in value or not value.partition(":")[0].strip():
-            raise typer.BadParameter(f"{value!r} is not 'NAME: VALUE'")
-    return values or []
+        fail(f"cannot create --draw directory {directory}: {exc.strerror or exc}")
 
 
 class OutputFormat(str, Enum):
@@ -86,52 +65,11 @@ class OutputFormat(str, Enum):
     coco = "coco"
 
 
-# Options every command that talks to the server shares.
-UrlOption = Annotated[
-    str, typer.Option(help="Triton's gRPC address, HOST:PORT.", envvar="POSETRITON_URL", callback=_check_url)
-]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Served model (ensemble) name.")]
-# Thresholds: checked once, by posetriton.core.contract.Thresholds (see _thresholds), not by Typer.
-ConfOption = Annotated[
-    float | None, typer.Option(help="Minimum person score, in [0, 1]. (default: the model's)", show_default=False)
-]
-IouOption = Annotated[
-    float | None, typer.Option(help="NMS IoU threshold, in [0, 1]. (default: the model's)", show_default=False)
-]
-MaxDetOption = Annotated[
-    int | None, typer.Option(help="Most poses kept per image or frame. (default: the model's)", show_default=False)
-]
-TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for each request (the gRPC deadline).")]
-RetriesOption = Annotated[
-    int, typer.Option(min=1, help="Attempts per request when the server is unavailable (exponential backoff).")
-]
-SslOption = Annotated[bool, typer.Option("--ssl", help="Connect over TLS.")]
-RootCertsOption = Annotated[
-    Path | None,
-    typer.Option(help="PEM file of the CA that signed the server's certificate (with --ssl).", show_default=False),
-]
-HeaderOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--header", "-H", metavar="NAME: VALUE", help="Extra gRPC metadata sent with every call; repeatable.",
-        callback=_check_headers, show_default=False,
-    ),
-]  # fmt: skip
 ProgressOption = Annotated[
     bool | None,
     typer.Option(help="Show a progress bar on stderr. (default: when stderr is a terminal)", show_default=False),
 ]
-
-
-def _client(
-    url: str, model: str, timeout: float, retries: int, ssl: bool, root_certificates: Path | None,
-    headers: list[str] | None,
-) -> PoseClient:  # fmt: skip
-    metadata = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in headers or [])}
-    return PoseClient(
-        url, model, timeout, retry=RetryPolicy(attempts=retries), ssl=ssl or root_certificates is not None,
-        root_certificates=root_certificates, headers=metadata,
-    )  # fmt: skip
 
 
 def _progress(flag: bool | None) -> bool:
@@ -139,6 +77,8 @@ def _progress(flag: bool | None) -> bool:
 
 
 @app.command()
+@connection_options()
+@request_options()
 def predict(
     inputs: Annotated[
         list[Path],
@@ -166,10 +106,6 @@ def predict(
         ),
     ] = OutputFormat.json,
     model: ModelOption = DEFAULT_MODEL,
-    url: UrlOption = DEFAULT_URL,
-    conf: ConfOption = None,
-    iou: IouOption = None,
-    max_det: MaxDetOption = None,
     draw: Annotated[
         Path | None,
         typer.Option(
@@ -187,11 +123,9 @@ def predict(
         DEFAULT_IN_FLIGHT
     ),
     progress: ProgressOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-    retries: RetriesOption = 3,
-    ssl: SslOption = False,
-    root_certificates: RootCertsOption = None,
-    header: HeaderOption = None,
+    *,
+    connection: Connection,
+    request: RequestChoice,
 ) -> None:
     """Detect people and their keypoints in images, directories, globs and videos; write JSON or COCO results.
 
@@ -206,21 +140,20 @@ def predict(
     still_images = [item for item in items if not is_video(item)]
     image_targets = dict(zip(map(id, still_images), _draw_targets(still_images, draw), strict=True)) if draw else {}
     video_targets = _video_targets([item for item in items if is_video(item)], draw) if draw else {}
-    _thresholds(conf, iou, max_det, None)  # a usage error before anything connects
     results: list[ImageResult] = []
     draw_failures: list[str] = []
     try:
-        with _client(url, model, timeout, retries, ssl, root_certificates, header) as client:
+        with connection.client(model) as client:
             client.check_ready()
             metadata = client.model_metadata()
-            thresholds = _thresholds(conf, iou, max_det, metadata.max_det_limit)
+            arguments = request.checked(metadata.request_limits).sdk_arguments()
             size = _batch_size(batch_size, metadata)
             position = 0
             while position < len(items):
                 if is_video(items[position]):
                     video = items[position]
                     results += _predict_video(
-                        client, video, thresholds, in_flight, _progress(progress), video_targets.get(video),
+                        client, video, arguments, in_flight, _progress(progress), video_targets.get(video),
                         metadata, kpt_threshold, draw_failures,
                     )  # fmt: skip
                     position += 1
@@ -229,13 +162,13 @@ def predict(
                 while position < len(items) and len(chunk) < size and not is_video(items[position]):
                     chunk.append(items[position])
                     position += 1
-                chunk_results = _predict_chunk(client, chunk, thresholds)
+                chunk_results = _predict_chunk(client, chunk, arguments)
                 results += chunk_results
                 if draw is not None:
                     targets = [image_targets[id(path)] for path in chunk]
                     draw_failures += _draw_chunk(chunk_results, targets, metadata, kpt_threshold)
     except PoseClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if output_json is None:
         _print_summary(results, metadata.keypoint_names)
     elif output_format is OutputFormat.coco:
@@ -252,12 +185,12 @@ def _expand_inputs(inputs: Sequence[Path]) -> list[Path]:
         if item.is_dir():
             found = directory_images(item)
             if not found:
-                _fail(f"directory {item} holds no images (.jpg, .jpeg, .png, .webp, .bmp, .gif)", EXIT_USAGE)
+                fail(f"directory {item} holds no images (.jpg, .jpeg, .png, .webp, .bmp, .gif)", EXIT_USAGE)
             items += found
         elif not item.exists() and _GLOB_CHARS & set(str(item)):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
             if not matches:
-                _fail(f"no file matches {item}", EXIT_USAGE)
+                fail(f"no file matches {item}", EXIT_USAGE)
             items += matches
         else:
             items.append(item)  # a missing file is reported as that image's error
@@ -274,14 +207,14 @@ def _video_targets(videos: Sequence[Path], directory: Path) -> dict[Path, Path]:
         taken.add(name)
         target = directory / name
         if target.resolve() == video.resolve():
-            _fail(f"--draw {directory} would overwrite the input video {video}; choose another directory", EXIT_USAGE)
+            fail(f"--draw {directory} would overwrite the input video {video}; choose another directory", EXIT_USAGE)
         targets[video] = target
     _make_draw_directory(directory)
     return targets
 
 
 def _predict_video(
-    client: PoseClient, video: Path, thresholds: Thresholds, in_flight: int, progress: bool,
+    client: PoseClient, video: Path, arguments: Mapping[str, Any], in_flight: int, progress: bool,
     target: Path | None, metadata: ModelMetadata, kpt_threshold: float, draw_failures: list[str],
 ) -> list[ImageResult]:  # fmt: skip
     """Every frame of the video, streamed; with a target, the annotated video is written alongside."""
@@ -299,28 +232,20 @@ def _predict_video(
                 draw_failures.append(f"{video}: {exc}")
         frames = video_frames(video, keep_rgb=sink is not None)
         for item in client.stream(
-            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, thresholds=thresholds
+            frames, in_flight=in_flight, progress=progress, total=info.frame_count or None, **arguments
         ):
             results.append(item.result)
             if sink is not None and item.frame.rgb is not None:
                 poses = item.result.poses if isinstance(item.result, ImagePoses) else []
                 sink.write(draw_poses(item.frame.rgb, poses, metadata.skeleton, kpt_threshold))
     except InvalidInputError as exc:  # a request-level refusal: every frame would fail the same way
-        _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
+        fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
     finally:
         if sink is not None:
             sink.close()
     if not results:
         return [FailedImage(str(video), "the video has no frames OpenCV can decode")]
     return results
-
-
-def _thresholds(conf: float | None, iou: float | None, max_det: int | None, limit: int | None) -> Thresholds:
-    """The one validation of the thresholds (posetriton.core.contract.Thresholds), as a usage error."""
-    try:
-        return Thresholds(conf, iou, max_det).check(limit)
-    except ContractError as exc:
-        _fail(f"{exc} (--conf, --iou, --max-det)", EXIT_USAGE)
 
 
 def _print_summary(results: Sequence[ImageResult], keypoint_names: Sequence[str]) -> None:
@@ -352,24 +277,24 @@ def _batch_size(requested: int, metadata: ModelMetadata) -> int:
     return requested
 
 
-def _predict_chunk(client: PoseClient, chunk: Sequence[Path], thresholds: Thresholds) -> list[ImageResult]:
+def _predict_chunk(client: PoseClient, chunk: Sequence[Path], arguments: Mapping[str, Any]) -> list[ImageResult]:
     """One request for the chunk; if an image in it is refused, one request per image so the rest still succeed."""
     try:
-        return list[ImageResult](client.predict_batch(list(chunk), thresholds=thresholds))
+        return list[ImageResult](client.predict_batch(list(chunk), **arguments))
     except InvalidInputError as exc:
         if exc.index is None:  # the request itself was refused: every image would fail the same way
-            _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
+            fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
         if len(chunk) == 1:
             return [FailedImage(str(chunk[0]), exc.reason)]
-    return [_predict_one(client, path, thresholds) for path in chunk]
+    return [_predict_one(client, path, arguments) for path in chunk]
 
 
-def _predict_one(client: PoseClient, path: Path, thresholds: Thresholds) -> ImageResult:
+def _predict_one(client: PoseClient, path: Path, arguments: Mapping[str, Any]) -> ImageResult:
     try:
-        return client.predict(path, thresholds=thresholds)
+        return client.predict(path, **arguments)
     except InvalidInputError as exc:
         if exc.index is None:
-            _fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
+            fail(f"the server refused the request: {exc.reason}", EXIT_FAILURE)
         return FailedImage(str(path), exc.reason)
 
 
@@ -387,7 +312,7 @@ def _draw_targets(images: Sequence[Path], directory: Path) -> list[Path]:
     inputs = {image.resolve() for image in images}
     clobbered = [str(target) for target in targets if target.resolve() in inputs]
     if clobbered:
-        _fail(
+        fail(
             f"--draw {directory} would overwrite input image(s) {', '.join(clobbered)}; choose another directory",
             EXIT_USAGE,
         )
@@ -423,7 +348,7 @@ def _write_json(path: Path, payload: Any) -> None:
             handle.write(text)
         os.replace(handle.name, path)
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror or exc}")
+        fail(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output_json: Path | None) -> None:
@@ -442,6 +367,8 @@ def _report(results: Sequence[ImageResult], draw_failures: Sequence[str], output
 
 
 @app.command()
+@connection_options(retries=1)
+@request_options(tracking=True)
 def track(
     source: Annotated[
         str,
@@ -459,10 +386,6 @@ def track(
         typer.Option(metavar="FILE.mp4", help="Also write the video with each track in its colour and its ID drawn."),
     ] = None,
     model: ModelOption = DEFAULT_MODEL,
-    url: UrlOption = DEFAULT_URL,
-    conf: ConfOption = None,
-    iou: IouOption = None,
-    max_det: MaxDetOption = None,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Frames in flight on the stream at once.")] = (
         DEFAULT_IN_FLIGHT
     ),
@@ -484,10 +407,9 @@ def track(
         ),
     ] = False,
     progress: ProgressOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-    ssl: SslOption = False,
-    root_certificates: RootCertsOption = None,
-    header: HeaderOption = None,
+    *,
+    connection: Connection,
+    request: RequestChoice,
 ) -> None:
     """Track people through a video: poses with track IDs that stay with each person, one JSON line per frame.
 
@@ -501,18 +423,17 @@ def track(
     """
     from .tracking import draw_tracks, is_live_source, live_frames, track_model, video_file_frames
 
-    thresholds = _thresholds(conf, iou, max_det, None)
     is_live = is_live_source(source) if live is None else live
     total, fps = None, 15.0
     if is_live_source(source):
         frames: Any = live_frames(int(source) if source.isdigit() else source, keep_rgb=draw_video is not None)
     else:
         if not Path(source).is_file():
-            _fail(f"{source}: no such video file (a camera is an index like 0, a stream a URL)", EXIT_USAGE)
+            fail(f"{source}: no such video file (a camera is an index like 0, a stream a URL)", EXIT_USAGE)
         try:
             info = video_info(source)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         total, fps = info.frame_count or None, info.fps
         frames = video_file_frames(source, keep_rgb=draw_video is not None)
     failed = written = 0
@@ -522,13 +443,14 @@ def track(
     try:
         handle = out or open(output, "w")  # noqa: SIM115 - closed below
     except OSError as exc:
-        _fail(f"cannot write {output}: {exc.strerror or exc}")
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     try:
-        with _client(url, model, timeout, 1, ssl, root_certificates, header) as client:
+        with connection.client(model) as client:
             client.check_ready(track_model(client.model))
-            skeleton = client.model_metadata().skeleton
+            metadata = client.model_metadata()
+            arguments = request.checked(metadata.request_limits).sdk_arguments(tracking=True)
             results = client.track(
-                frames, live=is_live, max_in_flight=max_in_flight, thresholds=thresholds, smoothed=not raw_keypoints
+                frames, live=is_live, max_in_flight=max_in_flight, smoothed=not raw_keypoints, **arguments
             )
             for result in results:
                 handle.write(json.dumps(result.to_dict()) + "\n")
@@ -540,15 +462,15 @@ def track(
                     if sink is None:
                         height, width = result.frame.rgb.shape[:2]
                         sink = VideoSink(draw_video, fps, width, height)
-                    sink.write(draw_tracks(result.frame.rgb, result.poses, skeleton, kpt_threshold))
+                    sink.write(draw_tracks(result.frame.rgb, result.poses, metadata.skeleton, kpt_threshold))
     except KeyboardInterrupt:
         pass  # a live source runs until stopped; the stream was closed (END sent) on the way out
     except PoseClientError as exc:
         status.close()
-        _fail(f"{exc} ({written} frame(s) written)")
+        fail(f"{exc} ({written} frame(s) written)")
     except (OSError, ValueError) as exc:
         status.close()
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         status.close()
         if sink is not None:
@@ -600,16 +522,13 @@ class _TrackStatus:
 
 
 @app.command()
+@connection_options(timeout=30.0)
 def models(
-    url: UrlOption = DEFAULT_URL,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the models as a JSON list instead of a table.")
     ] = False,
-    timeout: TimeoutOption = 30.0,
-    retries: RetriesOption = 3,
-    ssl: SslOption = False,
-    root_certificates: RootCertsOption = None,
-    header: HeaderOption = None,
+    *,
+    connection: Connection,
 ) -> None:
     """List the pose models the server offers: name, input, family, batch limit, keypoints.
 
@@ -617,15 +536,15 @@ def models(
     encoded images (IMAGE), NAME_pixels raw RGB arrays (PIXELS).
     """
     try:
-        with _client(url, DEFAULT_MODEL, timeout, retries, ssl, root_certificates, header) as client:
+        with connection.client(DEFAULT_MODEL) as client:
             found = client.list_models()
     except PoseClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps([meta.to_dict() for meta in found], indent=2))
         return
     if not found:
-        typer.echo(f"no pose models are ready on {url}", err=True)
+        typer.echo(f"no pose models are ready on {connection.url}", err=True)
         return
     rows = [("MODEL", "INPUT", "FAMILY", "MAX BATCH", "KEYPOINTS", "DESCRIPTION")]
     rows += [
@@ -638,21 +557,18 @@ def models(
 
 
 @app.command()
+@connection_options(timeout=10.0, retries=1)
 def health(
     model: Annotated[
         list[str] | None,
         typer.Option("--model", "-m", help="Also check this model is ready; repeatable.", show_default=False),
     ] = None,
-    url: UrlOption = DEFAULT_URL,
-    timeout: TimeoutOption = 10.0,
-    retries: RetriesOption = 1,
-    ssl: SslOption = False,
-    root_certificates: RootCertsOption = None,
-    header: HeaderOption = None,
+    *,
+    connection: Connection,
 ) -> None:
     """Check that the server is live and ready (and each --model ready). Exit 0 if so, 1 otherwise."""
     try:
-        with _client(url, DEFAULT_MODEL, timeout, retries, ssl, root_certificates, header) as client:
+        with connection.client(DEFAULT_MODEL) as client:
             live, ready = client.is_server_live(), client.is_server_ready()
             typer.echo(f"server {client.url}: {'live' if live else 'NOT live'}, {'ready' if ready else 'NOT ready'}")
             if not (live and ready):
@@ -661,10 +577,12 @@ def health(
                 client.check_ready(name)
                 typer.echo(f"model {name}: ready")
     except PoseClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command("eval")
+@connection_options()
+@request_options(defaults=EVAL_THRESHOLDS.to_parameters(), notes={"conf": "AP integrates over scores, so keep it low."})
 def evaluate_command(
     annotations: Annotated[
         Path,
@@ -674,17 +592,6 @@ def evaluate_command(
         Path, typer.Option(exists=True, file_okay=False, help="Directory holding the annotated images (file_name).")
     ],
     model: ModelOption = DEFAULT_MODEL,
-    url: UrlOption = DEFAULT_URL,
-    conf: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Minimum person score; AP integrates over scores, so keep it low.")
-    ] = 0.001,
-    iou: Annotated[
-        float | None,
-        typer.Option(min=0.0, max=1.0, help="NMS IoU threshold. (default: the model's)", show_default=False),
-    ] = None,
-    max_det: Annotated[
-        int | None, typer.Option(min=1, help="Most poses kept per image. (default: the model's)", show_default=False)
-    ] = None,
     in_flight: Annotated[int, typer.Option(min=1, help="Requests in flight at once (one image each).")] = (
         DEFAULT_IN_FLIGHT
     ),
@@ -693,11 +600,9 @@ def evaluate_command(
         typer.Option("--output-json", "-o", help="Also write the COCO results evaluated here.", show_default=False),
     ] = None,
     progress: ProgressOption = None,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
-    retries: RetriesOption = 3,
-    ssl: SslOption = False,
-    root_certificates: RootCertsOption = None,
-    header: HeaderOption = None,
+    *,
+    connection: Connection,
+    request: RequestChoice,
 ) -> None:
     """COCO keypoint AP/AR (OKS, pycocotools) of a served model on an annotated image set.
 
@@ -707,14 +612,15 @@ def evaluate_command(
     from .evaluation import EvaluationError, evaluate
 
     try:
-        with _client(url, model, timeout, retries, ssl, root_certificates, header) as client:
+        with connection.client(model) as client:
             client.check_ready()
+            limits = client.model_metadata().request_limits
             result = evaluate(
-                client, annotations, images, conf=conf, iou=iou, max_det=max_det, in_flight=in_flight,
-                progress=_progress(progress),
+                client, annotations, images, in_flight=in_flight, progress=_progress(progress),
+                **request.checked(limits).sdk_arguments(),
             )  # fmt: skip
     except (PoseClientError, EvaluationError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if output_json is not None:
         _write_json(output_json, result.detections)
     typer.echo(f"{model} on {result.images} images of {annotations} (OKS keypoint AP, pycocotools):")
@@ -755,6 +661,9 @@ def serve(
     ] = None,
 ) -> None:
     """Start Triton on a model repository and serve until Ctrl-C (or SIGTERM)."""
+    # Imported here: the client commands must load without the server's modules.
+    from posetriton.server.launcher import ServerOptions, ServerStartError, serve_forever
+
     options = ServerOptions(
         repository=repository,
         config_name=config_name,
@@ -768,14 +677,14 @@ def serve(
     try:
         code = serve_forever(options)
     except ServerStartError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     # A process killed by a signal reports -N; shells expect 128 + N.
     raise typer.Exit(code if code >= 0 else 128 - code)
 
 
 @app.command()
+@connection_options(timeout=30.0)
 def ui(
-    url: UrlOption = DEFAULT_URL,
     model: Annotated[str, typer.Option("--model", "-m", help="The model the page opens with.")] = DEFAULT_MODEL,
     host: Annotated[
         str, typer.Option(help="Address the page listens on; other than loopback, anyone who reaches it can use it.")
@@ -784,7 +693,6 @@ def ui(
     max_upload_mb: Annotated[
         float, typer.Option(min=0.01, help="Largest photo or camera frame accepted, in MiB (checked before decoding).")
     ] = 20.0,
-    timeout: TimeoutOption = 30.0,
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -798,6 +706,8 @@ def ui(
         int, typer.Option(min=1, help="Camera connections open at once (each one tracking sequence on the server).")
     ] = 4,
     max_uploads: Annotated[int, typer.Option(min=1, help="Photos analysed at once; more are answered 503.")] = 8,
+    *,
+    connection: Connection,
 ) -> None:
     """A web page to see the poses: drop photos or start a camera, and watch the skeletons drawn.
 
@@ -809,19 +719,21 @@ def ui(
         from posetriton.ui.app import exposure_warning
         from posetriton.ui.origins import HostPolicy
     except ImportError as exc:
-        _fail(f"posetriton ui needs the 'ui' extra (pip install \"posetriton[ui]\"): {exc}")
+        fail(f"posetriton ui needs the 'ui' extra (pip install \"posetriton[ui]\"): {exc}")
     warning = exposure_warning(host)
     if warning:
         typer.echo(warning, err=True)
     settings = UiSettings(
-        url=url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=timeout,
-        max_cameras=max_cameras, max_uploads=max_uploads,
+        url=connection.url, model=model, max_upload_bytes=int(max_upload_mb * 2**20), timeout_s=connection.timeout_s,
+        client_options=connection.client_options(), max_cameras=max_cameras, max_uploads=max_uploads,
     )  # fmt: skip
     try:
         hosts = HostPolicy.for_bind(host, port, allowed_host or ())
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"posetriton ui: http://{shown}:{port}/ (Triton at {url}, model {model}); Ctrl-C stops it", err=True)
+    typer.echo(
+        f"posetriton ui: http://{shown}:{port}/ (Triton at {connection.url}, model {model}); Ctrl-C stops it", err=True
+    )
     typer.echo(f"posetriton ui answers requests naming {hosts.describe()}", err=True)
     serve(settings, host=host, port=port, allowed_hosts=tuple(allowed_host or ()))

@@ -7,17 +7,16 @@ message written for the person at the terminal; the original exception stays att
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
 from tritonclient.utils import InferenceServerException
 
-from posetriton.core.contract import parse_error
+from posetriton.core.contract import REQUEST_PARAMETERS, parse_error
 
 # Triton may prefix a message with the request id; the ensemble prefix and the image index are the contract's.
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
-# Messages about the request as a whole (thresholds, batch size) rather than about one image.
-_REQUEST_LEVEL = re.compile(r"^((conf|iou|max_det) must|(unknown )?request parameter|inference request batch-size)")
 # gRPC reports a certificate the client cannot verify as a failed TLS handshake.
 _TLS_FAILURE = re.compile(r"tls handshake|certificate_verify_failed|ssl_error", re.IGNORECASE)
 
@@ -157,7 +156,7 @@ def invalid_input(message: str, names: Sequence[str], indices: Sequence[int], st
     """
     parsed = parse_error(_REQUEST_ID.sub("", message))
     reason, local = parsed.reason, parsed.index
-    if local is None and len(names) == 1 and not _REQUEST_LEVEL.match(reason):
+    if local is None and len(names) == 1 and not is_request_level(reason):
         local = 0
     known = local is not None and 0 <= local < len(names)
     return InvalidInputError(
@@ -167,3 +166,16 @@ def invalid_input(message: str, names: Sequence[str], indices: Sequence[int], st
         server_message=message,
         status=status,
     )
+
+
+def is_request_level(reason: str) -> bool:
+    """Whether a server message is about the request as a whole (a request parameter, the batch size) rather
+    than about one image: it starts with a declared parameter's name (ContractError's wording) or says so."""
+    return _request_level_pattern(tuple(REQUEST_PARAMETERS)).match(reason) is not None
+
+
+@functools.cache
+def _request_level_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    # Keyed by the declared names, so that a parameter group registered at run time is recognised too.
+    parameter = "|".join(map(re.escape, names))
+    return re.compile(rf"^(({parameter}) must|(unknown )?request parameter|inference request batch-size)")

@@ -16,8 +16,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from posetriton.core.contract import Thresholds, request_parameters
+
 from ._core import DEFAULT_IN_FLIGHT
 from .grpc_client import PoseClient
+from .inputs import sdk_arguments
 from .results import ImagePoses
 from .streaming import Frame
 
@@ -25,6 +28,7 @@ from .streaming import Frame
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_medium", "AP_large", "AR", "AR50", "AR75", "AR_medium", "AR_large")
 # Ultralytics and super-gradients validate with a very low score threshold: AP integrates over all scores.
 EVAL_CONF = 0.001
+EVAL_THRESHOLDS = Thresholds(conf=EVAL_CONF)  # the other thresholds: the model's
 
 
 class EvaluationError(ValueError):
@@ -92,16 +96,18 @@ def evaluate(
     annotations_path: str | PathLike[str],
     images_dir: str | PathLike[str],
     *,
-    conf: float | None = EVAL_CONF,
-    iou: float | None = None,
-    max_det: int | None = None,
+    thresholds: Thresholds | None = None,
     in_flight: int = DEFAULT_IN_FLIGHT,
     progress: bool = False,
+    **parameters: Any,
 ) -> EvalResult:
     """Predict every annotated image (``images_dir / file_name``) through ``client`` and evaluate the poses.
 
-    Images the server refuses are reported in ``failed`` and count as images without detections.
+    ``thresholds``, then request ``parameters`` by wire name (``conf=0.01``), over :data:`EVAL_THRESHOLDS`;
+    ContractError (a ValueError) names a value out of range. Images the server refuses are reported in
+    ``failed`` and count as images without detections.
     """
+    arguments = sdk_arguments(request_parameters(EVAL_THRESHOLDS, thresholds, **parameters))
     annotations = load_annotations(annotations_path)
     root = Path(images_dir)
     frames = []
@@ -114,8 +120,8 @@ def evaluate(
     failed: list[str] = []
     ids = dict((frame.index, image_id) for image_id, frame in frames)
     for item in client.stream(
-        [frame for _, frame in frames], in_flight=in_flight, conf=conf, iou=iou, max_det=max_det,
-        progress=progress, total=len(frames),
+        [frame for _, frame in frames], in_flight=in_flight, progress=progress, **arguments,
+        total=len(frames),
     ):  # fmt: skip
         if isinstance(item.result, ImagePoses):
             detections += item.result.to_coco(ids[item.frame.index])

@@ -17,6 +17,7 @@ Encoded images are sent unread: the server reports each image's upright size wit
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -26,7 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from posetriton.core.contract import ContractError, Thresholds
+from posetriton.core.contract import ParameterGroup, Smoothing, Thresholds, parameter_groups
+from posetriton.core.contract import request_parameters as core_request_parameters
 
 from .errors import InvalidInputError
 
@@ -143,17 +145,25 @@ def request_parameters(
     conf: float | None = None, iou: float | None = None, max_det: int | None = None,
     thresholds: Thresholds | None = None, max_det_limit: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The per-request thresholds to send (``thresholds``, with ``conf`` / ``iou`` / ``max_det`` set over it);
-    omitted ones keep the model's defaults. ValueError names the first value out of range."""
-    base = thresholds or Thresholds()
-    try:
-        chosen = Thresholds(
-            base.conf if conf is None else conf,
-            base.iou if iou is None else iou,
-            base.max_det if max_det is None else max_det,
-        )
-        if chosen.max_det is not None and (isinstance(chosen.max_det, bool) or int(chosen.max_det) != chosen.max_det):
-            raise ContractError(f"max_det must be an integer, got {chosen.max_det!r}")
-        return chosen.check(max_det_limit).to_parameters()
-    except ContractError as exc:
-        raise ValueError(str(exc)) from None
+    """Deprecated: :func:`posetriton.core.contract.request_parameters`, which takes every request parameter by its
+    wire name, is the one validation. Kept, with its old keywords, for the SDK methods that still call it."""
+    return core_request_parameters(thresholds, limits={"max_det": max_det_limit}, conf=conf, iou=iou, max_det=max_det)
+
+
+# The parameter groups the SDK's methods take as objects; any other group's values go by wire name (``**parameters``).
+_SDK_KEYWORDS: dict[type[ParameterGroup], str] = {Thresholds: "thresholds", Smoothing: "smoothing"}
+
+
+def sdk_arguments(parameters: Mapping[str, int | float], *, tracking: bool = False) -> dict[str, Any]:
+    """The SDK keyword arguments that send ``parameters`` (by wire name, checked) to ``NAME`` (with ``tracking``, to
+    ``NAME_track``): ``thresholds=Thresholds(...)`` and so on; a parameter the ensemble does not read is left out."""
+    arguments: dict[str, Any] = {}
+    for group in parameter_groups(tracking=tracking):
+        keyword = _SDK_KEYWORDS.get(group)
+        if keyword is not None:
+            arguments[keyword] = group.from_parameters(parameters)
+        else:
+            arguments.update(
+                {d.name: parameters[d.name] for d in group.declarations().values() if d.name in parameters}
+            )
+    return arguments

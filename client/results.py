@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from posetriton.core.contract import BOXES, IMAGE_SIZE, KEYPOINTS, NUM_DETECTIONS, OUTPUTS, SCORES
+from posetriton.core.contract import BOXES, IMAGE_SIZE, KEYPOINTS, NUM_DETECTIONS, OUTPUTS, REQUEST_PARAMETERS, SCORES
 from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 Box = tuple[float, float, float, float]
@@ -332,6 +333,19 @@ class ModelMetadata:
         raw = self.parameters.get("default.max_det_limit")
         return int(raw) if raw is not None and raw.isdigit() else None
 
+    @property
+    def request_defaults(self) -> dict[str, int | float]:
+        """The model's own value of each request parameter whose default it states (``default.NAME``)."""
+        stated = {name: _config_number(self.parameters.get(f"default.{name}")) for name in REQUEST_PARAMETERS}
+        return {name: value for name, value in stated.items() if value is not None}
+
+    @property
+    def request_limits(self) -> dict[str, float | None]:
+        """Each per-model bound a request parameter names (its ``limit``) as the model states it
+        (``default.LIMIT_limit``; None when it does not): what ``contract.request_parameters`` checks against."""
+        names = {declared.limit for declared in REQUEST_PARAMETERS.values() if declared.limit}
+        return {name: _config_number(self.parameters.get(f"default.{name}_limit")) for name in sorted(names)}
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelMetadata:
         """Read a model config as JSON (``get_model_config(..., as_json=True)["config"]``).
@@ -423,3 +437,16 @@ def _parse_skeleton(model: str, text: str | None, num_keypoints: int) -> tuple[t
             )
         pairs.append((i, j))
     return tuple(pairs)
+
+
+def _config_number(text: str | None) -> int | float | None:
+    """A config parameter's number (``"100"`` -> 100, ``"0.5"`` -> 0.5); None when absent or not a number."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() and "." not in text else value

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
+import typer
 from typer.testing import CliRunner
 
 from posetriton.client.cli import app
@@ -22,10 +25,42 @@ def _run(*args: str) -> tuple[int, str, str]:
 def test_help_lists_every_command() -> None:
     code, stdout, _ = _run("--help")
     assert code == 0
-    for command in ("predict", "models", "health", "eval", "serve"):
+    for command in ("predict", "track", "models", "health", "eval", "serve", "ui"):
         assert command in stdout
     code, stdout, _ = _run("predict", "--help")
     assert code == 0 and "--format" in stdout and "video" in stdout
+
+
+def test_every_client_command_takes_the_connection_options() -> None:
+    """Declared once (posetriton.client.cli_options), with each command's own defaults; serve connects to nothing."""
+    group = typer.main.get_command(app)
+    expected = {"--url", "--timeout", "--retries", "--ssl", "--root-certificates", "--header"}
+    for command, timeout, retries in (
+        ("predict", 120.0, 3), ("track", 120.0, 1), ("models", 30.0, 3), ("health", 10.0, 1), ("eval", 120.0, 3),
+        ("ui", 30.0, 3),
+    ):  # fmt: skip
+        options = {opt: param for param in group.commands[command].params for opt in param.opts}  # type: ignore[attr-defined]
+        assert expected <= set(options), command
+        assert (options["--timeout"].default, options["--retries"].default) == (timeout, retries), command
+    serve = {opt for param in group.commands["serve"].params for opt in param.opts}  # type: ignore[attr-defined]
+    assert not expected & serve
+    code, _, stderr = _run("models", "--url", "localhost", "--timeout", "1")
+    assert code == 2 and "not a gRPC address" in _unboxed(stderr)
+    code, _, stderr = _run("track", "0", "--header", "no-colon")
+    assert code == 2 and "is not 'NAME: VALUE'" in _unboxed(stderr)
+
+
+def _unboxed(text: str) -> str:
+    """Typer's error box as one line of words."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_the_cli_loads_without_the_server_launcher() -> None:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, posetriton.client.cli; print('posetriton.server.launcher' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "False"
 
 
 def test_models_lists_the_pose_models(served_url: str) -> None:

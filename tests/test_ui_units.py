@@ -6,13 +6,14 @@ Kept apart from tests/test_ui.py, whose Playwright fixture holds an event loop i
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 import pytest
 
-from posetriton.core.contract import ContractError, Thresholds
+from posetriton.core.contract import ContractError
 from posetriton.ui.camera import CameraFrame, LatestFrame
-from posetriton.ui.limits import UploadRefused, check_image, image_type, thresholds_from_query
+from posetriton.ui.limits import UploadRefused, check_image, checked_parameters, image_type, parameters_from_query
 from posetriton.ui.origins import HostPolicy, parse_authority
 from tests.test_ui import _png_header_only
 
@@ -62,18 +63,30 @@ def test_latest_frame_keeps_only_the_newest_and_counts_the_rest() -> None:
     assert after_close is None
 
 
-def test_thresholds_come_from_the_query_checked() -> None:
-    assert thresholds_from_query({}) == Thresholds()
-    assert thresholds_from_query({"conf": "0.3", "iou": "", "max_det": "7"}) == Thresholds(conf=0.3, max_det=7)
+def test_request_parameters_come_from_the_query_checked() -> None:
+    assert parameters_from_query({}) == {}
+    assert parameters_from_query({"conf": "0.3", "iou": "", "max_det": "7", "model": "m"}) == {
+        "conf": 0.3,
+        "max_det": 7,
+    }
+    assert parameters_from_query({"smooth_beta": "0.5"}) == {"smooth_beta": 0.5}
     for query, message in (
         ({"conf": "high"}, "conf must be a number"),
         ({"max_det": "2.5"}, "max_det must be an integer"),
         ({"iou": "1.5"}, "iou must be in [0, 1]"),
+        ({"smooth_min_cutoff": "0"}, "smooth_min_cutoff must be > 0"),
     ):
-        with pytest.raises(ContractError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            thresholds_from_query(query)
+        with pytest.raises(ContractError, match=re.escape(message)):
+            parameters_from_query(query)
     with pytest.raises(ContractError, match="max_det must be in"):
-        thresholds_from_query({"max_det": "500"}, max_det_limit=300)
+        parameters_from_query({"max_det": "500"}, limits={"max_det": 300})
+
+
+def test_camera_settings_refuse_unknown_names_before_checking() -> None:
+    assert checked_parameters({"conf": 0.4, "iou": None}) == {"conf": 0.4}
+    for values in ({"limits": 3}, {"confidence": 0.4}):
+        with pytest.raises(ContractError, match="unknown request parameter"):
+            checked_parameters(values)
 
 
 def test_loopback_binds_answer_loopback_names_with_their_port() -> None:

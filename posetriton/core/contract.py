@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 # ------------------------------------------------------------------------------------------ tensor names
 IMAGE = "IMAGE"  # ensemble input: encoded images, BYTES [B, 1]
@@ -127,11 +127,24 @@ class RequestParameter:
         if low is not None and high is not None and not low <= value <= high:
             raise ContractError(f"{self.name} must be in [{_plain(low)}, {_plain(high)}]{unit}, got {value}")
 
+    def range_text(self) -> str:
+        """The accepted values in words, for a help text: ``in [0, 1]``, ``> 0``, ``at least 1, at most the
+        model's max_det limit``."""
+        low, high = self.minimum, self.maximum
+        unit = f" ({self.unit})" if self.unit else ""
+        if low is not None and high is not None:
+            return f"in [{_plain(low)}, {_plain(high)}]{unit}"
+        words = [f"{'>' if self.exclusive_minimum else _at_least(self)} {_plain(low)}{unit}"] if low is not None else []
+        if self.limit:
+            words.append(f"at most the model's {self.limit} limit")
+        return ", ".join(words) or "any number"
+
     def describe(self) -> dict[str, Any]:
         """What a user interface needs to offer this parameter (the web page builds its controls from it)."""
         return {
             "name": self.name, "type": self.kind.__name__, "help": self.help, "minimum": self.minimum,
             "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum, "limit": self.limit,
+            "range": self.range_text(),
         }  # fmt: skip
 
 
@@ -155,6 +168,9 @@ class ParameterGroup:
     """Base of a frozen dataclass whose fields are request parameters (declared with :func:`parameter`);
     ``None`` means the served model's default. :meth:`check` is the one validation: the client calls it
     before sending, the step that reads the group after reading it back."""
+
+    # Only NAME_track's tracker step reads this group; a request to NAME (a photo, a frame) has no use for it.
+    tracking_only: ClassVar[bool] = False
 
     @classmethod
     def declarations(cls) -> dict[str, RequestParameter]:
@@ -223,6 +239,8 @@ class Smoothing(ParameterGroup):
     limit) turns smoothing off.
     """
 
+    tracking_only: ClassVar[bool] = True
+
     min_cutoff: float | None = parameter(
         RequestParameter(
             "smooth_min_cutoff", float, "keypoint smoothing cutoff at rest (lower is smoother)",
@@ -243,6 +261,23 @@ REQUEST_PARAMETERS: dict[str, RequestParameter] = {
 REQUEST_PARAMETER_NAMES = tuple(REQUEST_PARAMETERS)
 THRESHOLD_NAMES = tuple(d.name for d in Thresholds.declarations().values())
 SMOOTHING_NAMES = tuple(d.name for d in Smoothing.declarations().values())
+
+
+def parameter_groups(*, tracking: bool = False) -> tuple[type[ParameterGroup], ...]:
+    """The groups a request to ``NAME`` reads (with ``tracking``, to ``NAME_track``), in showing order. Read from
+    PARAMETER_GROUPS at each call, so that a group registered later is offered too."""
+    return tuple(group for group in PARAMETER_GROUPS if tracking or not group.tracking_only)
+
+
+def register_parameter_group(group: type[ParameterGroup]) -> None:
+    """Add a group (and its parameters) to those every layer offers: for an extension loaded at run time and for
+    tests; a group of this project is declared above and listed in PARAMETER_GROUPS instead."""
+    global PARAMETER_GROUPS
+    clashes = sorted(set(REQUEST_PARAMETERS) & {d.name for d in group.declarations().values()})
+    if clashes:
+        raise ContractError(f"request parameter(s) {clashes} are declared already")
+    PARAMETER_GROUPS = (*PARAMETER_GROUPS, group)
+    REQUEST_PARAMETERS.update({declared.name: declared for declared in group.declarations().values()})
 
 
 def request_parameters(

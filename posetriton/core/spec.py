@@ -136,7 +136,8 @@ class LetterboxSpec(_Spec):
 
 @dataclass(frozen=True)
 class PostprocessSpec(_Spec):
-    """Defaults and fixed rules of score threshold -> NMS -> top-k. conf/iou/max_det can be overridden per request."""
+    """Defaults and fixed rules of score threshold -> NMS -> top-k. The fields named as Thresholds' are the served
+    defaults a request's own thresholds override."""
 
     conf: float = 0.5
     iou: float = 0.7
@@ -151,7 +152,7 @@ class PostprocessSpec(_Spec):
 
     def __post_init__(self) -> None:
         try:
-            self.thresholds.check(self.max_det_limit)
+            self.thresholds.check(self.limits)
         except ContractError as exc:
             raise SpecError(str(exc)) from None
         if self.pre_nms_topk < 1:
@@ -162,4 +163,11 @@ class PostprocessSpec(_Spec):
     @property
     def thresholds(self) -> Thresholds:
         """The served defaults, which a request's own :class:`~posetriton.core.contract.Thresholds` override."""
-        return Thresholds(self.conf, self.iou, self.max_det)
+        return Thresholds(**{attribute: getattr(self, attribute) for attribute in Thresholds.declarations()})
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """The per-model bounds the thresholds name (a declaration's ``limit`` L is this spec's ``L_limit``, which
+        the ensemble's config states as ``default.L_limit`` for clients)."""
+        names = {declared.limit for declared in Thresholds.declarations().values() if declared.limit}
+        return {name: getattr(self, f"{name}_limit") for name in names}

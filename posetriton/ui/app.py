@@ -3,15 +3,16 @@
 Routes:
 
 * ``GET /`` the page, ``GET /static/...`` its script and style (package data, no build step);
-* ``GET /api/config`` where Triton is, the default model and the upload limit;
+* ``GET /api/config`` where Triton is, the default model, the upload limit and the request parameters
+  (each one's ``describe()``, from posetriton.core.contract: the page builds its controls from them);
 * ``GET /api/models`` the pose ensembles the server has ready, with skeleton, keypoint names and
-  default thresholds (what the page draws with and sets its sliders to);
-* ``POST /api/predict?model=&conf=&iou=&max_det=`` the body is one image file as it is; the
+  each one's request-parameter defaults and limits (what the page draws with and sets its controls to);
+* ``POST /api/predict?model=&NAME=VALUE...`` (a request parameter per NAME) the body is one image file as it is; the
   answer is the SDK's JSON result (``ImagePoses.to_dict``) plus ``latency_ms``, or
   ``{"error": message}`` with a status that says why (400 refused by the server, 413 too large,
   415 not an image, 404 no such model, 503 Triton unreachable, 504 deadline);
-* ``WS /api/camera?model=&conf=&iou=&max_det=&mode=`` binary messages are encoded frames, text
-  messages JSON thresholds; each finished frame is answered with a JSON message (see
+* ``WS /api/camera?model=&NAME=VALUE...&mode=`` binary messages are encoded frames, text
+  messages a JSON object of request parameters; each finished frame is answered with a JSON message (see
   :mod:`posetriton.ui.camera`). ``mode=frames`` asks for one request per frame even when the
   model has a tracker; ``keypoints=raw`` asks the tracker for the raw keypoints instead of the
   track-smoothed ones.
@@ -32,7 +33,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -58,16 +59,27 @@ from posetriton.client import (
     PoseClientError,
     ServerUnavailableError,
 )
-from posetriton.core.contract import IMAGE, THRESHOLD_NAMES, TRACK_SUFFIX, ContractError, Thresholds
+from posetriton.client.inputs import sdk_arguments
+from posetriton.core.contract import IMAGE, TRACK_SUFFIX, ContractError, parameter_groups
 
-from .camera import CameraEngine, CameraFrame, LatestFrame, Message, PerFrameEngine, TrackingEngine, error_message
+from .camera import (
+    CameraEngine,
+    CameraFrame,
+    LatestFrame,
+    Message,
+    Parameters,
+    PerFrameEngine,
+    TrackingEngine,
+    error_message,
+)
 from .limits import (
     ACCEPTED_TYPES,
     DEFAULT_MAX_UPLOAD_BYTES,
     UploadRefused,
     check_image,
+    checked_parameters,
+    parameters_from_query,
     read_limited,
-    thresholds_from_query,
 )
 from .origins import HostPolicy, is_loopback
 
@@ -100,6 +112,8 @@ class UiSettings:
     model: str = DEFAULT_MODEL
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # The SDK clients' other keyword arguments (retry, TLS, headers): the CLI's connection options.
+    client_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Camera frames of one connection in flight to Triton at once in per-frame mode (answers stay in order);
     # the tracker pipelines its own (TrackingEngine), in order too.
     camera_in_flight: int = 1
@@ -146,7 +160,7 @@ class TritonGateway:
     @property
     def _discovery(self) -> AsyncPoseClient:
         if self._discovery_client is None:
-            self._discovery_client = AsyncPoseClient(self.settings.url, self.settings.model, self.settings.timeout_s)
+            self._discovery_client = self._new_client(self.settings.model)
         return self._discovery_client
 
     async def close(self) -> None:
@@ -157,7 +171,7 @@ class TritonGateway:
             await client.close()
 
     async def models(self) -> list[dict[str, Any]]:
-        """The pose ensembles that take encoded images, with what the page needs to draw and to set its sliders."""
+        """The pose ensembles that take encoded images, with what the page needs to draw and to set its controls."""
         found = []
         for meta in await self._discovery.list_models():  # the SDK lists neither steps nor NAME_track
             if meta.input_name != IMAGE:
@@ -166,8 +180,8 @@ class TritonGateway:
             found.append(
                 {
                     **meta.to_dict(),
-                    "defaults": {name: _number(meta.parameters.get(f"default.{name}")) for name in THRESHOLD_NAMES},
-                    "max_det_limit": meta.max_det_limit,
+                    "defaults": meta.request_defaults,
+                    "limits": meta.request_limits,
                     "tracking": await self.tracking_available(meta.name),
                 }
             )
@@ -188,8 +202,12 @@ class TritonGateway:
     async def client(self, model: str) -> AsyncPoseClient:
         await self.metadata(model)
         if model not in self._clients:
-            self._clients[model] = AsyncPoseClient(self.settings.url, model, self.settings.timeout_s)
+            self._clients[model] = self._new_client(model)
         return self._clients[model]
+
+    def _new_client(self, model: str) -> AsyncPoseClient:
+        settings = self.settings
+        return AsyncPoseClient(settings.url, model, settings.timeout_s, **settings.client_options)
 
     async def tracking_available(self, model: str) -> bool:
         """Whether live mode can use the server-side tracker: the server has NAME_track ready."""
@@ -205,16 +223,6 @@ class TritonGateway:
         if track and await self.tracking_available(model):
             return TrackingEngine(client, smoothed=smoothed)
         return PerFrameEngine(client, self.settings.camera_in_flight)
-
-
-def _number(text: str | None) -> float | int | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() and "." not in text else value
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -311,6 +319,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
                 "cameras_open": cameras.in_use,
                 "max_uploads": uploads.limit,
                 "uploads_in_progress": uploads.in_use,
+                "parameters": describe_parameters(),
             }
         )
 
@@ -336,9 +345,9 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             )
             check_image(body, settings.max_upload_bytes)
             client = await gateway.client(model)
-            limits = thresholds_from_query(request.query_params, (await gateway.metadata(model)).max_det_limit)
+            parameters = parameters_from_query(request.query_params, (await gateway.metadata(model)).request_limits)
             start = time.perf_counter()
-            poses = await client.predict(body, conf=limits.conf, iou=limits.iou, max_det=limits.max_det)
+            poses = await client.predict(body, **sdk_arguments(parameters))
         except UploadRefused as exc:
             return _error(exc.status, str(exc))
         except ContractError as exc:
@@ -364,7 +373,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
         model = websocket.query_params.get("model") or settings.model
         try:
             meta = await gateway.metadata(model)
-            thresholds = thresholds_from_query(websocket.query_params, meta.max_det_limit)
+            parameters = parameters_from_query(websocket.query_params, meta.request_limits)
             engine = await gateway.camera_engine(
                 model,
                 track=websocket.query_params.get("mode") != "frames",
@@ -374,7 +383,7 @@ def create_app(settings: UiSettings | None = None) -> Starlette:
             await websocket.send_json({"type": "fatal", "error": str(exc)})
             await websocket.close()
             return
-        await CameraSession(websocket, engine, thresholds, meta, settings.max_upload_bytes).run(model)
+        await CameraSession(websocket, engine, parameters, meta, settings.max_upload_bytes).run(model)
 
     return Starlette(
         routes=[
@@ -394,12 +403,12 @@ class CameraSession:
     """One camera connection: read frames into the newest-wins mailbox while the engine answers them."""
 
     def __init__(
-        self, websocket: WebSocket, engine: CameraEngine, thresholds: Thresholds, meta: ModelMetadata,
+        self, websocket: WebSocket, engine: CameraEngine, parameters: Parameters, meta: ModelMetadata,
         max_frame_bytes: int,
     ) -> None:  # fmt: skip
         self.websocket = websocket
         self.engine = engine
-        self.thresholds = thresholds
+        self.parameters = parameters
         self.meta = meta
         self.max_frame_bytes = max_frame_bytes
         self.frames = LatestFrame()
@@ -417,7 +426,7 @@ class CameraSession:
 
     async def run(self, model: str) -> None:
         await self.emit({"type": "ready", "model": model, "tracking": self.engine.tracking})
-        engine = asyncio.create_task(self.engine.run(self.frames, lambda: self.thresholds, self.emit))
+        engine = asyncio.create_task(self.engine.run(self.frames, lambda: self.parameters, self.emit))
         try:
             await self._read()
         finally:
@@ -447,19 +456,29 @@ class CameraSession:
                 self.frames.put(frame)
             elif message.get("text") is not None:
                 try:
-                    self.thresholds = self._settings(message["text"])
-                except ValueError as exc:  # ContractError and JSON errors alike; the old thresholds stay
+                    self.parameters = self._settings(message["text"])
+                except ValueError as exc:  # ContractError and JSON errors alike; the old parameters stay
                     await self.emit({"type": "settings_error", "error": str(exc)})
                     continue
-                await self.emit({"type": "settings", **self.thresholds.to_parameters()})
+                await self.emit({"type": "settings", **self.parameters})
 
-    def _settings(self, text: str) -> Thresholds:
-        """A text message sets the thresholds: ``{"conf": 0.4, "iou": 0.6, "max_det": 20}`` (null: model default)."""
+    def _settings(self, text: str) -> Parameters:
+        """A text message sets the request parameters: ``{"conf": 0.4, "max_det": 20}`` (absent or null: the
+        model's default), each checked by its declaration against the model's limits."""
         values = json.loads(text)
         if not isinstance(values, dict):
-            raise ContractError("a settings message is a JSON object of conf, iou, max_det")
-        chosen = {key: value for key, value in values.items() if value is not None}
-        return Thresholds.from_parameters(chosen).check(self.meta.max_det_limit)
+            raise ContractError("a settings message is a JSON object of request parameters by name")
+        return checked_parameters(values, self.meta.request_limits)
+
+
+def describe_parameters() -> list[dict[str, Any]]:
+    """Every request parameter as the page offers it: its declaration's ``describe()``, and whether only the
+    tracker reads it (the page shows those with the camera)."""
+    return [
+        {**declared.describe(), "tracking_only": group.tracking_only}
+        for group in parameter_groups(tracking=True)
+        for declared in group.declarations().values()
+    ]
 
 
 def serve(

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from posetriton.client import AsyncPoseClient, Frame, InvalidInputError, PoseClientError
-from posetriton.core.contract import Thresholds
+from posetriton.client.inputs import sdk_arguments
 
 Message = dict[str, Any]
+# The request parameters of a connection by wire name, checked (posetriton.ui.limits.checked_parameters).
+Parameters = dict[str, int | float]
 Emit = Callable[[Message], Awaitable[None]]
 # Before a new tracking sequence after the server failed one (a restart, an unreachable server).
 RESTART_PAUSE_S = 0.5
@@ -84,7 +86,7 @@ class CameraEngine(Protocol):
 
     tracking: bool
 
-    async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None: ...
+    async def run(self, frames: LatestFrame, parameters: Callable[[], Parameters], emit: Emit) -> None: ...
 
 
 def result_message(frame: CameraFrame, detections: list[Message], width: int, height: int, dropped: int) -> Message:
@@ -114,15 +116,14 @@ class PerFrameEngine:
         self.client = client
         self.in_flight = in_flight
 
-    async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
-        await asyncio.gather(*(self._worker(frames, thresholds, emit) for _ in range(self.in_flight)))
+    async def run(self, frames: LatestFrame, parameters: Callable[[], Parameters], emit: Emit) -> None:
+        await asyncio.gather(*(self._worker(frames, parameters, emit) for _ in range(self.in_flight)))
 
-    async def _worker(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
+    async def _worker(self, frames: LatestFrame, parameters: Callable[[], Parameters], emit: Emit) -> None:
         while (frame := await frames.get()) is not None:
-            limits = thresholds()
-            try:
-                poses = await self.client.predict(frame.data, conf=limits.conf, iou=limits.iou, max_det=limits.max_det)
-            except InvalidInputError as exc:  # this frame (or these thresholds) refused; the next may pass
+            try:  # the tracker's own parameters do not apply here: sdk_arguments leaves them out
+                poses = await self.client.predict(frame.data, **sdk_arguments(parameters()))
+            except InvalidInputError as exc:  # this frame (or these parameters) refused; the next may pass
                 await emit(error_message(frame, exc.reason, frames.dropped))
                 continue
             except PoseClientError as exc:  # server gone or model unloaded: say so, keep serving the camera
@@ -136,7 +137,7 @@ class TrackingEngine:
     """Frames stream to the server-side tracker (the ``NAME_track`` ensemble) as one sequence; poses carry ``track_id``.
 
     The SDK's ``track(..., live=True)`` keeps ``in_flight`` frames on the stream and replaces a frame
-    still unsent by a newer one (its drops add to the mailbox's). Thresholds belong to a sequence:
+    still unsent by a newer one (its drops add to the mailbox's). Request parameters belong to a sequence:
     when the page changes them, the sequence ends and a new one starts (track IDs start over). A
     sequence the server lost (restart, idle timeout) is reported and a new one started the same way.
     """
@@ -150,14 +151,14 @@ class TrackingEngine:
         self.in_flight = in_flight
         self.smoothed = smoothed  # keypoints smoothed over each track by the server (else the raw ones)
 
-    async def run(self, frames: LatestFrame, thresholds: Callable[[], Thresholds], emit: Emit) -> None:
+    async def run(self, frames: LatestFrame, parameters: Callable[[], Parameters], emit: Emit) -> None:
         dropped_before = 0  # by the SDK in earlier sequences of this connection
         while not frames.closed:
-            limits = thresholds()
+            chosen = parameters()
             received: dict[int, CameraFrame] = {}
             results = self.client.track(
-                self._sequence(frames, thresholds, limits, received), live=True, max_in_flight=self.in_flight,
-                conf=limits.conf, iou=limits.iou, max_det=limits.max_det, smoothed=self.smoothed,
+                self._sequence(frames, parameters, chosen, received), live=True, max_in_flight=self.in_flight,
+                smoothed=self.smoothed, **sdk_arguments(chosen, tracking=True),
             )  # fmt: skip
             dropped_here = 0
             try:
@@ -183,11 +184,11 @@ class TrackingEngine:
 
     @staticmethod
     async def _sequence(
-        frames: LatestFrame, thresholds: Callable[[], Thresholds], limits: Thresholds, received: dict[int, CameraFrame]
+        frames: LatestFrame, parameters: Callable[[], Parameters], chosen: Parameters, received: dict[int, CameraFrame]
     ) -> AsyncIterator[Frame]:
-        """The frames of one sequence: until the connection closes or the thresholds change."""
+        """The frames of one sequence: until the connection closes or the request parameters change."""
         while (frame := await frames.get()) is not None:
-            if thresholds() != limits:  # changed while waiting: this frame opens the next sequence
+            if parameters() != chosen:  # changed while waiting: this frame opens the next sequence
                 frames.put_back(frame)
                 return
             received[frame.seq] = frame

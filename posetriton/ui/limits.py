@@ -8,8 +8,9 @@ refused as soon as it goes past it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
-from posetriton.core.contract import ContractError, Thresholds
+from posetriton.core.contract import REQUEST_PARAMETERS, ContractError, request_parameters
 
 # Signatures of the formats the served models decode (JPEG, PNG, WebP, BMP, GIF).
 _SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
@@ -69,15 +70,27 @@ async def read_limited(chunks: AsyncIterator[bytes], declared_length: str | None
     return bytes(body)
 
 
-def thresholds_from_query(query: Mapping[str, str], max_det_limit: int | None = None) -> Thresholds:
-    """``conf``, ``iou`` and ``max_det`` from a query string (absent or empty: the model's default), checked."""
-    values: dict[str, float | int] = {}
-    for name, kind in (("conf", float), ("iou", float), ("max_det", int)):
-        text = query.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            values[name] = kind(text)
-        except ValueError:
-            raise ContractError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    return Thresholds(**values).check(max_det_limit)  # type: ignore[arg-type]
+def parameters_from_query(
+    query: Mapping[str, str], limits: Mapping[str, float | None] | None = None
+) -> dict[str, int | float]:
+    """The request parameters a query string sets (absent or empty: the model's default), each checked by its
+    declaration against the model's ``limits``; other query keys (``model``, ``mode``) are not parameters."""
+    given = {name: _number(text) for name in REQUEST_PARAMETERS if (text := query.get(name, "").strip())}
+    return checked_parameters(given, limits)
+
+
+def checked_parameters(values: Mapping[str, Any], limits: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+    """``values`` by wire name, checked: ContractError names an unknown name or the first value out of range."""
+    unknown = sorted(set(values) - set(REQUEST_PARAMETERS))
+    if unknown:  # before the call, where a name like "limits" would be taken for its keyword
+        raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(REQUEST_PARAMETERS)}")
+    return request_parameters(limits=limits, **values)
+
+
+def _number(text: str) -> float | str:
+    """A number from a query string; text that is not one is returned as it is, for the declaration to refuse by
+    name (``conf must be a number, got 'high'``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text

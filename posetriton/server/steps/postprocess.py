@@ -1,6 +1,6 @@
 """Postprocess step: candidates -> score threshold, NMS, max detections -> poses in original-image pixels.
 
-Per-request ``conf``, ``iou`` and ``max_det`` arrive as request parameters, which (unlike
+Per-request thresholds (:class:`~posetriton.core.contract.Thresholds`) arrive as request parameters, which (unlike
 optional inputs) do not split dynamic batches. The candidates and letterbox rows are checked first
 (:mod:`posetriton.core.validation`): a direct caller may send anything.
 """
@@ -44,7 +44,7 @@ class TritonPythonModel:
         return respond_each(requests, self._postprocess, step=self.name, refused=(ContractError,))
 
     def _postprocess(self, request: object) -> object:
-        thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.max_det_limit)
+        thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.limits)
         candidates = pb_utils.get_input_tensor_by_name(request, CANDIDATES).as_numpy()
         rows = pb_utils.get_input_tensor_by_name(request, LETTERBOX).as_numpy()
         check_letterbox_rows(rows, self.input_size)

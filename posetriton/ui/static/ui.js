@@ -8,9 +8,15 @@ const MAX_IN_FLIGHT = 2;
 const CAPTURE_FPS = 15;
 const CAPTURE_MAX_SIDE = 640;
 const JPEG_QUALITY = 0.8;
+// Request-parameter sliders: the declarations give ranges, not how finely a person sets a value.
+const SLIDER_STEP = { float: 0.05, int: 1 };
+// A slider bounded by a per-model limit (max_det) stops here, or here when the model states no limit.
+const LIMIT_SLIDER_MAX = 300;
+const LIMIT_SLIDER_FALLBACK = 100;
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], model: null, photos: [], config: null };
+// parameters: the app's description of each request parameter (posetriton.core.contract's describe()).
+const state = { models: [], model: null, photos: [], config: null, parameters: [] };
 
 // ------------------------------------------------------------------------------------------ drawing
 
@@ -62,14 +68,58 @@ function drawPoses(canvas, width, height, detections, skeleton, label) {
   });
 }
 
+// ---------------------------------------------------------------------------------- request parameters
+
+// One control per described parameter, its id the parameter's name: a slider when it is bounded (a range, or
+// a per-model limit), else a number box whose empty value means the model's default. The tracker's own
+// parameters sit with the camera. `onChange(description)` runs when the user moves one.
+function buildParameterControls(descriptions, onChange) {
+  state.parameters = descriptions;
+  for (const description of descriptions) {
+    const { name, type, minimum, maximum, exclusive_minimum: exclusive, limit, help, range } = description;
+    const label = document.createElement("label");
+    label.title = `${help}, ${range}`;
+    const input = document.createElement("input");
+    input.id = name;
+    if (maximum != null || limit != null) {
+      const step = SLIDER_STEP[type] || SLIDER_STEP.float;
+      Object.assign(input, { type: "range", step, min: (minimum ?? 0) + (exclusive ? step : 0) });
+      input.max = maximum ?? LIMIT_SLIDER_FALLBACK;
+      const output = document.createElement("output");
+      output.id = `${name}-value`;
+      label.append(`${name.replaceAll("_", " ")} `, output, input);
+    } else {
+      Object.assign(input, { type: "number", step: "any", placeholder: "model's" });
+      if (minimum != null) input.min = minimum;
+      label.append(`${name.replaceAll("_", " ")} `, input);
+    }
+    input.addEventListener("input", () => {
+      showParameter(name);
+      onChange(description);
+    });
+    $(description.tracking_only ? "tracking-parameters" : "parameters").append(label);
+  }
+}
+
+function showParameter(name) {
+  const output = $(`${name}-value`);
+  if (output) output.textContent = $(name).value;
+}
+
+// The values set, by parameter name; the tracker's own only `withTracking` (they mean nothing to a photo).
+function chosenParameters(withTracking) {
+  const chosen = {};
+  for (const { name, tracking_only: trackingOnly } of state.parameters) {
+    const value = $(name).value;
+    if (value !== "" && (withTracking || !trackingOnly)) chosen[name] = Number(value);
+  }
+  return chosen;
+}
+
 // --------------------------------------------------------------------------------------- models, sliders
 
 function currentModel() {
   return state.models.find((m) => m.name === state.model) || null;
-}
-
-function thresholds() {
-  return { conf: Number($("conf").value), iou: Number($("iou").value), max_det: Number($("max_det").value) };
 }
 
 function showBanner(message) {
@@ -89,11 +139,15 @@ function applyDefaults(model) {
   $("camera-track").disabled = !(model && model.tracking);
   $("camera-track").checked = Boolean(model && model.tracking);
   const defaults = (model && model.defaults) || {};
-  for (const name of ["conf", "iou", "max_det"]) {
-    const slider = $(name);
-    if (name === "max_det" && model && model.max_det_limit) slider.max = Math.min(model.max_det_limit, 300);
-    if (defaults[name] != null) slider.value = defaults[name];
-    $(`${name}-value`).textContent = slider.value;
+  const limits = (model && model.limits) || {};
+  for (const { name, limit } of state.parameters) {
+    const input = $(name);
+    if (limit != null && input.type === "range") {
+      input.max = Math.min(limits[limit] ?? LIMIT_SLIDER_FALLBACK, LIMIT_SLIDER_MAX);
+    }
+    if (defaults[name] != null) input.value = defaults[name];
+    else if (input.type !== "range") input.value = ""; // the model's default, which it does not state
+    showParameter(name);
   }
 }
 
@@ -101,6 +155,7 @@ async function loadModels() {
   let response;
   try {
     state.config = await (await fetch("/api/config")).json();
+    buildParameterControls(state.config.parameters || [], onParameterChange);
     response = await fetch("/api/models");
   } catch (error) {
     showBanner(`cannot reach the posetriton ui app: ${error}`);
@@ -157,7 +212,7 @@ async function runPhoto(photo) {
     showPhotoError(photo, `the upload is too large (${size} MiB); the limit is ${limit / 2 ** 20} MiB`);
     return;
   }
-  const query = new URLSearchParams({ model: model.name, ...thresholds() });
+  const query = new URLSearchParams({ model: model.name, ...chosenParameters(false) });
   const started = performance.now();
   let response, result, error;
   await takeUploadSlot(); // the app analyses max_uploads photos at once and answers 503 beyond: queue here
@@ -340,7 +395,7 @@ async function startCamera() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const mode = $("camera-track").checked ? "track" : "frames";
   const keypoints = $("camera-smooth").checked ? "smoothed" : "raw";
-  const query = new URLSearchParams({ model: model.name, mode, keypoints, ...thresholds() });
+  const query = new URLSearchParams({ model: model.name, mode, keypoints, ...chosenParameters(true) });
   camera.socket = new WebSocket(`${scheme}://${location.host}/api/camera?${query}`);
   camera.socket.addEventListener("message", onCameraMessage);
   camera.socket.addEventListener("close", (event) => {
@@ -367,7 +422,9 @@ function stopCamera() {
 }
 
 function sendCameraSettings() {
-  if (camera.socket && camera.socket.readyState === WebSocket.OPEN) camera.socket.send(JSON.stringify(thresholds()));
+  if (camera.socket && camera.socket.readyState === WebSocket.OPEN) {
+    camera.socket.send(JSON.stringify(chosenParameters(true)));
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ wiring
@@ -388,17 +445,19 @@ function debounce(fn, ms) {
   };
 }
 
+const rerunAll = debounce(() => {
+  rerunPhotos();
+  sendCameraSettings();
+}, 150);
+const resendCameraSettings = debounce(sendCameraSettings, 150);
+
+// A parameter the photos use reruns them; the tracker's own only reach the camera.
+function onParameterChange(description) {
+  if (description.tracking_only) resendCameraSettings();
+  else rerunAll();
+}
+
 function init() {
-  const rerun = debounce(() => {
-    rerunPhotos();
-    sendCameraSettings();
-  }, 150);
-  for (const name of ["conf", "iou", "max_det"]) {
-    $(name).addEventListener("input", () => {
-      $(`${name}-value`).textContent = $(name).value;
-      rerun();
-    });
-  }
   $("model").addEventListener("change", () => {
     state.model = $("model").value;
     applyDefaults(currentModel());
