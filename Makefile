@@ -90,7 +90,7 @@ bench: models perf-tools
 	  --workdir build/bench-export
 	mkdir -p results
 	$(VENV)/bin/python benchmarks/lean_path.py --repository $(REPOSITORY) --models yolo11n_pose yolo_nas_pose_n \
-	  --config-names cpu cpu_bf16 --variants network_instances=1 network_instances=2 --repeats 2 --seconds 6 \
+	  --config-names cpu cpu_bf16 --variants preprocess_instances=1 preprocess_instances=2 --repeats 2 --seconds 6 \
 	  --rounds 8 --json results/lean_path.json --markdown results/lean_path.md
 	$(VENV)/bin/python benchmarks/precision_deviation.py --repository $(REPOSITORY) --model yolo11n_pose \
 	  > results/precision_yolo11n_pose.json

@@ -7,14 +7,14 @@ through a real Triton on 127.0.0.1, driven by an asyncio gRPC client. *Raw netwo
 pre-letterboxed canvases. Same photos, same precision, same cores, in one run.
 
 Every model x precision is a *cell*; in each, the served *variants* (Tuning overrides re-rendered into a scratch
-repository, e.g. ``network_instances=1`` against ``network_instances=2``) run alternated with the in-process
+repository, e.g. ``preprocess_instances=1`` against ``preprocess_instances=2``) run alternated with the in-process
 pipeline, ``--repeats`` times (A B A B ...), so load from elsewhere falls on all of them alike; the tables take
 the median over the repeats. Per window it records the server's CPU per process (tritonserver, each step's
 stubs) and the whole machine's. The c=1 overhead per photo = served p50 - network alone (LATENCY) p50 -
 decode + letterbox p50; the tables give the median over the photos. The full matrix (about 12 minutes):
 
     python benchmarks/lean_path.py --repository REPO --models yolo11n_pose yolo_nas_pose_n \\
-        --config-names cpu cpu_bf16 --variants network_instances=1 network_instances=2 --repeats 2 \\
+        --config-names cpu cpu_bf16 --repeats 2 \\
         --seconds 6 --rounds 8 --json results/lean_path.json --markdown results/lean_path.md
     python benchmarks/lean_path.py --render results/lean_path.json    # the docs tables again
 """
@@ -305,7 +305,7 @@ def single_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
 
 
 def parse_variant(text: str) -> dict[str, int | str]:
-    """``network_instances=2,network_performance_hint=LATENCY`` -> Tuning overrides (ints where they parse)."""
+    """``preprocess_instances=1,network_performance_hint=LATENCY`` -> Tuning overrides (ints where they parse)."""
     fields = {f.name for f in dataclasses.fields(Tuning)}
     overrides: dict[str, int | str] = {}
     for item in text.split(","):
@@ -485,11 +485,12 @@ def c1_breakdown(results: dict) -> list[str]:
     """Where a lone request's milliseconds go: the work measured in-process, each step as Triton times it, the rest."""
     lines = [
         "A lone request (c=1), ms, medians over photos and repeats; steps as Triton's statistics time them "
-        "(queue + compute input + infer + output, means); *outside the steps* = served mean − the steps' sum "
-        "(gRPC, ensemble hand-offs, client):",
+        "(queue + compute input + infer + output, means). The network step hands each image to OpenVINO and "
+        "returns, so Triton times only that hand-over; its compute is the network alone (LATENCY). *The rest* = "
+        "served mean − network alone − the steps' sum (gRPC, ensemble hand-offs, the network's answer, client):",
         "",
         "| model | precision | served variant | served p50 / mean | network alone (LATENCY) | decode + letterbox "
-        "| preprocess step | network step (of which compute) | postprocess step | outside the steps |",
+        "| preprocess step | network hand-over | postprocess step | the rest |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in results["cells"]:
@@ -508,12 +509,11 @@ def c1_breakdown(results: dict) -> list[str]:
                 statistics.median(statistics.median(c1_baseline(cell, r)[key].values()) for r in cell["rounds"])
                 for key in ("network_single_p50_ms", "prepare_p50_ms")
             )
-            compute = statistics.median(r["profile_c1_ms"]["network"]["compute_infer"] for r in runs)
             lines.append(
                 f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
                 f"| {alone:.1f} | {prepare:.1f} | {steps['preprocess']:.1f} "
-                f"| {steps['network']:.1f} ({compute:.1f}) | {steps['postprocess']:.1f} "
-                f"| {mean - sum(steps.values()):.1f} |"
+                f"| {steps['network']:.1f} | {steps['postprocess']:.1f} "
+                f"| {mean - alone - sum(steps.values()):.1f} |"
             )
     return lines
 
@@ -524,7 +524,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["yolo11n_pose"])
     parser.add_argument("--config-names", nargs="+", default=["cpu"], choices=sorted(CPU_CONFIGS))
     parser.add_argument("--variants", nargs="+", default=[AS_BUILT],
-                        help="Served variants, alternated: Tuning overrides such as network_instances=1, "
+                        help="Served variants, alternated: Tuning overrides such as preprocess_instances=1, "
                         f"or {AS_BUILT!r} (the repository as it is).")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="Rounds of in-process + every variant (A B A B).")
     parser.add_argument("--seconds", type=float, default=20)

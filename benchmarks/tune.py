@@ -26,7 +26,7 @@ from posetriton.server.repository import VERSION, load_catalog, write_model  # n
 
 GRID = {
     "preprocess_instances": [1, 2],
-    "network_instances": [1, 2],
+    "postprocess_instances": [1, 2],
     "network_max_queue_delay_us": [0, 5000],
 }
 
