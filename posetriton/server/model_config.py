@@ -66,7 +66,7 @@ def parse(text: str) -> Any:
 
 
 def read(path: Path) -> Any:
-    return parse(path.read_text())
+    return parse(path.read_text(encoding="utf-8"))
 
 
 def to_text(config: Any, comment: str = "") -> str:
@@ -76,7 +76,7 @@ def to_text(config: Any, comment: str = "") -> str:
 
 
 def write(path: Path, config: Any, comment: str = "") -> None:
-    path.write_text(to_text(config, comment))
+    path.write_text(to_text(config, comment), encoding="utf-8")
 
 
 @contextmanager

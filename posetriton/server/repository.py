@@ -567,7 +567,7 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
     for relative, text in render(model, onnx_sha256).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")  # configs keep non-ASCII text (descriptions) as UTF-8
         written.append(path)
     (repository / model.name / VERSION).mkdir(exist_ok=True)
     (repository / model.step("pixels") / VERSION).mkdir(exist_ok=True)
