@@ -116,6 +116,7 @@ class Tuning:
     ort_trt_workspace_bytes: int = 4 << 30
     ort_trt_engine_cache_path: str = "/tmp/posetriton-ort-trt-cache"
     gpu_preprocess_instances: int = 1
+    # The GPU network (TensorRT plan and ORT-TRT alike) waits this long for a fuller batch.
     gpu_network_max_queue_delay_us: int = 100
     # TensorRT execution contexts per GPU: one batch's copies and Triton's handover to and from the Python steps
     # overlap the other's compute, so the engine never waits between batches.
