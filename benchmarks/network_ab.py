@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -24,14 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from lean_path import default_photos, served_single_ms, served_throughput, step_profile, step_times  # noqa: E402
 
+from posetriton.server import model_config  # noqa: E402
 from posetriton.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
-    text = config.read_text()
-    line = f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}'
-    pattern = re.compile(rf'parameters \{{ key: "{re.escape(key)}" value \{{ string_value: "[^"]*" \}} \}}')
-    config.write_text(pattern.sub(line, text) if pattern.search(text) else text.rstrip("\n") + "\n" + line + "\n")
+    with model_config.editing(config) as network:
+        network.parameters[key].string_value = value
 
 
 def measure(repository: Path, model: str, photos: list[bytes], seconds: float) -> dict:

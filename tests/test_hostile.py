@@ -14,7 +14,6 @@ deadlines, and sequence abuse, against the real Triton server (docs/reliability.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from posetriton.server import model_config
 from posetriton.server.launcher import TritonServer
 from posetriton.server.repository import load_catalog
 from tests.conftest import ROOT, UL_MODEL
@@ -408,19 +408,10 @@ def few_slots_server(model_repository: Path, tmp_path: Path) -> Any:
                 shutil.copytree(entry, repository / entry.name)
             else:
                 (repository / entry.name).symlink_to(entry)
-    config = repository / TRACKER / "config.pbtxt"
-    text = config.read_text()
-    for pattern, value in (
-        (r"max_sequence_idle_microseconds: \d+", f"max_sequence_idle_microseconds: {int(STRESS_IDLE_S * 1e6)}"),
-        (r"max_candidate_sequences: \d+", f"max_candidate_sequences: {SLOTS}"),
-        (
-            r'"limit.max_sequences" value \{ string_value: "\d+"',
-            f'"limit.max_sequences" value {{ string_value: "{2 * SLOTS}"',
-        ),
-    ):
-        text, count = re.subn(pattern, value, text)
-        assert count == 1, pattern
-    config.write_text(text)
+    with model_config.editing(repository / TRACKER / "config.pbtxt") as config:
+        config.sequence_batching.max_sequence_idle_microseconds = int(STRESS_IDLE_S * 1e6)
+        config.sequence_batching.oldest.max_candidate_sequences = SLOTS
+        config.parameters["limit.max_sequences"].string_value = str(2 * SLOTS)
     triton = start_server(repository, models=[UL_MODEL + "_track"])
     yield triton
     triton.stop()

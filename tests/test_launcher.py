@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.client import AccessDeniedError, PoseClient
-from posetriton.server import launcher
+from posetriton.server import launcher, model_config
 from posetriton.server.launcher import ServerOptions, ServerStartError, TritonServer
 from posetriton.server.server_ownership import regions_of, stubs_of
 from posetriton.server.watchdog import KILL_GRACE_S, http_ready, python_stubs
@@ -65,8 +65,8 @@ def test_model_that_fails_to_load_is_reported(model_repository: Path, tmp_path: 
     """A preprocess model with an invalid parameter: the start fails and the reason is in the message."""
     repo = tmp_path / "repo"
     shutil.copytree(model_repository / f"{UL_MODEL}_preprocess", repo / f"{UL_MODEL}_preprocess")
-    config = repo / f"{UL_MODEL}_preprocess" / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "114"', 'string_value: "999"'))
+    with model_config.editing(repo / f"{UL_MODEL}_preprocess" / "config.pbtxt") as config:
+        config.parameters["pad_value"].string_value = "999"
     with pytest.raises(ServerStartError) as error:
         start_server(repo)
     message = str(error.value)
@@ -259,9 +259,10 @@ def test_a_failed_reload_stops_the_server_with_a_reason(model_repository: Path, 
     config = repo / f"{UL_MODEL}_preprocess" / "config.pbtxt"
     with start_server(repo, models=[UL_MODEL], restrict_control_apis=True) as server:
         assert server.process is not None and server.watchdog is not None
-        text = config.read_text()
-        config.unlink()
-        config.write_text(text.replace('string_value: "114"', 'string_value: "999"'))
+        broken = model_config.read(config)
+        broken.parameters["pad_value"].string_value = "999"
+        config.unlink()  # a link to the shared repository's file: write a file of its own
+        model_config.write(config, broken)
         for pid, model in python_stubs(server.process.pid).values():
             if model == f"{UL_MODEL}_preprocess":
                 os.kill(pid, signal.SIGKILL)

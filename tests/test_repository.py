@@ -7,19 +7,81 @@ import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
+from google.protobuf import descriptor_pb2, text_format
 from tritonclient.grpc import model_config_pb2
 
 from posetriton.core import contract
 from posetriton.core.spec import LetterboxSpec, PostprocessSpec, SpecError
-from posetriton.server.repository import CPU_CONFIGS, load_catalog, render, write_model
+from posetriton.server import model_config
+from posetriton.server.repository import CPU_CONFIGS, GPU_CONFIGS, load_catalog, model_configs, render, write_model
 from tests.conftest import ROOT
 
 CATALOG = load_catalog(ROOT / "build_engines" / "models.toml")
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:
+    """With tritonclient's own generated class, not posetriton's copy of the schema: the files read as the real
+    thing (test_schema_is_tritonclients keeps the two the same)."""
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_schema_is_tritonclients() -> None:
+    """posetriton.server.model_config builds its messages from a kept copy of Triton's model_config.proto:
+    it is the one the installed tritonclient ships (refresh: python -m posetriton.server.model_config)."""
+    theirs = descriptor_pb2.FileDescriptorProto()
+    model_config_pb2.DESCRIPTOR.CopyToProto(theirs)
+    ours = text_format.Parse(model_config.SCHEMA.read_text(), descriptor_pb2.FileDescriptorProto())
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_every_config_file_reads_back_as_the_message_written(name: str) -> None:
+    """Parse(write(message)) == message for every config file, and Triton's schema reads the same message."""
+    for onnx_sha256 in (None, "ab" * 32):
+        configs, files = model_configs(CATALOG[name], onnx_sha256), render(CATALOG[name], onnx_sha256)
+        assert {path for path in files if path.endswith(".pbtxt")} == set(configs)
+        for path, config in configs.items():
+            assert model_config.parse(files[path]) == config, path
+            assert parse(files[path]) == model_config_pb2.ModelConfig.FromString(config.SerializeToString()), path
+
+
+def _without(config: model_config.ModelConfig, *fields: str) -> model_config.ModelConfig:
+    copy = model_config.ModelConfig()
+    copy.CopyFrom(config)
+    for name in fields:
+        copy.ClearField(name)
+    return copy
+
+
+def test_variants_differ_from_their_base_only_where_they_must() -> None:
+    """Each derived config is its base plus what makes it that variant: nothing else can drift between them."""
+    model = CATALOG["yolo11n_pose"]
+    configs = model_configs(model, "ab" * 32)
+    plain = configs["yolo11n_pose/config.pbtxt"]
+    pixels = _without(configs["yolo11n_pose_pixels/config.pbtxt"], "name", "input")
+    pixels.ensemble_scheduling.step[0].ClearField("input_map")
+    expected = _without(plain, "name", "input")
+    expected.ensemble_scheduling.step[0].ClearField("input_map")
+    assert pixels == expected
+    track = _without(configs["yolo11n_pose_track/config.pbtxt"], "name")
+    assert track.input[-1].name == contract.FRAME_INDEX and track.ensemble_scheduling.step[-1].model_name.endswith(
+        contract.TRACKER_SUFFIX
+    )
+    del track.input[-1], track.output[len(plain.output) :], track.ensemble_scheduling.step[-1]
+    assert track == _without(plain, "name")
+    network = "yolo11n_pose_network"
+    cpu = [_without(configs[f"{network}/configs/{c}.pbtxt"], "parameters") for c in CPU_CONFIGS]
+    assert all(config == cpu[0] for config in cpu)
+    ort_trt = [f"{network}/configs/{c}.pbtxt" for c, (variant, _) in GPU_CONFIGS.items() if variant == "ort_trt"]
+    varying = ("platform", "default_model_filename", "optimization", "model_warmup")
+    for path in ort_trt:
+        assert _without(configs[path], *varying) == _without(configs[f"{network}/config.pbtxt"], *varying)
+    nvjpeg = [path for path in configs if path.startswith("yolo11n_pose_preprocess/configs/")]
+    assert nvjpeg and all(
+        _without(configs[path], "default_model_filename", "instance_group")
+        == _without(configs["yolo11n_pose_preprocess/config.pbtxt"], "instance_group")
+        for path in nvjpeg
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))

@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posetriton.core.images import decode_image
+from posetriton.server import model_config
 from posetriton.server.launcher import TritonServer
 from tests.conftest import SG_MODEL, UL_MODEL, start_server
 from tests.inputs import bad_inputs, encode, exif_rotated_jpeg, sixteen_bit_png
@@ -207,9 +208,10 @@ def test_reduced_jpeg_decode_is_opt_in_and_maps_back_to_the_original(
         if entry.name.startswith(UL_MODEL):
             shutil.copytree(entry, repository / entry.name, symlinks=True)
     config = repository / f"{UL_MODEL}_preprocess" / "config.pbtxt"
-    off = 'key: "reduced_jpeg_decode" value { string_value: "false" }'
-    assert off in config.read_text(), "off by default"
-    config.write_text(config.read_text().replace(off, off.replace('"false"', '"true"')))
+    with model_config.editing(config) as preprocess:
+        reduced = preprocess.parameters["reduced_jpeg_decode"]
+        assert reduced.string_value == "false", "off by default"
+        reduced.string_value = "true"
     bus = cv2.imdecode(np.frombuffer(photos["bus.jpg"], np.uint8), cv2.IMREAD_COLOR)
     big = cv2.resize(bus, (bus.shape[1] * 4, bus.shape[0] * 4), interpolation=cv2.INTER_CUBIC)  # 3240x4320
     data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from build_engines import tensorrt_engine
 from build_engines.engine_cache import (
@@ -42,6 +40,7 @@ from build_engines.tensorrt_engine import (
     trtexec_command,
 )
 from posetriton.core.contract import CANVAS
+from posetriton.server.model_config import ModelInstanceGroup, parse
 from posetriton.server.repository import GPU_CONFIGS, load_catalog, render
 from tests.conftest import ROOT, UL_MODEL, run_export_python
 
@@ -62,10 +61,6 @@ TRT_OPS = {
 def _builder_is_the_serving_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake builders build "with" TensorRT 10.5.0, the version of the devices below, unless a test says not."""
     monkeypatch.setattr(tensorrt_engine, "tensorrt_package_version", lambda: "10.5.0.18")
-
-
-def parse(text: str) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def fake_network(tmp_path: Path, model: str = UL_MODEL) -> Path:
@@ -526,7 +521,7 @@ def test_check_engines_command_refuses_before_triton_starts(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------ configurations
 
 
-def _resolved(files: dict[str, str], model: str, config_name: str) -> dict[str, model_config_pb2.ModelConfig]:
+def _resolved(files: dict[str, str], model: str, config_name: str) -> dict[str, Any]:
     """Each model's configuration as Triton resolves --model-config-name: configs/NAME.pbtxt, else config.pbtxt."""
     steps = [model, *(f"{model}_{role}" for role in ("pixels", "preprocess", "network", "postprocess"))]
     return {
@@ -542,7 +537,7 @@ def test_gpu_configurations_parse_and_keep_the_ensemble_interface(name: str, con
     configs = _resolved(files, name, config_name)
     network_variant, preprocess_variant = GPU_CONFIGS[config_name]
     network, preprocess = configs[f"{name}_network"], configs[f"{name}_preprocess"]
-    kind_gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    kind_gpu = ModelInstanceGroup.KIND_GPU
     if network_variant == "plan":
         assert network.platform == "tensorrt_plan" and network.default_model_filename == "model.plan"
     else:
@@ -587,7 +582,7 @@ def test_ort_trt_engine_cache_is_per_model_and_per_onnx_hash() -> None:
     from posetriton.server.repository import network_ort_trt_config
 
     def cache_path(name: str, sha: str) -> str:
-        config = parse(network_ort_trt_config(CATALOG[name], sha))
+        config = network_ort_trt_config(CATALOG[name], sha)
         (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
         return accelerator.parameters["trt_engine_cache_path"]
 

@@ -40,6 +40,7 @@ from posetriton.core.clips import (
     slide,
 )
 from posetriton.core.contract import FRAME_INDEX, ContractError, Smoothing, Thresholds
+from posetriton.server import model_config
 from posetriton.server.launcher import TritonServer
 from posetriton.server.repository import load_catalog, render, track_models
 from posetriton.server.tracking import (
@@ -516,14 +517,8 @@ def short_idle_server(model_repository: Path, tmp_path_factory: pytest.TempPathF
             (repository / entry.name).symlink_to(entry) if entry.name != TRACKER else shutil.copytree(
                 entry, repository / entry.name
             )
-    config = repository / TRACKER / "config.pbtxt"
-    text, count = re.subn(
-        r"max_sequence_idle_microseconds: \d+",
-        f"max_sequence_idle_microseconds: {int(SHORT_IDLE_S * 1e6)}",
-        config.read_text(),
-    )
-    assert count == 1
-    config.write_text(text)
+    with model_config.editing(repository / TRACKER / "config.pbtxt") as config:
+        config.sequence_batching.max_sequence_idle_microseconds = int(SHORT_IDLE_S * 1e6)
     triton = start_server(repository, models=[UL_MODEL + "_track"])
     yield triton
     triton.stop()

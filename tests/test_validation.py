@@ -24,6 +24,7 @@ from posetriton.core.validation import (
     check_request_pixels,
     count_non_finite,
 )
+from posetriton.server import model_config
 from posetriton.server.repository import QUEUE_LIMITS, load_catalog, queue_policy, render, stream_limits
 from posetriton.server.tracking import (
     PoseTracker,
@@ -177,10 +178,8 @@ def test_stream_limits_travel_in_the_tracker_config() -> None:
     model = load_catalog(ROOT / "build_engines" / "models.toml")[UL_MODEL]
     limits = stream_limits(model)
     assert limits.max_rows == model.postprocess.max_det_limit and limits.max_tracked == model.postprocess.max_det
-    text = render(model)[f"{UL_MODEL}_tracker/config.pbtxt"]
-    parsed = dict(
-        line.split('"')[1::2][:2] for line in text.splitlines() if line.startswith("parameters") and '"limit.' in line
-    )
+    tracker = model_config.parse(render(model)[f"{UL_MODEL}_tracker/config.pbtxt"])
+    parsed = {key: value.string_value for key, value in tracker.parameters.items() if key.startswith("limit.")}
     assert StreamLimits.from_parameters(parsed) == limits
     with pytest.raises(TrackingError):
         StreamLimits(max_tracked=10, max_tracks=5)
@@ -191,8 +190,8 @@ def test_queue_policy_is_written_for_every_step() -> None:
     files = render(model)
     for role in QUEUE_LIMITS:
         path = f"{UL_MODEL}_{role}/configs/cpu.pbtxt" if role == "network" else f"{UL_MODEL}_{role}/config.pbtxt"
-        assert queue_policy(role) in files[path]
-        assert f"max_queue_size: {QUEUE_LIMITS[role].max_queue_size}" in files[path]
+        policy = model_config.parse(files[path]).dynamic_batching.default_queue_policy
+        assert policy == queue_policy(role) and policy.max_queue_size == QUEUE_LIMITS[role].max_queue_size
 
 
 # ------------------------------------------------------------------------------------------------- SDK side

@@ -16,6 +16,11 @@ network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GP
 letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.server.steps.gpu_preprocess),
 ``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The
 ensembles are the same for every configuration.
+
+Every config is a Triton ``ModelConfig`` message (posetriton.server.model_config) written in protobuf text
+format. Variants are derived, not repeated: one base per step (name, batch size, tensors from
+:data:`STEP_TENSORS`) with the fields its CPU / bf16 / GPU variant changes; ``NAME_pixels`` is ``NAME`` with
+another input and first step's input, ``NAME_track`` is ``NAME`` plus the tracker step and its tensors.
 """
 
 from __future__ import annotations
@@ -47,8 +52,6 @@ from posetriton.core.contract import (
     PIXELS,
     SMOOTHED_KEYPOINTS,
     TRACK_IDS,
-    TRACK_SUFFIX,
-    TRACKER_SUFFIX,
 )
 from posetriton.core.spec import (
     COCO_KEYPOINT_NAMES,
@@ -60,6 +63,20 @@ from posetriton.core.spec import (
     check_keypoint_layout,
 )
 from posetriton.core.validation import INPUT_SIZE_PARAMETER
+from posetriton.server import model_config
+from posetriton.server.model_config import (
+    EnsembleStep,
+    ModelConfig,
+    ModelDynamicBatching,
+    ModelInput,
+    ModelInstanceGroup,
+    ModelOutput,
+    ModelQueuePolicy,
+    ModelWarmup,
+    SequenceControl,
+    SequenceControlInput,
+    WarmupInput,
+)
 from posetriton.server.tracking import StreamLimits, TrackerSpec
 
 # Configuration names passed to --model-config-name, and the OpenVINO precision each selects.
@@ -73,14 +90,6 @@ GPU_CONFIGS = {
 }
 GPU_PREPROCESS_MODEL_FILE = "gpu_model.py"
 VERSION = "1"
-OUTPUTS = (
-    (contract.NUM_DETECTIONS, "TYPE_INT32", "1"),
-    (contract.BOXES, "TYPE_FP32", "-1, 4"),
-    (contract.SCORES, "TYPE_FP32", "-1"),
-    (contract.KEYPOINTS, "TYPE_FP32", "-1, {k}, 3"),
-    (contract.IMAGE_SIZE, "TYPE_INT32", "2"),
-)
-assert tuple(name for name, _, _ in OUTPUTS) == contract.OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ class Tuning:
     ort_trt_workspace_bytes: int = 4 << 30
     ort_trt_engine_cache_path: str = "/tmp/posetriton-ort-trt-cache"
     gpu_preprocess_instances: int = 1
+    # The GPU network (TensorRT plan and ORT-TRT alike) waits this long for a fuller batch.
+    gpu_network_max_queue_delay_us: int = 100
     # TensorRT execution contexts per GPU: one batch's copies and Triton's handover to and from the Python steps
     # overlap the other's compute, so the engine never waits between batches.
     gpu_network_instances: int = 2
@@ -220,45 +231,90 @@ def _keypoint_layout(family: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tup
     return tuple(family.get("keypoint_names", ())), tuple(tuple(edge) for edge in family.get("skeleton", ()))
 
 
-def _tensor(name: str, data_type: str, dims: str, extra: str = "") -> str:
-    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {dims} ]{extra} }}'
+# ------------------------------------------------------------------------------------------------ tensors
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor as every config that names it declares it: Triton's DataType name and dims without the batch."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+    def as_input(self, optional: bool = False) -> Any:
+        return ModelInput(name=self.name, data_type=self.data_type, dims=self.dims, optional=optional)
+
+    def as_output(self) -> Any:
+        return ModelOutput(name=self.name, data_type=self.data_type, dims=self.dims)
 
 
-def _block(kind: str, tensors: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(tensors) + "\n]"
+def tensors(model: ServedModel) -> dict[str, Tensor]:
+    """Every tensor the model's entries pass, by name: declared once, used by each config that names it."""
+    s, k = model.letterbox.input_size, model.postprocess.num_keypoints
+    declared = (
+        Tensor(IMAGE, "TYPE_STRING", (1,)),
+        Tensor(PIXELS, "TYPE_UINT8", (-1, -1, 3)),
+        Tensor(CANVAS, "TYPE_UINT8", (s, s, 3)),
+        Tensor(LETTERBOX, "TYPE_FP64", (LETTERBOX_WIDTH,)),
+        Tensor(CANDIDATES, "TYPE_FP32", (model.num_candidates, model.candidate_width)),
+        Tensor(contract.NUM_DETECTIONS, "TYPE_INT32", (1,)),
+        Tensor(contract.BOXES, "TYPE_FP32", (-1, 4)),
+        Tensor(contract.SCORES, "TYPE_FP32", (-1,)),
+        Tensor(contract.KEYPOINTS, "TYPE_FP32", (-1, k, 3)),
+        Tensor(contract.IMAGE_SIZE, "TYPE_INT32", (2,)),
+        Tensor(FRAME_INDEX, "TYPE_INT64", (1,)),
+        Tensor(TRACK_IDS, "TYPE_INT64", (-1,)),
+        Tensor(SMOOTHED_KEYPOINTS, "TYPE_FP32", (-1, k, 3)),
+    )
+    return {tensor.name: tensor for tensor in declared}
 
 
-def _parameters(values: dict[str, Any]) -> str:
-    lines = []
-    for key, value in values.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        lines.append(f"parameters {{ key: {json.dumps(key)} value {{ string_value: {json.dumps(text)} }} }}")
-    return "\n".join(lines)
+# Each step's inputs and outputs: its config declares them and the ensembles map them, under the same names.
+# The preprocess step takes either IMAGE or PIXELS (both optional): each ensemble feeds it one.
+# The tracker reads the frame the network saw (canvas, letterbox): the colours that re-identify a returning
+# person come from it (posetriton.server.tracking.box_colours).
+STEP_TENSORS = {
+    "preprocess": ((IMAGE, PIXELS), (CANVAS, LETTERBOX)),
+    "network": ((CANVAS,), (CANDIDATES,)),
+    "postprocess": ((CANDIDATES, LETTERBOX), contract.OUTPUTS),
+    "tracker": ((*contract.OUTPUTS, FRAME_INDEX, CANVAS, LETTERBOX), (TRACK_IDS, SMOOTHED_KEYPOINTS)),
+}
+PIPELINE = ("preprocess", "network", "postprocess")
+LATEST_VERSION = -1  # an ensemble step runs the newest version its model has
+# Python-backend steps batch what is already queued and never hold a request to wait for more.
+STEP_MAX_QUEUE_DELAY_US = 0
+PLAN_FILE, ONNX_FILE, OPENVINO_FILE = "model.plan", "model.onnx", "model.xml"
 
 
-def _header(name: str, kind: str, max_batch_size: int) -> str:
-    return f'name: "{name}"\n{kind}\nmax_batch_size: {max_batch_size}'
-
-
-def _outputs(model: ServedModel) -> list[str]:
-    k = model.postprocess.num_keypoints
-    return [_tensor(name, dtype, dims.format(k=k)) for name, dtype, dims in OUTPUTS]
-
-
-def _network_io(model: ServedModel) -> str:
-    s = model.letterbox.input_size
-    return "\n".join(
-        [
-            _block("input", [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3")]),
-            _block("output", [_tensor(CANDIDATES, "TYPE_FP32", f"{model.num_candidates}, {model.candidate_width}")]),
-        ]
+def _step_config(model: ServedModel, role: str, optional_inputs: bool = False, **fields: str) -> Any:
+    """Step ``role``: its name, batch size and tensors (STEP_TENSORS), plus top-level ``fields`` (its backend or
+    platform, its model file): the base every variant of the step starts from."""
+    inputs, outputs = STEP_TENSORS[role]
+    declared = tensors(model)
+    return ModelConfig(
+        name=model.step(role),
+        max_batch_size=model.tuning.max_batch_size,
+        input=[declared[name].as_input(optional_inputs) for name in inputs],
+        output=[declared[name].as_output() for name in outputs],
+        **fields,
     )
 
 
-def _batching(delay_us: int, preferred: tuple[int, ...] = (), queue: str = "") -> str:
-    sizes = f" preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
-    policy = f"\n  {queue}\n" if queue else " "
-    return f"dynamic_batching {{{sizes} max_queue_delay_microseconds: {delay_us}{policy}}}"
+def _set_parameters(config: Any, values: dict[str, Any]) -> None:
+    """Triton's parameters are strings: other values as JSON (lists, numbers), as the steps read them back."""
+    for key, value in values.items():
+        config.parameters[key].string_value = value if isinstance(value, str) else json.dumps(value)
+
+
+def _instances(count: int, kind: str) -> list[Any]:
+    return [ModelInstanceGroup(count=count, kind=kind)]
+
+
+def _dynamic_batching(delay_us: int, preferred: tuple[int, ...] = (), queue_role: str = "") -> Any:
+    """Triton's dynamic batcher; ``queue_role`` bounds its queue with that step's QUEUE_LIMITS."""
+    batching = ModelDynamicBatching(preferred_batch_size=preferred, max_queue_delay_microseconds=delay_us)
+    if queue_role:
+        batching.default_queue_policy.CopyFrom(queue_policy(queue_role))
+    return batching
 
 
 # ------------------------------------------------------------------------------------------- overload control
@@ -290,134 +346,112 @@ QUEUE_LIMITS = {
 }
 
 
-def queue_policy(role: str) -> str:
-    """The ``default_queue_policy`` of step ``role``'s dynamic batcher."""
+def queue_policy(role: str) -> Any:
+    """The ``default_queue_policy`` (a ``ModelQueuePolicy``) of step ``role``'s dynamic batcher."""
     limits = QUEUE_LIMITS[role]
-    return (
-        f"default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {limits.default_timeout_us} "
-        f"allow_timeout_override: true max_queue_size: {limits.max_queue_size} }}"
+    return ModelQueuePolicy(
+        timeout_action="REJECT",
+        default_timeout_microseconds=limits.default_timeout_us,
+        allow_timeout_override=True,
+        max_queue_size=limits.max_queue_size,
     )
 
 
-def _instances(count: int, kind: str) -> str:
-    return f"instance_group [ {{ count: {count} kind: {kind} }} ]"
-
-
-def ensemble_config(model: ServedModel, pixels: bool) -> str:
-    s = model.letterbox.input_size
-    source = PIXELS if pixels else IMAGE
-    source_tensor = _tensor(PIXELS, "TYPE_UINT8", "-1, -1, 3") if pixels else _tensor(IMAGE, "TYPE_STRING", "1")
-    steps = [
-        (model.step("preprocess"), {source: source}, {CANVAS: CANVAS, LETTERBOX: LETTERBOX}),
-        (model.step("network"), {CANVAS: CANVAS}, {CANDIDATES: CANDIDATES}),
-        (
-            model.step("postprocess"),
-            {CANDIDATES: CANDIDATES, LETTERBOX: LETTERBOX},
-            {name: name for name, _, _ in OUTPUTS},
-        ),
-    ]
-    step_text = []
-    for step_name, inputs, outputs in steps:
-        maps = [f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
-        maps += [f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
-        step_text.append(f'  {{ model_name: "{step_name}" model_version: -1\n    ' + "\n    ".join(maps) + " }")
-    name = model.step("pixels") if pixels else model.name
-    return "\n".join(
-        [
-            _header(name, 'platform: "ensemble"', model.tuning.max_batch_size),
-            f"# Network input {s}x{s}; thresholds per request as parameters conf, iou, max_det.",
-            _block("input", [source_tensor]),
-            _block("output", _outputs(model)),
-            "ensemble_scheduling {\n step [\n" + ",\n".join(step_text) + "\n ]\n}",
-            _parameters(model.metadata()),
-        ]
+# ------------------------------------------------------------------------------------------------ ensembles
+def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = ()) -> Any:
+    """Step ``role`` in an ensemble: it reads ``inputs`` (default: all of its own) and writes its outputs."""
+    own_inputs, outputs = STEP_TENSORS[role]
+    return EnsembleStep(
+        model_name=model.step(role),
+        model_version=LATEST_VERSION,
+        input_map={name: name for name in inputs or own_inputs},
+        output_map={name: name for name in outputs},
     )
 
 
-def preprocess_config(model: ServedModel, gpu: bool = False) -> str:
-    """CPU decode + letterbox (config.pbtxt), or with ``gpu`` nvJPEG decode + letterbox on the GPU
-    (posetriton.server.steps.gpu_preprocess, non-JPEG inputs on the CPU path); the tensors are the same."""
-    s = model.letterbox.input_size
-    optional = " optional: true"
-    if gpu:
-        variant = [
-            "# nvJPEG decode (torchvision) + letterbox on the GPU; non-JPEG inputs take the CPU path.",
-            f'default_model_filename: "{GPU_PREPROCESS_MODEL_FILE}"',
-        ]
-        instances = _instances(model.tuning.gpu_preprocess_instances, "KIND_GPU")
-    else:
-        variant, instances = [], _instances(model.tuning.preprocess_instances, "KIND_CPU")
-    return "\n".join(
-        [
-            _header(model.step("preprocess"), 'backend: "python"', model.tuning.max_batch_size),
-            *variant,
-            _block(
-                "input",
-                [
-                    _tensor(IMAGE, "TYPE_STRING", "1", optional),
-                    _tensor(PIXELS, "TYPE_UINT8", "-1, -1, 3", optional),
-                ],
-            ),
-            _block(
-                "output",
-                [
-                    _tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"),
-                    _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
-                ],
-            ),
-            _batching(0, queue=queue_policy("preprocess")),
-            instances,
-            _parameters(model.letterbox.to_parameters()),
-        ]
+def ensemble_config(model: ServedModel) -> Any:
+    """NAME: encoded images in (IMAGE), poses out, through preprocess -> network -> postprocess; its parameters
+    carry the model's metadata (keypoint names, skeleton, letterbox, default thresholds) for clients."""
+    declared = tensors(model)
+    config = ModelConfig(
+        name=model.name,
+        platform="ensemble",
+        max_batch_size=model.tuning.max_batch_size,
+        input=[declared[IMAGE].as_input()],
+        output=[declared[name].as_output() for name in contract.OUTPUTS],
     )
-
-
-def postprocess_config(model: ServedModel) -> str:
-    return "\n".join(
-        [
-            _header(model.step("postprocess"), 'backend: "python"', model.tuning.max_batch_size),
-            _block(
-                "input",
-                [
-                    _tensor(CANDIDATES, "TYPE_FP32", f"{model.num_candidates}, {model.candidate_width}"),
-                    _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH)),
-                ],
-            ),
-            _block("output", _outputs(model)),
-            _batching(0, queue=queue_policy("postprocess")),
-            _instances(model.tuning.postprocess_instances, "KIND_CPU"),
-            _parameters({**model.postprocess.to_parameters(), INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}),
-        ]
+    first, *rest = PIPELINE
+    config.ensemble_scheduling.step.extend(
+        [_ensemble_step(model, first, inputs=(IMAGE,)), *(_ensemble_step(model, role) for role in rest)]
     )
+    _set_parameters(config, model.metadata())
+    return config
 
 
-def network_gpu_config(model: ServedModel) -> str:
+def pixels_ensemble_config(model: ServedModel) -> Any:
+    """NAME_pixels: NAME with raw pixels (PIXELS) in place of the encoded image, fed to the same first step."""
+    config = ensemble_config(model)
+    config.name = model.step("pixels")
+    config.input[0].CopyFrom(tensors(model)[PIXELS].as_input())
+    first = config.ensemble_scheduling.step[0]
+    first.ClearField("input_map")
+    first.input_map[PIXELS] = PIXELS
+    return config
+
+
+# -------------------------------------------------------------------------------------------------- steps
+def preprocess_config(model: ServedModel) -> Any:
+    """Decode + letterbox on the CPU (posetriton.server.steps.preprocess); either input, as the ensemble sends."""
+    config = _step_config(model, "preprocess", optional_inputs=True, backend="python")
+    config.dynamic_batching.CopyFrom(_dynamic_batching(STEP_MAX_QUEUE_DELAY_US, queue_role="preprocess"))
+    config.instance_group.extend(_instances(model.tuning.preprocess_instances, "KIND_CPU"))
+    _set_parameters(config, model.letterbox.to_parameters())
+    return config
+
+
+def gpu_preprocess_config(model: ServedModel) -> Any:
+    """The preprocess step with nvJPEG decode + letterbox on the GPU (posetriton.server.steps.gpu_preprocess,
+    non-JPEG inputs on the CPU path): the same tensors, queue and parameters, another file and instance kind."""
+    config = preprocess_config(model)
+    config.default_model_filename = GPU_PREPROCESS_MODEL_FILE
+    config.ClearField("instance_group")
+    config.instance_group.extend(_instances(model.tuning.gpu_preprocess_instances, "KIND_GPU"))
+    return config
+
+
+def postprocess_config(model: ServedModel) -> Any:
+    config = _step_config(model, "postprocess", backend="python")
+    config.dynamic_batching.CopyFrom(_dynamic_batching(STEP_MAX_QUEUE_DELAY_US, queue_role="postprocess"))
+    config.instance_group.extend(_instances(model.tuning.postprocess_instances, "KIND_CPU"))
+    input_size = {INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}
+    _set_parameters(config, {**model.postprocess.to_parameters(), **input_size})
+    return config
+
+
+def network_gpu_config(model: ServedModel) -> Any:
+    """The default network: the TensorRT plan, several execution contexts on the GPU (Tuning)."""
     t = model.tuning
-    return "\n".join(
-        [
-            _header(model.step("network"), 'platform: "tensorrt_plan"', t.max_batch_size),
-            'default_model_filename: "model.plan"',
-            _network_io(model),
-            _batching(100, t.preferred_batch_sizes),
-            _instances(t.gpu_network_instances, "KIND_GPU"),
-        ]
-    )
+    config = _step_config(model, "network", platform="tensorrt_plan", default_model_filename=PLAN_FILE)
+    config.dynamic_batching.CopyFrom(_dynamic_batching(t.gpu_network_max_queue_delay_us, t.preferred_batch_sizes))
+    config.instance_group.extend(_instances(t.gpu_network_instances, "KIND_GPU"))
+    return config
 
 
-def _warmup(model: ServedModel) -> str:
+def _warmup(model: ServedModel) -> list[Any]:
     """Batch 1 then the largest batch at load, so ORT-TRT builds its engine for the whole range before serving."""
-    s = model.letterbox.input_size
+    canvas = tensors(model)[CANVAS]
     entries = []
     for batch in sorted({1, model.tuning.max_batch_size}):
-        entries.append(
-            f'  {{ name: "batch_{batch}" batch_size: {batch} inputs {{ key: "{CANVAS}" value: '
-            f"{{ data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] zero_data: true }} }} }}"
-        )
-    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+        entry = ModelWarmup(name=f"batch_{batch}", batch_size=batch)
+        zeros = WarmupInput(data_type=canvas.data_type, dims=canvas.dims, zero_data=True)
+        entry.inputs[canvas.name].CopyFrom(zeros)
+        entries.append(entry)
+    return entries
 
 
-def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -> str:
-    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step.
+def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -> Any:
+    """ONNX Runtime with the TensorRT execution accelerator on model.onnx: GPU serving with no engine build step;
+    the TensorRT plan's batching and instances, engines built by ONNX Runtime at load (the warmup).
 
     ONNX Runtime names its cached engines after the model file and the graph, not the weights, so a re-export
     with new weights would be served by the old engine: the cache folder is per model and per ONNX sha256
@@ -434,7 +468,10 @@ def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -
     def shape(batch: int) -> str:
         return f"{CANVAS}:{batch}x{s}x{s}x3"
 
-    accelerator = _parameters_inline(
+    config = network_gpu_config(model)
+    config.platform, config.default_model_filename = "onnxruntime_onnx", ONNX_FILE
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters.update(
         {
             "precision_mode": t.ort_trt_precision,
             "max_workspace_size_bytes": str(t.ort_trt_workspace_bytes),
@@ -445,45 +482,29 @@ def network_ort_trt_config(model: ServedModel, onnx_sha256: str | None = None) -
             "trt_profile_max_shapes": shape(t.max_batch_size),
         }
     )
-    return "\n".join(
-        [
-            _header(model.step("network"), 'platform: "onnxruntime_onnx"', t.max_batch_size),
-            "# ONNX Runtime + TensorRT (ORT-TRT) on model.onnx; engines are built by ONNX Runtime at load (warmup).",
-            'default_model_filename: "model.onnx"',
-            _network_io(model),
-            _batching(100, t.preferred_batch_sizes),
-            _instances(t.gpu_network_instances, "KIND_GPU"),
-            "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
-            f'  name : "tensorrt"\n{accelerator}\n}} ] }} }}',
-            _warmup(model),
-        ]
-    )
+    config.model_warmup.extend(_warmup(model))
+    return config
 
 
-def _parameters_inline(values: dict[str, str]) -> str:
-    return "\n".join(f"  parameters {{ key: {json.dumps(k)} value: {json.dumps(v)} }}" for k, v in values.items())
-
-
-def network_cpu_config(model: ServedModel, precision: str) -> str:
+def network_cpu_config(model: ServedModel, precision: str) -> Any:
+    """The OpenVINO IR run by posetriton.server.steps.openvino_pose at ``precision`` (CPU_CONFIGS)."""
     t = model.tuning
-    return "\n".join(
-        [
-            _header(model.step("network"), 'backend: "python"', t.max_batch_size),
-            f"# OpenVINO IR (model.xml) run by posetriton.server.steps.openvino_pose at {precision} precision.",
-            _network_io(model),
-            _batching(t.network_max_queue_delay_us, t.cpu_network_preferred_batch_sizes, queue_policy("network")),
-            # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
-            _instances(1, "KIND_CPU"),
-            _parameters(
-                {
-                    "precision": precision,
-                    "model_file": "model.xml",
-                    "performance_hint": t.network_performance_hint,
-                    "cpu_pinning": str(t.network_cpu_pinning).lower(),
-                }
-            ),
-        ]
+    config = _step_config(model, "network", backend="python")
+    config.dynamic_batching.CopyFrom(
+        _dynamic_batching(t.network_max_queue_delay_us, t.cpu_network_preferred_batch_sizes, queue_role="network")
     )
+    # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
+    config.instance_group.extend(_instances(1, "KIND_CPU"))
+    _set_parameters(
+        config,
+        {
+            "precision": precision,
+            "model_file": OPENVINO_FILE,
+            "performance_hint": t.network_performance_hint,
+            "cpu_pinning": str(t.network_cpu_pinning).lower(),
+        },
+    )
+    return config
 
 
 def _shim(module: str) -> str:
@@ -493,32 +514,46 @@ def _shim(module: str) -> str:
     )
 
 
-def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]:
-    """Every text file of the model's repository entries, by path relative to the repository root.
+# Every config file starts with this note: the catalogue is the place to change a value.
+GENERATED_NOTE = "Generated by posetriton.server.repository from build_engines/models.toml: edit that, not this file."
+
+
+def model_configs(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, Any]:
+    """Every ``ModelConfig`` of the model's repository entries, by file path relative to the repository root:
+    each entry's ``config.pbtxt`` and the ``configs/NAME.pbtxt`` that ``--model-config-name=NAME`` selects.
 
     ``onnx_sha256`` (of the network's model.onnx) keys the ONNX Runtime-TensorRT engine cache, so re-exported
     weights never reuse a stale engine."""
-    network = model.step("network")
-    files = {
-        f"{model.name}/config.pbtxt": ensemble_config(model, pixels=False),
-        f"{model.step('pixels')}/config.pbtxt": ensemble_config(model, pixels=True),
-        f"{model.step('preprocess')}/config.pbtxt": preprocess_config(model),
-        f"{model.step('preprocess')}/{VERSION}/model.py": _shim("preprocess"),
-        f"{model.step('preprocess')}/{VERSION}/{GPU_PREPROCESS_MODEL_FILE}": _shim("gpu_preprocess"),
+    network, preprocess = model.step("network"), model.step("preprocess")
+    configs = {
+        f"{model.name}/config.pbtxt": ensemble_config(model),
+        f"{model.step('pixels')}/config.pbtxt": pixels_ensemble_config(model),
+        f"{preprocess}/config.pbtxt": preprocess_config(model),
         f"{model.step('postprocess')}/config.pbtxt": postprocess_config(model),
-        f"{model.step('postprocess')}/{VERSION}/model.py": _shim("postprocess"),
         f"{network}/config.pbtxt": network_gpu_config(model),
-        f"{network}/{VERSION}/model.py": _shim("openvino_pose"),
-        f"{network}/metadata.json": json.dumps({"name": model.name, **model.metadata()}, indent=2),
+        **track_configs(model),
     }
     for config_name, precision in CPU_CONFIGS.items():
-        files[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
+        configs[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
     for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
         if network_variant == "ort_trt":
-            files[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
+            configs[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
         if preprocess_variant == "nvjpeg":
-            files[f"{model.step('preprocess')}/configs/{config_name}.pbtxt"] = preprocess_config(model, gpu=True)
-    files.update(track_files(model))
+            configs[f"{preprocess}/configs/{config_name}.pbtxt"] = gpu_preprocess_config(model)
+    return configs
+
+
+def render(model: ServedModel, onnx_sha256: str | None = None) -> dict[str, str]:
+    """Every text file of the model's repository entries, by path relative to the repository root: the configs
+    of :func:`model_configs` as Triton reads them, the steps' model.py files and the network's metadata.json."""
+    files = {
+        path: model_config.to_text(config, GENERATED_NOTE) for path, config in model_configs(model, onnx_sha256).items()
+    }
+    shims = {"preprocess": "preprocess", "postprocess": "postprocess", "network": "openvino_pose", "tracker": "track"}
+    for role, module in shims.items():
+        files[f"{model.step(role)}/{VERSION}/model.py"] = _shim(module)
+    files[f"{model.step('preprocess')}/{VERSION}/{GPU_PREPROCESS_MODEL_FILE}"] = _shim("gpu_preprocess")
+    files[f"{model.step('network')}/metadata.json"] = json.dumps({"name": model.name, **model.metadata()}, indent=2)
     return {path: text if text.endswith("\n") else text + "\n" for path, text in files.items()}
 
 
@@ -529,12 +564,12 @@ def write_model(model: ServedModel, repository: Path, network_files: dict[str, P
     for stale in track_models(model):
         shutil.rmtree(repository / stale, ignore_errors=True)
     written = []
-    onnx_file = network_files.get("model.onnx")
+    onnx_file = network_files.get(ONNX_FILE)
     onnx_sha256 = hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest() if onnx_file else None
     for relative, text in render(model, onnx_sha256).items():
         path = repository / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")  # configs keep non-ASCII text (descriptions) as UTF-8
         written.append(path)
     (repository / model.name / VERSION).mkdir(exist_ok=True)
     (repository / model.step("pixels") / VERSION).mkdir(exist_ok=True)
@@ -556,39 +591,41 @@ TRACKER_INSTANCES = 1
 
 def track_models(model: ServedModel) -> tuple[str, str]:
     """(the tracking ensemble, its tracker step): ``NAME_track``, ``NAME_tracker``."""
-    return model.name + TRACK_SUFFIX, model.name + TRACKER_SUFFIX
+    return model.step("track"), model.step("tracker")
 
 
-def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> str:
+def _control(name: str, kind: str, **value: Any) -> Any:
+    """A sequence batcher control input: Triton sets tensor ``name`` to tell the step about the sequence."""
+    return SequenceControlInput(name=name, control=[SequenceControl(kind=kind, **value)])
+
+
+def tracker_config(model: ServedModel, spec: TrackerSpec | None = None) -> Any:
     """The tracker step: ``oldest`` sequence batching, i.e. requests of many streams batched together, every
     request of one stream on one instance, in order; the model keeps each stream's state by correlation ID
     (``direct`` would pin each stream to a batch slot, capping open streams at instances x max_batch_size)."""
-    k = model.postprocess.num_keypoints
-    control = [
-        f'  {{ name: "{CONTROL_START}" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }}',
-        f'  {{ name: "{CONTROL_END}" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }}',
-        f'  {{ name: "{CONTROL_CORRID}" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}',
-    ]
-    return "\n".join(
+    config = _step_config(model, "tracker", backend="python")
+    batching = config.sequence_batching
+    batching.max_sequence_idle_microseconds = TRACK_IDLE_MICROSECONDS
+    batching.oldest.max_candidate_sequences = TRACK_MAX_SEQUENCES
+    batching.oldest.max_queue_delay_microseconds = STEP_MAX_QUEUE_DELAY_US
+    false_true = [0, 1]  # the int32 values Triton sends for "not the first / last request" and "it is"
+    batching.control_input.extend(
         [
-            _header(track_models(model)[1], 'backend: "python"', model.tuning.max_batch_size),
-            _block("input", [*_outputs(model), _tensor(FRAME_INDEX, "TYPE_INT64", "1"), *_tracker_pixels(model)]),
-            _block("output", _track_outputs(model)),
-            "sequence_batching {",
-            f"  max_sequence_idle_microseconds: {TRACK_IDLE_MICROSECONDS}",
-            f"  oldest {{ max_candidate_sequences: {TRACK_MAX_SEQUENCES} max_queue_delay_microseconds: 0 }}",
-            "  control_input [\n" + ",\n".join(control) + "\n  ]",
-            "}",
-            _instances(TRACKER_INSTANCES, "KIND_CPU"),
-            _parameters(
-                {
-                    "num_keypoints": str(k),
-                    **(spec or TrackerSpec()).to_parameters(),
-                    **stream_limits(model).to_parameters(),
-                }
-            ),
+            _control(CONTROL_START, "CONTROL_SEQUENCE_START", int32_false_true=false_true),
+            _control(CONTROL_END, "CONTROL_SEQUENCE_END", int32_false_true=false_true),
+            _control(CONTROL_CORRID, "CONTROL_SEQUENCE_CORRID", data_type="TYPE_UINT64"),
         ]
     )
+    config.instance_group.extend(_instances(TRACKER_INSTANCES, "KIND_CPU"))
+    _set_parameters(
+        config,
+        {
+            "num_keypoints": str(model.postprocess.num_keypoints),
+            **(spec or TrackerSpec()).to_parameters(),
+            **stream_limits(model).to_parameters(),
+        },
+    )
+    return config
 
 
 def stream_limits(model: ServedModel) -> StreamLimits:
@@ -604,51 +641,21 @@ def stream_limits(model: ServedModel) -> StreamLimits:
     )  # fmt: skip
 
 
-def _tracker_pixels(model: ServedModel) -> list[str]:
-    """The frame as the network saw it (and how it maps to the original): the tracker reads each person's colours
-    from it to tell a returning person from someone else (posetriton.server.tracking.box_colours)."""
-    s = model.letterbox.input_size
-    return [_tensor(CANVAS, "TYPE_UINT8", f"{s}, {s}, 3"), _tensor(LETTERBOX, "TYPE_FP64", str(LETTERBOX_WIDTH))]
-
-
-def _track_outputs(model: ServedModel) -> list[str]:
-    """What the tracker step adds to NAME's outputs: the track IDs and the smoothed keypoints."""
-    k = model.postprocess.num_keypoints
-    return [_tensor(TRACK_IDS, "TYPE_INT64", "-1"), _tensor(SMOOTHED_KEYPOINTS, "TYPE_FP32", f"-1, {k}, 3")]
-
-
-def track_ensemble_config(model: ServedModel) -> str:
-    """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after postprocess, and TRACK_IDS out.
+def track_ensemble_config(model: ServedModel) -> Any:
+    """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after postprocess, and its outputs out.
 
     Derived from NAME's own ensemble so the two never drift apart: every change there (steps, outputs,
     metadata) carries over.
     """
-    track, tracker = track_models(model)
-    text = ensemble_config(model, pixels=False)
-    source = _tensor("IMAGE", "TYPE_STRING", "1")
-    detections = [name for name, _, _ in OUTPUTS]
-    maps = [f'input_map {{ key: "{name}" value: "{name}" }}' for name in (*detections, FRAME_INDEX, CANVAS, LETTERBOX)]
-    maps += [f'output_map {{ key: "{name}" value: "{name}" }}' for name in (TRACK_IDS, SMOOTHED_KEYPOINTS)]
-    step = f'  {{ model_name: "{tracker}" model_version: -1\n    ' + "\n    ".join(maps) + " }"
-    for old, new in (
-        (f'name: "{model.name}"\n', f'name: "{track}"\n'),
-        (_block("input", [source]), _block("input", [source, _tensor(FRAME_INDEX, "TYPE_INT64", "1")])),
-        (
-            _block("output", _outputs(model)),
-            _block("output", [*_outputs(model), *_track_outputs(model)]),
-        ),
-        ("\n ]\n}", ",\n" + step + "\n ]\n}"),
-    ):
-        if text.count(old) != 1:
-            raise AssertionError(f"cannot derive {track} from {model.name}'s ensemble: {old!r} not found once")
-        text = text.replace(old, new)
-    return text
+    declared = tensors(model)
+    config = ensemble_config(model)
+    config.name = track_models(model)[0]
+    config.input.extend([declared[FRAME_INDEX].as_input()])
+    config.output.extend(declared[name].as_output() for name in STEP_TENSORS["tracker"][1])
+    config.ensemble_scheduling.step.extend([_ensemble_step(model, "tracker")])
+    return config
 
 
-def track_files(model: ServedModel) -> dict[str, str]:
+def track_configs(model: ServedModel) -> dict[str, Any]:
     track, tracker = track_models(model)
-    return {
-        f"{track}/config.pbtxt": track_ensemble_config(model),
-        f"{tracker}/config.pbtxt": tracker_config(model),
-        f"{tracker}/{VERSION}/model.py": _shim("track"),
-    }
+    return {f"{track}/config.pbtxt": track_ensemble_config(model), f"{tracker}/config.pbtxt": tracker_config(model)}

@@ -6,15 +6,21 @@ fails to build instead of starting green and serving nothing:
     python3 -m posetriton.server.repository_check /models --config-name cpu
 
 ``--config-name`` is Triton's ``--model-config-name``: ``configs/NAME.pbtxt`` where a model has one,
-else ``config.pbtxt``. Standard library only: it runs before anything else is known to work.
+else ``config.pbtxt``. Each config is read as Triton reads it, a ``ModelConfig`` message
+(posetriton.server.model_config), so one Triton could not parse is refused too. It needs protobuf alone
+(in the image's lock): it runs before anything else is known to work.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+
+from posetriton.server import model_config
 
 # Files a model's version folder must hold, per backend or platform (Triton's default file names).
 DEFAULT_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
@@ -25,48 +31,54 @@ def _config(model: Path, config_name: str | None) -> Path:
     return named if config_name and named.is_file() else model / "config.pbtxt"
 
 
-def _field(text: str, name: str) -> str | None:
-    found = re.search(rf'^\s*{name}\s*:\s*"([^"]*)"', text, re.MULTILINE)
-    return found.group(1) if found else None
+def _read_configs(root: Path, config_name: str | None) -> tuple[dict[str, Any], list[str]]:
+    """Each model folder's config as a ``ModelConfig``, by model name, and what kept one from being read."""
+    configs, problems = {}, []
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        config = _config(model, config_name)
+        if not config.is_file():
+            if not model.name.startswith("."):
+                problems.append(f"{model.name}: no {config.relative_to(root)}")
+            continue
+        try:
+            configs[model.name] = model_config.read(config)
+        except text_format.ParseError as exc:
+            problems.append(f"{model.name}: {config.relative_to(root)} is not a Triton model configuration: {exc}")
+    return configs, problems
 
 
-def _parameter(text: str, key: str) -> str | None:
-    found = re.search(rf'key:\s*"{re.escape(key)}"\s*value\s*{{\s*string_value:\s*"([^"]*)"', text)
-    return found.group(1) if found else None
+def _model_files(config: Any) -> list[str]:
+    """The files a model's version folder must hold: its model file and, for an OpenVINO IR that a
+    Python-backend step loads (parameter ``model_file``), the IR's weights beside it."""
+    kind = config.backend or config.platform
+    wanted = [config.default_model_filename or DEFAULT_FILES.get(kind, "")]
+    model_file = config.parameters["model_file"].string_value if "model_file" in config.parameters else ""
+    if kind == "python" and model_file:
+        weights = [str(Path(model_file).with_suffix(".bin"))] if model_file.endswith(".xml") else []
+        wanted += [model_file, *weights]
+    return [file for file in wanted if file]
 
 
 def repository_problems(root: Path, config_name: str | None = None) -> list[str]:
     """What keeps ``root`` from serving with ``config_name``; empty when every ensemble has every file."""
     if not root.is_dir():
         return [f"{root} is not a directory"]
-    configs = {}
-    problems = []
-    for model in sorted(p for p in root.iterdir() if p.is_dir()):
-        config = _config(model, config_name)
-        if config.is_file():
-            configs[model.name] = config.read_text()
-        elif not model.name.startswith("."):
-            problems.append(f"{model.name}: no {config.relative_to(root)}")
-    ensembles = [name for name, text in configs.items() if _field(text, "platform") == "ensemble"]
+    configs, problems = _read_configs(root, config_name)
+    ensembles = [name for name, config in configs.items() if config.platform == "ensemble"]
     if not ensembles:
         return [*problems, f"{root} holds no ensemble model: nothing to serve (run `make models` first)"]
     for ensemble in ensembles:
-        for step in re.findall(r'model_name:\s*"([^"]+)"', configs[ensemble]):
-            if step not in configs:
-                problems.append(f"{ensemble}: step model {step} is missing")
-    for name, text in configs.items():
+        for step in configs[ensemble].ensemble_scheduling.step:
+            if step.model_name not in configs:
+                problems.append(f"{ensemble}: step model {step.model_name} is missing")
+    for name, config in configs.items():
         if name in ensembles:
             continue
-        kind = _field(text, "backend") or _field(text, "platform") or ""
         versions = [p for p in (root / name).iterdir() if p.is_dir() and p.name.isdigit()]
         if not versions:
             problems.append(f"{name}: no version folder (e.g. {name}/1)")
-        wanted = [_field(text, "default_model_filename") or DEFAULT_FILES.get(kind, "")]
-        if kind == "python" and _parameter(text, "model_file"):
-            file = str(_parameter(text, "model_file"))
-            wanted += [file, str(Path(file).with_suffix(".bin"))] if file.endswith(".xml") else [file]
         for version in versions:
-            for file in filter(None, wanted):
+            for file in _model_files(config):
                 path = version / file
                 if not path.is_file() or path.stat().st_size == 0:
                     problems.append(f"{name}: {path.relative_to(root)} is missing or empty")
