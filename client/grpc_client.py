@@ -207,7 +207,6 @@ class PoseClient(ClientCore):
         events: queue.Queue[StreamEvent] = queue.Queue()
         feed = LiveFeed(frames, lambda: events.put(StreamEvent())) if live else FileFeed(frames)
         stream = self._connect()
-        stream.start_stream(lambda result, error: events.put(StreamEvent(result, error)), headers=self.headers)
 
         def perform(step: Any) -> Any:
             if isinstance(step, TakeFrame):
@@ -223,6 +222,7 @@ class PoseClient(ClientCore):
                 return None
 
         try:
+            stream.start_stream(lambda result, error: events.put(StreamEvent(result, error)), headers=self.headers)
             yield from self._emitted(track_flow(session, feed, timeout_s), perform=perform)
         finally:
             feed.stop()
