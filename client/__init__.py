@@ -14,8 +14,9 @@ needs pycocotools) and the CLI (``posetriton.client.cli``, needs Typer) are not 
 
 from posetriton.core.contract import Smoothing, Thresholds
 
-from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S, NO_RETRY, RetryPolicy, image_bytes_input
+from ._core import DEFAULT_MODEL, DEFAULT_TIMEOUT_S
 from .aio_client import AsyncPoseClient
+from .batching import image_bytes_input
 from .errors import (
     AccessDeniedError,
     DeadlineExceededError,
@@ -37,8 +38,9 @@ from .results import (
     PoseArrays,
     to_coco_results,
 )
+from .retry import NO_RETRY, RetryPolicy
 from .streaming import Frame, StreamItem, directory_images, frames_from, video_frames
-from .tracking import TimedFrame, TrackedFrame, TrackedPose, TrackingStreamError
+from .tracking_results import TimedFrame, TrackedFrame, TrackedPose, TrackingStreamError
 
 __all__ = [
     "DEFAULT_MODEL",

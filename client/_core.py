@@ -1,29 +1,77 @@
-"""What the synchronous and the asyncio clients share: options, retries, request planning, results.
+"""What the synchronous and the asyncio clients share: settings, and every flow of a call, written once.
 
-Neither client does any I/O here; each one only says how to call tritonclient (directly or
-with ``await``), so the two behave the same by construction.
+Each public call of :class:`PoseClient` / :class:`AsyncPoseClient` is a flow here (a generator of
+:mod:`~posetriton.client.steps` that does no I/O): retries with backoff and the busy budget, deadlines,
+shared memory regions, model discovery, batching, streaming with N in flight and tracking sessions. The
+two clients only perform the steps, one with ``tritonclient.grpc``, the other with ``tritonclient.grpc.aio``.
 """
 
 from __future__ import annotations
 
-import random
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from os import PathLike
 from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from posetriton.core.contract import IMAGE, PIXELS, PIXELS_SUFFIX, STEP_SUFFIXES, TRACK_SUFFIX
+from posetriton.core.contract import (
+    REQUEST_PARAMETER_NAMES,
+    THRESHOLD_NAMES,
+    ContractError,
+    Smoothing,
+    Thresholds,
+    request_parameters,
+)
 
-from .errors import PoseClientError, ServerBusyError, translate
-from .inputs import ARRAY_ENCODINGS, ArrayEncoding, ImageInput, PreparedImage, parse_grpc_url, prepare_image
-from .results import OUTPUT_NAMES, ImagePoses, ModelMetadata, poses_from_batch
-from .shm import Region, bytes_tensor_size
+from .batching import Request, assemble, image_bytes_input, pixels_model, plan_requests, response_outputs
+from .discovery import TRACKING_SUFFIXES, loaded_models_index, ready_ensembles, served_models_hint
+from .errors import (
+    AccessDeniedError,
+    InvalidInputError,
+    ModelNotReadyError,
+    PoseClientError,
+    ServerBusyError,
+    ServerUnavailableError,
+    translate,
+)
+from .inputs import (
+    ARRAY_ENCODINGS,
+    DEFAULT_URL,
+    ArrayEncoding,
+    ImageInput,
+    PreparedImage,
+    parse_grpc_url,
+    prepare_image,
+)
+from .results import FailedImage, ImagePoses, ImageResult, MetadataError, ModelMetadata
+from .retry import NO_RETRY, QUEUE_SHARE, Deadline, RetryBudget, RetryHook, RetryPolicy
+from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
+from .steps import Call, Emit, Finish, Flow, NextFrame, Pause, Start, Together
+from .streaming import Frame, StreamItem, as_frames, progress_bar
+from .tracking_session import TrackSession
+
+__all__ = [  # the names other modules and the tests take from here
+    "DEFAULT_IN_FLIGHT",
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT_S",
+    "HEALTH_TIMEOUT_S",
+    "NO_RETRY",
+    "QUEUE_SHARE",
+    "TRACKING_SUFFIXES",
+    "ClientCore",
+    "Deadline",
+    "Request",
+    "RetryHook",
+    "RetryPolicy",
+    "image_bytes_input",
+    "loaded_models_index",
+    "ready_ensembles",
+    "served_models_hint",
+]
 
 DEFAULT_MODEL = "yolo11n_pose"
 # CPU inference of a full batch of large photos can take tens of seconds; health calls are quick.
@@ -31,176 +79,38 @@ DEFAULT_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 30.0
 # Requests in flight when streaming: the server is compute-bound beyond a few (docs/client.md).
 DEFAULT_IN_FLIGHT = 4
-# NAME_track and its step take video streams (PoseClient.track), not predict(): not listed among the models.
-# NAME_track serves video (track()), not predict(); its tracker step is a step like the others.
-TRACKING_SUFFIXES = (TRACK_SUFFIX,)
 _MAX_MESSAGE_BYTES = 2**31 - 1
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of transient failures (gRPC ``UNAVAILABLE``: a server down, or up but busy) with exponential
-    backoff, within the call's deadline.
-
-    ``attempts`` counts every try, the first included (1 = never retry). The pause before
-    retry ``n`` (0-based) is ``min(max_backoff_s, initial_backoff_s * multiplier ** n)``, less
-    a random part of up to ``jitter`` of it so that many clients do not retry in step: the default
-    ``jitter=1`` is "full jitter" (a pause drawn uniformly up to the backoff), which spreads the retries of
-    clients refused together by a busy server. A retry whose pause would end past the call's deadline is not
-    made. Errors that another try cannot fix (a refused image, an unknown model, a deadline) are raised at once.
-
-    Busy answers (:class:`ServerBusyError`: the server is up and refusing work) are also throttled per client,
-    as gRPC's retry throttling (gRFC A6) does: each one costs a token of ``busy_tokens``, each answered call
-    earns ``busy_token_ratio`` back, and a busy answer is retried only while more than half of the tokens are
-    left. So a client that meets a saturated server stops multiplying its own load (every refused try has
-    already cost the server a decode), while it still retries a passing burst. A server that is down or
-    restarting costs no tokens: those retries go on until the deadline.
-    """
-
-    attempts: int = 3
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 1.0
-    busy_tokens: float = 10.0
-    busy_token_ratio: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
-        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1 or not 0 <= self.jitter <= 1:
-            raise ValueError(f"invalid backoff settings: {self}")
-        if self.busy_tokens <= 0 or self.busy_token_ratio <= 0:
-            raise ValueError(f"busy_tokens and busy_token_ratio must be positive: {self}")
-
-    def delay(self, retry: int) -> float:
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**retry)
-        return base * (1.0 - self.jitter * random.random())
-
-
-NO_RETRY = RetryPolicy(attempts=1)
-
-
-class RetryBudget:
-    """The busy-answer token bucket of one client (:class:`RetryPolicy`); thread-safe, shared by its calls."""
-
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.max_tokens, self.ratio = policy.busy_tokens, policy.busy_token_ratio
-        self.tokens = self.max_tokens
-        self._lock = threading.Lock()
-
-    def spend(self) -> bool:
-        """A busy answer: take a token; whether it may still be retried."""
-        with self._lock:
-            self.tokens = max(0.0, self.tokens - 1.0)
-            return self.tokens > self.max_tokens / 2
-
-    def earn(self) -> None:
-        """An answered call."""
-        with self._lock:
-            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
-
-
-# The share of what is left of a call's deadline that the server may spend queueing the request (Triton's
-# per-request timeout, checked in each step's queue); the rest is left for computing it. Without it a request
-# could wait in the network step's queue up to the whole deadline, then be computed for nobody.
-QUEUE_SHARE = 0.3
-
-
-class Deadline:
-    """The end of one call, attempts and pauses included: each attempt gets what is left of it as its gRPC
-    deadline, and the server gets a share of it (:data:`QUEUE_SHARE`, Triton's request ``timeout``), so that
-    a request that could no longer be answered in time is dropped from the server's queues uncomputed."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self._clock = clock
-        self.end = clock() + seconds
-
-    def remaining(self) -> float:
-        return max(self.end - self._clock(), 0.0)
-
-    def server_timeout_us(self) -> int:
-        """The longest the server may queue the request, in microseconds, for Triton's per-request timeout (at
-        least 1: 0 would mean none)."""
-        return max(int(self.remaining() * QUEUE_SHARE * 1e6), 1)
-
-
-# Called before each retry with (attempt that failed, 1-based; the error; seconds until the next try).
-RetryHook = Callable[[int, PoseClientError, float], None]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One inference request of a call: the images it carries and their positions in the call."""
-
-    model: str
-    indices: tuple[int, ...]
-    images: tuple[PreparedImage, ...]
-
-    @property
-    def raw(self) -> bool:
-        return self.images[0].raw
-
-    @property
-    def input_name(self) -> str:
-        return PIXELS if self.raw else IMAGE
-
-    @property
-    def names(self) -> list[str]:
-        return [image.name for image in self.images]
-
-    def nbytes(self) -> int:
-        if self.raw:
-            return sum(image.nbytes for image in self.images)
-        return bytes_tensor_size([image.data or b"" for image in self.images])
-
-    def tensor(self, region: Region | None = None) -> grpcclient.InferInput:
-        """The input tensor, holding the data or (with ``region``) pointing at it in shared memory."""
-        if self.raw:
-            first = self.images[0].pixels
-            assert first is not None
-            shape = [len(self.images), *first.shape]
-            tensor = grpcclient.InferInput(PIXELS, shape, "UINT8")
-            pixels = [image.pixels for image in self.images if image.pixels is not None]
-            if region is None:
-                tensor.set_data_from_numpy(np.stack(pixels))
-            else:
-                size = region.write_array(np.stack(pixels))
-                tensor.set_shared_memory(region.name, size)
-            return tensor
-        data = [image.data or b"" for image in self.images]
-        if region is None:
-            return image_bytes_input(data)
-        tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
-        tensor.set_shared_memory(region.name, region.write_bytes_tensor(data))
-        return tensor
-
-
-def image_bytes_input(data: Sequence[bytes]) -> grpcclient.InferInput:
-    """The ``IMAGE`` input of a pose ensemble: encoded images as a BYTES tensor ``[B, 1]``."""
-    tensor = grpcclient.InferInput(IMAGE, [len(data), 1], "BYTES")
-    batch = np.empty((len(data), 1), dtype=object)
-    batch[:, 0] = list(data)
-    tensor.set_data_from_numpy(batch)
-    return tensor
-
-
 class ClientCore:
-    """Settings and the I/O-free half of a pose client."""
+    """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed.
+
+    ``timeout_s`` is the deadline of each inference request (per call with ``timeout_s=``), its retries
+    and their pauses included; the server receives it too and drops the request uncomputed once it has
+    passed. ``retry`` retries ``UNAVAILABLE`` (a server down, or busy: :class:`ServerBusyError`) with
+    exponential backoff and full jitter within that deadline (a :class:`RetryPolicy`, or an attempt count;
+    default 3 attempts). ``ssl`` with ``root_certificates`` / ``private_key`` /
+    ``certificate_chain`` (PEM file paths) opens a TLS channel; ``headers`` travel with every
+    call. ``shared_memory=True`` passes inputs through system shared memory (server on the same
+    host only).
+    """
 
     def __init__(
         self,
-        url: str,
-        model: str,
-        timeout_s: float,
+        url: str = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
-        retry: RetryPolicy | int | None,
-        headers: Mapping[str, str] | None,
-        array_encoding: ArrayEncoding,
-        shared_memory: bool,
-        on_retry: RetryHook | None,
+        retry: RetryPolicy | int | None = None,
+        ssl: bool = False,
+        root_certificates: str | PathLike[str] | None = None,
+        private_key: str | PathLike[str] | None = None,
+        certificate_chain: str | PathLike[str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        array_encoding: ArrayEncoding = "raw",
+        shared_memory: bool = False,
+        on_retry: RetryHook | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -218,6 +128,17 @@ class ClientCore:
         self.shared_memory = shared_memory
         self.on_retry = on_retry
         self._metadata: dict[str, ModelMetadata] = {}
+        self._regions = RegionPool()
+        # What opens a tritonclient client on this server; the sync client opens one more per video (one stream each).
+        self._channel: dict[str, Any] = {
+            "ssl": ssl, "root_certificates": _path(root_certificates), "private_key": _path(private_key),
+            "certificate_chain": _path(certificate_chain), "channel_args": self.channel_args(),
+        }  # fmt: skip
+        self._client: Any = self._connect()
+
+    def _connect(self) -> Any:
+        """A tritonclient ``InferenceServerClient`` (sync or aio) on :attr:`url`."""
+        raise NotImplementedError
 
     @staticmethod
     def channel_args() -> list[tuple[str, Any]]:
@@ -239,30 +160,195 @@ class ClientCore:
     @property
     def pixels_model(self) -> str:
         """The ensemble that takes raw pixels: ``NAME_pixels``."""
-        return self.model if self.model.endswith(PIXELS_SUFFIX) else self.model + PIXELS_SUFFIX
+        return pixels_model(self.model)
+
+    # --- the flows of the public calls (each client runs them: ``close()`` runs _close_flow()...) ------------
+
+    def _close_flow(self) -> Flow[None]:
+        """Unregister and free the shared memory regions (if any), then close the channel."""
+        for region in self._regions.drain():
+            yield from self._release(region)
+        yield Call("close")
+
+    def _is_server_live_flow(self) -> Flow[bool]:
+        """Whether the server answers as live."""
+        return bool((yield from self._retried(lambda: self._health_call("is_server_live"))))
+
+    def _is_server_ready_flow(self) -> Flow[bool]:
+        """Whether the server answers as ready."""
+        return bool((yield from self._retried(lambda: self._health_call("is_server_ready"))))
+
+    def _is_model_ready_flow(self, model: str | None = None) -> Flow[bool]:
+        """Whether ``model`` (the client's by default) is loaded and ready."""
+        name = model or self.model
+        return bool((yield from self._retried(lambda: self._health_call("is_model_ready", name), model=name)))
+
+    def _check_ready_flow(self, model: str | None = None) -> Flow[None]:
+        """Raise ServerUnavailableError, or ModelNotReadyError naming the models served, unless requests can work."""
+        name = model or self.model
+        if not (yield from self._is_server_live_flow()):
+            raise ServerUnavailableError(f"Triton at {self.url} answers but is not live")
+        if not (yield from self._is_model_ready_flow(name)):
+            hint = yield from self._served_models_hint()
+            raise ModelNotReadyError(f"model {name!r} is not ready on {self.url}; {hint}")
+
+    def _model_metadata_flow(self, model: str | None = None) -> Flow[ModelMetadata]:
+        """Keypoint names, skeleton, batch limit and the other facts the ensemble's config parameters carry."""
+        name = model or self.model
+        config = lambda: self._health_call("get_model_config", name, as_json=True)  # noqa: E731
+        response = yield from self._retried(config, model=name)
+        try:
+            meta = ModelMetadata.from_config(response["config"])
+        except (MetadataError, KeyError, TypeError, ValueError) as exc:
+            raise PoseClientError(f"cannot read the configuration of model {name!r}: {exc}") from exc
+        self._metadata[name] = meta
+        return meta
+
+    def _ready_models_flow(self) -> Flow[list[str]]:
+        """Names of the models ready on the server, without the steps of the ensembles."""
+        try:
+            index = yield from self._retried(lambda: self._health_call("get_model_repository_index", as_json=True))
+        except AccessDeniedError:  # a restricted repository API: statistics list the loaded models too
+            stats = yield from self._retried(lambda: self._health_call("get_inference_statistics", as_json=True))
+            index = loaded_models_index(stats)
+        return ready_ensembles(index)
+
+    def _list_models_flow(self) -> Flow[list[ModelMetadata]]:
+        """The pose models the server offers: ready ensembles whose config carries keypoint names (and skeleton)."""
+        found = []
+        for name in (yield from self._ready_models_flow()):
+            try:
+                meta = yield from self._model_metadata_flow(name)
+            except ServerUnavailableError:
+                raise
+            except PoseClientError:
+                continue  # unloaded meanwhile, or a config that is not a pose model's
+            if meta.is_pose_model:
+                found.append(meta)
+        return found
+
+    def _predict_flow(
+        self, image: ImageInput | list[ImageInput] | tuple[ImageInput, ...], parameters: Mapping[str, int | float],
+        timeout_s: float | None,
+    ) -> Flow[ImagePoses | list[ImagePoses]]:  # fmt: skip
+        """Poses in one image. (A list or tuple is passed to :meth:`predict_batch`, as earlier versions did.)"""
+        if isinstance(image, (list, tuple)):
+            return (yield from self._predict_batch_flow(image, parameters, timeout_s))
+        return (yield from self._predict_batch_flow([image], parameters, timeout_s))[0]
+
+    def _predict_batch_flow(
+        self, images: Sequence[ImageInput], parameters: Mapping[str, int | float], timeout_s: float | None = None
+    ) -> Flow[list[ImagePoses]]:
+        """Poses for every image, in input order.
+
+        Encoded images (paths, bytes) go in one request to the model; numpy arrays (raw) in one
+        request per shape to ``NAME_pixels`` (the asyncio client sends them concurrently). Each request
+        must fit the model's max_batch_size. If any image is refused the whole call raises InvalidInputError
+        naming it (``index``).
+        """
+        prepared = self._prepare(images)
+        if not prepared:
+            return []
+        timeout = timeout_s or self.timeout_s
+        requests = plan_requests(self.model, prepared)
+        outputs = yield Together(tuple(self._infer(request, parameters, timeout) for request in requests))
+        return assemble(self.model, len(prepared), list(zip(requests, outputs, strict=True)), self._metadata)
+
+    def _stream_flow(
+        self, frames: Iterable[Frame | ImageInput], parameters: Mapping[str, int | float], *, in_flight: int,
+        timeout_s: float | None, progress: bool, total: int | None,
+    ) -> Flow[None]:  # fmt: skip
+        """Send each frame as its own request, at most ``in_flight`` at a time, and yield results in order.
+
+        A frame the server refuses yields a :class:`FailedImage`; other errors stop the stream. Frames are
+        read from ``frames`` only as slots free up (under asyncio in a worker thread, so that video decoding
+        does not stall the event loop). ``progress`` shows a tqdm bar.
+        """
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+        bar = progress_bar(progress, total, self.model)
+        source = as_frames(frames)
+        pending: deque[tuple[Frame, Any]] = deque()
+        try:
+            while (frame := (yield NextFrame(source))) is not None:
+                pending.append((frame, (yield Start(self._predict_frame(frame, parameters, timeout_s)))))
+                if len(pending) >= in_flight:
+                    yield from self._emit_result(*pending.popleft(), bar)
+            while pending:
+                yield from self._emit_result(*pending.popleft(), bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _track_session(
+        self, parameters: Mapping[str, int | float], *, max_in_flight: int, sequence_id: int | None,
+        timeout_s: float | None, smoothed: bool,
+    ) -> TrackSession:  # fmt: skip
+        """Poses with track IDs for each frame of one video, in frame order (``posetriton.client.tracking``).
+
+        The frames travel on one bidirectional gRPC stream to ``NAME_track`` as one sequence
+        (``sequence_id``, random by default), at most ``max_in_flight`` at a time. ``live=True``
+        (a camera or stream) reads the source in a thread and sends only the newest frame when a
+        slot frees up, counting the others in ``TrackedFrame.dropped``; otherwise every frame is sent.
+        ``frames`` may also be an async iterable with the asyncio client (frames arriving from elsewhere,
+        e.g. a web socket). A refused frame yields a ``TrackedFrame`` with ``error``; a lost stream or
+        sequence raises ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence). Each
+        pose's ``keypoints`` are smoothed over its track by the server (``smoothing`` overrides the filter's
+        defaults); ``smoothed=False`` gives the raw ones (``raw_keypoints`` holds them either way).
+        """
+        return TrackSession(
+            self.model, max_in_flight=max_in_flight, parameters=dict(parameters), sequence_id=sequence_id,
+            url=self.url, frame_timeout_s=timeout_s or self.timeout_s, smoothed=smoothed,
+        )  # fmt: skip
+
+    # --- request parameters -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _parameters(
+        values: Mapping[str, float | int | None], thresholds: Thresholds | None, smoothing: Smoothing | None = None,
+        *, tracked: bool = False,
+    ) -> dict[str, int | float]:  # fmt: skip
+        """The request parameters of a call (keyword arguments by wire name over the groups), checked by their one
+        declaration (posetriton.core.contract) before anything is sent: ContractError, a ValueError, names an
+        unknown or bad one. Only a tracked video takes the smoothing's. The model's ``max_det`` limit is left to
+        the server, whose answer names it (the client does not read the model's configuration for each call)."""
+        accepted = REQUEST_PARAMETER_NAMES if tracked else THRESHOLD_NAMES
+        unknown = sorted(set(values) - set(accepted))
+        if unknown:
+            raise ContractError(f"unknown request parameter(s) {unknown}; accepted: {list(accepted)}")
+        by_name: dict[str, Any] = dict(values)
+        return request_parameters(thresholds, smoothing, **by_name)
+
+    # --- the steps of those flows ------------------------------------------------------------------------
+
+    def _health_call(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        return Call(method, args, {**kwargs, "headers": self.headers, "client_timeout": self._health_timeout()})
 
     def _health_timeout(self) -> float:
         return min(self.timeout_s, HEALTH_TIMEOUT_S)
 
-    def _prepare(self, images: Sequence[ImageInput]) -> list[PreparedImage]:
-        if isinstance(images, (str, bytes, bytearray, memoryview, np.ndarray)) or not isinstance(images, Sequence):
-            raise TypeError("predict_batch() takes a list of images; use predict() for a single image")
-        return [prepare_image(image, index, self.array_encoding) for index, image in enumerate(images)]
+    def _retried(
+        self, call: Callable[[], Call], *, model: str | None = None, timeout_s: float | None = None,
+        request: Request | None = None, deadline: Deadline | None = None,
+    ) -> Flow[Any]:  # fmt: skip
+        """One RPC, retrying transient failures per the retry policy; PoseClientError otherwise. ``call`` makes
+        each attempt's call anew (its gRPC deadline is what is left of the call's)."""
+        attempt = 1
+        while True:
+            try:
+                return self._answered((yield call()))
+            except InferenceServerException as exc:
+                error = self._error(exc, model, timeout_s, request)
+                delay = self._should_retry(error, attempt, deadline)
+                if delay is None:
+                    raise error from exc
+            yield Pause(delay)
+            attempt += 1
 
-    def _plan(self, prepared: Sequence[PreparedImage]) -> list[Request]:
-        """Encoded images in one request to NAME; arrays in one request to NAME_pixels per distinct shape."""
-        groups: dict[tuple[int, ...] | None, list[int]] = {}
-        for index, image in enumerate(prepared):
-            key = tuple(image.pixels.shape) if image.pixels is not None else None
-            groups.setdefault(key, []).append(index)
-        return [
-            Request(
-                self.model if key is None else self.pixels_model,
-                tuple(indices),
-                tuple(prepared[i] for i in indices),
-            )
-            for key, indices in groups.items()
-        ]
+    def _answered(self, result: T) -> T:
+        """A call the server answered (its result passes through): it earns back part of the busy budget."""
+        self._busy_budget.earn()
+        return result
 
     def _error(
         self, exc: InferenceServerException, model: str | None = None, timeout_s: float | None = None,
@@ -291,59 +377,98 @@ class ClientCore:
             self.on_retry(attempt, error, delay)
         return delay
 
-    def _answered(self, result: T) -> T:
-        """A call the server answered (its result passes through): it earns back part of the busy budget."""
-        self._busy_budget.earn()
-        return result
+    def _prepare(self, images: Sequence[ImageInput]) -> list[PreparedImage]:
+        if isinstance(images, (str, bytes, bytearray, memoryview, np.ndarray)) or not isinstance(images, Sequence):
+            raise TypeError("predict_batch() takes a list of images; use predict() for a single image")
+        return [prepare_image(image, index, self.array_encoding) for index, image in enumerate(images)]
 
-    def _outputs(self, result: Any, model: str) -> dict[str, NDArray[Any]]:
-        outputs: dict[str, NDArray[Any]] = {}
-        for name in OUTPUT_NAMES:
-            array = result.as_numpy(name)
-            if array is None:
-                raise PoseClientError(f"model {model!r} returned no {name} output; is it a pose ensemble?")
-            outputs[name] = array
-        return outputs
-
-    def _assemble(self, size: int, answered: Sequence[tuple[Request, dict[str, NDArray[Any]]]]) -> list[ImagePoses]:
-        results: list[ImagePoses | None] = [None] * size
-        for request, outputs in answered:
-            meta = self._metadata.get(request.model) or self._metadata.get(self.model)
-            names = meta.keypoint_names if meta is not None else ()
-            found = poses_from_batch(request.names, outputs, names)
-            for index, poses in zip(request.indices, found, strict=True):
-                results[index] = poses
-        assert all(result is not None for result in results)
-        return [result for result in results if result is not None]
-
-    def _metadata_from(self, model: str, response: Mapping[str, Any]) -> ModelMetadata:
-        from .results import MetadataError
-
+    def _infer(self, request: Request, parameters: Mapping[str, int | float], timeout: float) -> Flow[Any]:
+        region = (yield from self._region(request.nbytes())) if self.shared_memory else None
         try:
-            meta = ModelMetadata.from_config(response["config"])
-        except (MetadataError, KeyError, TypeError, ValueError) as exc:
-            raise PoseClientError(f"cannot read the configuration of model {model!r}: {exc}") from exc
-        self._metadata[model] = meta
-        return meta
+            tensor = request.tensor(region)
+            deadline = Deadline(timeout)
+            result = yield from self._retried(
+                lambda: Call("infer", (request.model, [tensor]), {
+                    "client_timeout": deadline.remaining(), "timeout": deadline.server_timeout_us(),
+                    "headers": self.headers, "parameters": dict(parameters) or None,
+                }),
+                model=request.model, timeout_s=timeout, request=request, deadline=deadline,
+            )  # fmt: skip
+        finally:
+            if region is not None:
+                self._regions.give_back(region)
+        return response_outputs(result, request.model)
+
+    def _region(self, nbytes: int) -> Flow[Region]:
+        """A registered shared memory region of at least ``nbytes``, from the pool or newly registered."""
+        region, created, replaced = self._regions.take(nbytes)
+        if replaced is not None:
+            yield from self._release(replaced)
+        if not created:
+            return region
+        try:
+            yield from self._retried(
+                lambda: self._health_call("register_system_shared_memory", region.name, region.key, region.size)
+            )
+        except PoseClientError:
+            self._regions.forget(region)
+            raise
+        return region
+
+    def _release(self, region: Region) -> Flow[None]:
+        """Unregister a region once the server no longer holds it, then unlink it."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            try:
+                yield self._health_call("unregister_system_shared_memory", region.name)
+                break
+            except InferenceServerException as exc:  # a server gone: the region is freed all the same
+                if not still_in_use(exc) or time.monotonic() > deadline:
+                    break
+            yield Pause(RELEASE_POLL_S)
+        destroy(region)
+
+    def _predict_frame(self, frame: Frame, parameters: Mapping[str, int | float], timeout_s: float | None) -> Flow[Any]:
+        try:
+            (result,) = yield from self._predict_batch_flow([frame.image], parameters, timeout_s)
+        except InvalidInputError as exc:
+            if exc.index is None:  # the request itself (a threshold) was refused: every frame would fail
+                raise
+            return FailedImage(frame.name, exc.reason)
+        return result.renamed(frame.name)
+
+    @staticmethod
+    def _emit_result(frame: Frame, handle: Any, bar: Any) -> Flow[None]:
+        result: ImageResult = yield Finish(handle)
+        if bar is not None:
+            bar.update(1)
+        yield Emit(StreamItem(frame, result))
+
+    def _served_models_hint(self) -> Flow[str]:
+        """Name the ready models, so a typo in --model is obvious; best effort only."""
+        try:
+            return served_models_hint((yield from self._ready_models_flow()))
+        except PoseClientError:
+            return served_models_hint(None)
 
 
-def ready_ensembles(index: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[str]:
-    """Names of the READY models in a repository index, without the steps of the ensembles."""
-    entries = index.get("models", []) if isinstance(index, Mapping) else index
-    return sorted(
-        str(entry.get("name"))
-        for entry in entries
-        if entry.get("state") == "READY" and not str(entry.get("name")).endswith(STEP_SUFFIXES + TRACKING_SUFFIXES)
-    )
+# Each public call of the clients and the flow (or session) whose docstring documents it.
+DOCUMENTED_BY = {
+    "close": "_close_flow", "is_server_live": "_is_server_live_flow", "is_server_ready": "_is_server_ready_flow",
+    "is_model_ready": "_is_model_ready_flow", "check_ready": "_check_ready_flow",
+    "model_metadata": "_model_metadata_flow", "ready_models": "_ready_models_flow",
+    "list_models": "_list_models_flow", "predict": "_predict_flow", "predict_batch": "_predict_batch_flow",
+    "stream": "_stream_flow", "track": "_track_session",
+}  # fmt: skip
+C = TypeVar("C", bound=type)
 
 
-def loaded_models_index(statistics: Mapping[str, Any]) -> list[dict[str, str]]:
-    """A repository index built from the statistics of every loaded model, for servers that restrict the
-    model-repository API to their own tooling (posetriton's do); statistics stay open to clients."""
-    return [{"name": str(s.get("name")), "state": "READY"} for s in statistics.get("model_stats", [])]
+def documented(cls: C) -> C:
+    """Give a client's public calls the docstrings of the flows they run, written once here."""
+    for name, flow in DOCUMENTED_BY.items():
+        getattr(cls, name).__doc__ = getattr(ClientCore, flow).__doc__
+    return cls
 
 
-def served_models_hint(names: Sequence[str] | None) -> str:
-    if names is None:
-        return "could not list the models it serves"
-    return f"models ready there: {', '.join(names)}" if names else "it has no models ready"
+def _path(value: str | PathLike[str] | None) -> str | None:
+    return None if value is None else str(value)

@@ -21,6 +21,7 @@ from PIL import Image
 from posetriton.core.images import decode_image
 
 from .results import Keypoint, Pose
+from .tracking_results import TrackedPose
 
 # Drawing happens after the server accepted the image, so this only guards against absurd files.
 DRAW_MAX_PIXELS = 400_000_000
@@ -186,3 +187,35 @@ class VideoSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """A colour per track ID, far apart for neighbouring IDs (golden-ratio hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((track_id * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def draw_tracks(
+    image_rgb: NDArray[Any], poses: Sequence[TrackedPose], skeleton: Sequence[tuple[int, int]], kpt_threshold: float
+) -> NDArray[Any]:
+    """The poses drawn as :func:`draw_poses` draws them, each box then redrawn in its
+    track's colour with the track ID on a tag (untracked poses keep the default colour)."""
+    canvas = draw_poses(image_rgb, poses, skeleton, kpt_threshold)
+    style = _Style.for_image(canvas.shape[0], canvas.shape[1])
+    font, text_thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, style.thickness // 2)
+    for pose in poses:
+        if pose.track_id is None or not all(np.isfinite(v) for v in pose.box):
+            continue
+        color = track_color(pose.track_id)
+        x1, y1, x2, y2 = (round(v) for v in pose.box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, style.thickness + 1, cv2.LINE_AA)
+        text = f"ID {pose.track_id}"
+        (width, height), baseline = cv2.getTextSize(text, font, style.font_scale, text_thickness)
+        pad = style.thickness
+        top = min(max(0, y2 - height - baseline - 2 * pad), canvas.shape[0] - 1)
+        cv2.rectangle(canvas, (x1, top), (x1 + width + 2 * pad, y2), color, cv2.FILLED)
+        origin = (x1 + pad, y2 - baseline - pad)
+        cv2.putText(canvas, text, origin, font, style.font_scale, (0, 0, 0), text_thickness, cv2.LINE_AA)
+    return canvas

@@ -1,60 +1,41 @@
 """The synchronous pose client, over Triton's gRPC API (``tritonclient.grpc``).
 
-See ``posetriton.client.inputs`` for what each kind of input becomes on the wire, and
-``posetriton.client.aio_client`` for the asyncio client with the same surface.
+Every call is a flow of ``_core.ClientCore`` (the logic, shared with the asyncio client); this module only
+performs its steps: tritonclient calls, ``time.sleep``, a thread pool for streams, and one bidirectional
+stream per tracked video. See ``posetriton.client.inputs`` for what each kind of input becomes on the wire.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from os import PathLike
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from posetriton.core.contract import Smoothing, Thresholds
 
-from ._core import (
-    DEFAULT_IN_FLIGHT,
-    DEFAULT_MODEL,
-    DEFAULT_TIMEOUT_S,
-    HEALTH_TIMEOUT_S,
-    ClientCore,
-    Deadline,
-    Request,
-    RetryHook,
-    RetryPolicy,
-    loaded_models_index,
-    ready_ensembles,
-    served_models_hint,
-)
+from ._core import DEFAULT_IN_FLIGHT, DEFAULT_MODEL, DEFAULT_TIMEOUT_S, HEALTH_TIMEOUT_S, ClientCore, documented
 from .errors import (
-    AccessDeniedError,
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,
     PoseClientError,
     ServerUnavailableError,
 )
-from .inputs import (
-    DEFAULT_URL,
-    ArrayEncoding,
-    EncodedImage,
-    ImageInput,
-    ImageSource,
-    encode_image,
-    parse_grpc_url,
-    request_parameters,
-)
-from .results import FailedImage, ImagePoses, ImageResult, ModelMetadata
-from .shm import RELEASE_POLL_S, RELEASE_WAIT_S, Region, RegionPool, destroy, still_in_use
-from .streaming import Frame, StreamItem, as_frames, progress_bar
-from .tracking import TrackedFrame, TrackSession, track_parameters, track_sync
+from .feeds import FileFeed, LiveFeed
+from .inputs import DEFAULT_URL, EncodedImage, ImageInput, ImageSource, encode_image, parse_grpc_url, request_parameters
+from .results import ImagePoses, ModelMetadata
+from .retry import RetryPolicy
+from .steps import Call, Emit, Finish, Flow, NextFrame, Pause, Start, Stepper, Together
+from .streaming import Frame, StreamItem
+from .tracking_results import TrackedFrame
+from .tracking_session import NextEvent, Send, StreamEvent, TakeFrame, TrackSession, closing_flow, track_flow
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -75,51 +56,19 @@ __all__ = [
     "request_parameters",
 ]
 
-T = TypeVar("T")
+R = TypeVar("R")
+Perform = Callable[[Any], Any]  # performs the steps of a tracked video
 
 
+@documented
 class PoseClient(ClientCore):
-    """Pose estimation through a Triton server; use as a context manager so the gRPC channel is closed.
+    """Pose estimation through a Triton server, synchronously; thread-safe: one instance can serve many threads.
 
-    ``timeout_s`` is the deadline of each inference request (per call with ``timeout_s=``), its retries
-    and their pauses included; the server receives it too and drops the request uncomputed once it has
-    passed. ``retry`` retries ``UNAVAILABLE`` (a server down, or busy: :class:`ServerBusyError`) with
-    exponential backoff and full jitter within that deadline (a :class:`RetryPolicy`, or an attempt count;
-    default 3 attempts). ``ssl`` with ``root_certificates`` / ``private_key`` /
-    ``certificate_chain`` (PEM file paths) opens a TLS channel; ``headers`` travel with every
-    call. ``shared_memory=True`` passes inputs through system shared memory (server on the same
-    host only). The client is thread-safe: one instance can serve many threads.
+    The arguments and what every call does are :class:`~posetriton.client._core.ClientCore`'s.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        model: str = DEFAULT_MODEL,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        *,
-        retry: RetryPolicy | int | None = None,
-        ssl: bool = False,
-        root_certificates: str | PathLike[str] | None = None,
-        private_key: str | PathLike[str] | None = None,
-        certificate_chain: str | PathLike[str] | None = None,
-        headers: Mapping[str, str] | None = None,
-        array_encoding: ArrayEncoding = "raw",
-        shared_memory: bool = False,
-        on_retry: RetryHook | None = None,
-    ) -> None:
-        super().__init__(
-            url, model, timeout_s, retry=retry, headers=headers, array_encoding=array_encoding,
-            shared_memory=shared_memory, on_retry=on_retry,
-        )  # fmt: skip
-        self._client: Any = grpcclient.InferenceServerClient(
-            self.url,
-            ssl=ssl,
-            root_certificates=_path(root_certificates),
-            private_key=_path(private_key),
-            certificate_chain=_path(certificate_chain),
-            channel_args=self.channel_args(),
-        )
-        self._regions = RegionPool()
+    def _connect(self) -> Any:
+        return grpcclient.InferenceServerClient(self.url, **self._channel)
 
     def __enter__(self) -> PoseClient:
         return self
@@ -130,288 +79,154 @@ class PoseClient(ClientCore):
         self.close()
 
     def close(self) -> None:
-        """Unregister and free the shared memory regions (if any), then close the channel."""
-        for region in self._regions.drain():
-            self._release(region)
-        self._client.close()
-
-    # --- health and discovery ----------------------------------------------------------------
+        self._run(self._close_flow())
 
     def is_server_live(self) -> bool:
-        return bool(self._call(lambda: self._client.is_server_live(**self._health())))
+        return self._run(self._is_server_live_flow())
 
     def is_server_ready(self) -> bool:
-        return bool(self._call(lambda: self._client.is_server_ready(**self._health())))
+        return self._run(self._is_server_ready_flow())
 
     def is_model_ready(self, model: str | None = None) -> bool:
-        name = model or self.model
-        return bool(self._call(lambda: self._client.is_model_ready(name, **self._health()), model=name))
+        return self._run(self._is_model_ready_flow(model))
 
     def check_ready(self, model: str | None = None) -> None:
-        """Raise ServerUnavailableError, or ModelNotReadyError naming the models served, unless requests can work."""
-        name = model or self.model
-        if not self.is_server_live():
-            raise ServerUnavailableError(f"Triton at {self.url} answers but is not live")
-        if not self.is_model_ready(name):
-            raise ModelNotReadyError(f"model {name!r} is not ready on {self.url}; {self._served_models_hint()}")
+        self._run(self._check_ready_flow(model))
 
     def model_metadata(self, model: str | None = None) -> ModelMetadata:
-        """Keypoint names, skeleton, batch limit and the other facts the ensemble's config parameters carry."""
-        name = model or self.model
-        response = self._call(lambda: self._client.get_model_config(name, as_json=True, **self._health()), model=name)
-        return self._metadata_from(name, response)
+        return self._run(self._model_metadata_flow(model))
 
     def ready_models(self) -> list[str]:
-        """Names of the models ready on the server, without the steps of the ensembles."""
-        try:
-            index = self._call(lambda: self._client.get_model_repository_index(as_json=True, **self._health()))
-        except AccessDeniedError:  # a restricted repository API: statistics list the loaded models too
-            stats = self._call(lambda: self._client.get_inference_statistics(as_json=True, **self._health()))
-            index = loaded_models_index(stats)
-        return ready_ensembles(index)
+        return self._run(self._ready_models_flow())
 
     def list_models(self) -> list[ModelMetadata]:
-        """The pose models the server offers: ready ensembles whose config carries keypoint names (and skeleton)."""
-        found = []
-        for name in self.ready_models():
-            try:
-                meta = self.model_metadata(name)
-            except (ModelNotReadyError, PoseClientError) as exc:
-                if isinstance(exc, ServerUnavailableError):
-                    raise
-                continue  # unloaded meanwhile, or a config that is not a pose model's
-            if meta.is_pose_model:
-                found.append(meta)
-        return found
-
-    # --- inference ---------------------------------------------------------------------------
+        return self._run(self._list_models_flow())
 
     @overload
     def predict(
-        self, image: list[ImageInput] | tuple[ImageInput, ...], *, conf: float | None = ...,
-        iou: float | None = ..., max_det: int | None = ..., thresholds: Thresholds | None = ...,
-        timeout_s: float | None = ...,
+        self, image: list[ImageInput] | tuple[ImageInput, ...], *, thresholds: Thresholds | None = ...,
+        timeout_s: float | None = ..., **parameters: float | int | None,
     ) -> list[ImagePoses]: ...  # fmt: skip
 
     @overload
     def predict(
-        self, image: ImageInput, *, conf: float | None = ..., iou: float | None = ...,
-        max_det: int | None = ..., thresholds: Thresholds | None = ..., timeout_s: float | None = ...,
+        self, image: ImageInput, *, thresholds: Thresholds | None = ..., timeout_s: float | None = ...,
+        **parameters: float | int | None,
     ) -> ImagePoses: ...  # fmt: skip
 
     def predict(
-        self,
-        image: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
-        *,
-        conf: float | None = None,
-        iou: float | None = None,
-        max_det: int | None = None,
-        thresholds: Thresholds | None = None,
-        timeout_s: float | None = None,
-    ) -> ImagePoses | list[ImagePoses]:
-        """Poses in one image. (A list or tuple is passed to :meth:`predict_batch`, as earlier versions did.)"""
-        if isinstance(image, (list, tuple)):
-            return self.predict_batch(
-                image, conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
-            )
-        return self.predict_batch(
-            [image], conf=conf, iou=iou, max_det=max_det, thresholds=thresholds, timeout_s=timeout_s
-        )[0]
+        self, image: ImageInput | list[ImageInput] | tuple[ImageInput, ...], *, thresholds: Thresholds | None = None,
+        timeout_s: float | None = None, **parameters: float | int | None,
+    ) -> ImagePoses | list[ImagePoses]:  # fmt: skip
+        return self._run(self._predict_flow(image, self._parameters(parameters, thresholds), timeout_s))
 
     def predict_batch(
-        self,
-        images: Sequence[ImageInput],
-        *,
-        conf: float | None = None,
-        iou: float | None = None,
-        max_det: int | None = None,
-        thresholds: Thresholds | None = None,
-        timeout_s: float | None = None,
-    ) -> list[ImagePoses]:
-        """Poses for every image, in input order.
-
-        Encoded images (paths, bytes) go in one request to the model; numpy arrays (raw) in one
-        request per shape to ``NAME_pixels``. Each request must fit the model's max_batch_size.
-        If any image is refused the whole call raises InvalidInputError naming it (``index``).
-        """
-        parameters = request_parameters(conf, iou, max_det, thresholds)
-        prepared = self._prepare(images)
-        if not prepared:
-            return []
-        timeout = timeout_s or self.timeout_s
-        answered = [(request, self._infer(request, parameters, timeout)) for request in self._plan(prepared)]
-        return self._assemble(len(prepared), answered)
+        self, images: Sequence[ImageInput], *, thresholds: Thresholds | None = None, timeout_s: float | None = None,
+        **parameters: float | int | None,
+    ) -> list[ImagePoses]:  # fmt: skip
+        return self._run(self._predict_batch_flow(images, self._parameters(parameters, thresholds), timeout_s))
 
     def stream(
-        self,
-        frames: Iterable[Frame | ImageInput],
-        *,
-        in_flight: int = DEFAULT_IN_FLIGHT,
-        conf: float | None = None,
-        iou: float | None = None,
-        max_det: int | None = None,
-        thresholds: Thresholds | None = None,
-        timeout_s: float | None = None,
-        progress: bool = False,
-        total: int | None = None,
-    ) -> Iterator[StreamItem]:
-        """Send each frame as its own request, at most ``in_flight`` at a time (threads), and yield results in order.
+        self, frames: Iterable[Frame | ImageInput], *, in_flight: int = DEFAULT_IN_FLIGHT,
+        thresholds: Thresholds | None = None, timeout_s: float | None = None, progress: bool = False,
+        total: int | None = None, **parameters: float | int | None,
+    ) -> Iterator[StreamItem]:  # fmt: skip
+        def items() -> Iterator[StreamItem]:  # checks the parameters at the first item, as a generator would
+            chosen = self._parameters(parameters, thresholds)
+            flow = self._stream_flow(
+                frames, chosen, in_flight=in_flight, timeout_s=timeout_s, progress=progress, total=total
+            )
+            yield from self._emitted(flow, workers=in_flight)
 
-        A frame the server refuses yields a :class:`FailedImage`; other errors stop the stream.
-        Frames are read from ``frames`` only as slots free up. ``progress`` shows a tqdm bar.
-        """
-        if in_flight < 1:
-            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-        chosen = Thresholds.from_parameters(request_parameters(conf, iou, max_det, thresholds))
-        bar = progress_bar(progress, total, self.model)
-        pending: deque[tuple[Frame, Future[ImageResult]]] = deque()
-        pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="posetriton-stream")
-
-        def one(frame: Frame) -> ImageResult:
-            return self._predict_frame(frame, chosen, timeout_s)
-
-        try:
-            for frame in as_frames(frames):
-                pending.append((frame, pool.submit(one, frame)))
-                if len(pending) >= in_flight:
-                    yield self._finish(pending.popleft(), bar)
-            while pending:
-                yield self._finish(pending.popleft(), bar)
-        finally:
-            for _, future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
-            if bar is not None:
-                bar.close()
-
-    @staticmethod
-    def _finish(entry: tuple[Frame, Future[ImageResult]], bar: Any) -> StreamItem:
-        frame, future = entry
-        item = StreamItem(frame, future.result())
-        if bar is not None:
-            bar.update(1)
-        return item
-
-    def _predict_frame(self, frame: Frame, thresholds: Thresholds, timeout_s: float | None) -> ImageResult:
-        try:
-            result = self.predict(frame.image, thresholds=thresholds, timeout_s=timeout_s)
-        except InvalidInputError as exc:
-            if exc.index is None:  # the request itself (a threshold) was refused: every frame would fail
-                raise
-            return FailedImage(frame.name, exc.reason)
-        return result.renamed(frame.name)
-
-    # --- video tracking (NAME_track) ---------------------------------------------------------
+        return items()
 
     def track(
-        self,
-        frames: Iterable[Frame | ImageInput],
-        *,
-        live: bool = False,
-        max_in_flight: int = DEFAULT_IN_FLIGHT,
-        conf: float | None = None,
-        iou: float | None = None,
-        max_det: int | None = None,
-        thresholds: Thresholds | None = None,
-        sequence_id: int | None = None,
-        timeout_s: float | None = None,
-        smoothed: bool = True,
-        smoothing: Smoothing | None = None,
-    ) -> Iterator[TrackedFrame]:
-        """Poses with track IDs for each frame of one video, in frame order (``posetriton.client.tracking``).
+        self, frames: Iterable[Frame | ImageInput], *, live: bool = False, max_in_flight: int = DEFAULT_IN_FLIGHT,
+        thresholds: Thresholds | None = None, sequence_id: int | None = None, timeout_s: float | None = None,
+        smoothed: bool = True, smoothing: Smoothing | None = None, **parameters: float | int | None,
+    ) -> Iterator[TrackedFrame]:  # fmt: skip
+        chosen = self._parameters(parameters, thresholds, smoothing, tracked=True)
+        session = self._track_session(
+            chosen, max_in_flight=max_in_flight, sequence_id=sequence_id, timeout_s=timeout_s, smoothed=smoothed
+        )
+        return self._tracked(frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
 
-        The frames travel on one bidirectional gRPC stream to ``NAME_track`` as one sequence
-        (``sequence_id``, random by default), at most ``max_in_flight`` at a time. ``live=True``
-        (a camera or stream) reads the source in a thread and sends only the newest frame when a
-        slot frees up, counting the others in ``TrackedFrame.dropped``; otherwise every frame is sent.
-        A refused frame yields a ``TrackedFrame`` with ``error``; a lost stream or sequence raises
-        ``TrackingStreamError`` (call ``track()`` again to go on with a new sequence). Each pose's
-        ``keypoints`` are smoothed over its track by the server (``smoothing`` overrides the filter's
-        defaults); ``smoothed=False`` gives the raw ones (``raw_keypoints`` holds them either way).
-        """
-        parameters = track_parameters(request_parameters(conf, iou, max_det, thresholds), smoothing)
-        session = TrackSession(
-            self.model, max_in_flight=max_in_flight, parameters=parameters, sequence_id=sequence_id, url=self.url,
-            frame_timeout_s=timeout_s or self.timeout_s, smoothed=smoothed,
-        )  # fmt: skip
-        return track_sync(self._client, self.headers, frames, session, live=live, timeout_s=timeout_s or self.timeout_s)
+    # --- the driver: performs the flows' steps ------------------------------------------------------------
 
-    # --- plumbing ----------------------------------------------------------------------------
-
-    def _health(self) -> dict[str, Any]:
-        return {"headers": self.headers, "client_timeout": self._health_timeout()}
-
-    def _infer(self, request: Request, parameters: dict[str, Any], timeout: float) -> dict[str, Any]:
-        region = self._region(request.nbytes()) if self.shared_memory else None
+    def _run(self, flow: Flow[R], perform: Perform | None = None) -> R:
+        """Run a flow that emits nothing to its end; its result."""
+        steps = self._emitted(flow, perform=perform)
         try:
-            tensor = request.tensor(region)
-            deadline = Deadline(timeout)
-            result = self._call(
-                lambda: self._client.infer(
-                    request.model, [tensor], client_timeout=deadline.remaining(), timeout=deadline.server_timeout_us(),
-                    headers=self.headers, parameters=parameters or None,
-                ),
-                model=request.model, timeout_s=timeout, request=request, deadline=deadline,
-            )  # fmt: skip
+            item = next(steps)
+        except StopIteration as done:
+            return cast(R, done.value)
+        steps.close()
+        raise AssertionError(f"{flow!r} emitted {item!r}: iterate over it instead")
+
+    def _emitted(self, flow: Flow[R], workers: int = 1, perform: Perform | None = None) -> Generator[Any, None, R]:
+        """Perform a flow's steps, yielding what it emits; then its result. ``perform`` takes the steps of a
+        tracked video; ``workers`` is the size of the thread pool that runs started flows (a stream's)."""
+        stepper = Stepper(flow)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="posetriton-stream")
+        started: list[Future[Any]] = []
+        try:
+            for step in stepper:
+                with stepper.performing():  # an Emit is performed by handing its item to the caller
+                    stepper.reply(
+                        (yield step.item) if isinstance(step, Emit) else self._perform(step, pool, started, perform)
+                    )
+            return stepper.result
         finally:
-            if region is not None:
-                self._regions.give_back(region)
-        return self._outputs(result, request.model)
+            stepper.close()
+            for future in started:
+                future.cancel()
+            pool.shutdown(wait=True)
 
-    def _region(self, nbytes: int) -> Region:
-        region, created, replaced = self._regions.take(nbytes)
-        if replaced is not None:
-            self._release(replaced)
-        if not created:
-            return region
-        try:
-            self._call(
-                lambda: self._client.register_system_shared_memory(
-                    region.name, region.key, region.size, **self._health()
-                )
-            )
-        except PoseClientError:
-            self._regions.forget(region)
-            raise
-        return region
+    def _perform(self, step: Any, pool: ThreadPoolExecutor, started: list[Future[Any]], perform: Perform | None) -> Any:
+        if isinstance(step, Call):
+            return getattr(self._client, step.method)(*step.args, **step.kwargs)
+        if isinstance(step, Pause):
+            return time.sleep(step.seconds)
+        if isinstance(step, Together):
+            return [self._run(flow) for flow in step.flows]
+        if isinstance(step, NextFrame):
+            return next(step.source, None)
+        if isinstance(step, Start):
+            started.append(pool.submit(self._run, step.flow))
+            return started[-1]
+        if isinstance(step, Finish):
+            return step.handle.result()
+        assert perform is not None, f"no performer for {step!r}"
+        return perform(step)
 
-    def _release(self, region: Region) -> None:
-        """Unregister a region once the server no longer holds it, then unlink it."""
-        deadline = time.monotonic() + RELEASE_WAIT_S
-        while True:
+    def _tracked(
+        self, frames: Iterable[Frame | ImageInput], session: TrackSession, *, live: bool, timeout_s: float
+    ) -> Iterator[TrackedFrame]:
+        """One video on its own stream: tritonclient's sync client holds one stream at a time, so each video
+        opens its own client (channel); its callback turns responses into events."""
+        events: queue.Queue[StreamEvent] = queue.Queue()
+        feed = LiveFeed(frames, lambda: events.put(StreamEvent())) if live else FileFeed(frames)
+        stream = self._connect()
+
+        def perform(step: Any) -> Any:
+            if isinstance(step, TakeFrame):
+                return feed.take()
+            if isinstance(step, Send):
+                # A stream that already failed refuses the request; its failure is the next event.
+                with contextlib.suppress(InferenceServerException):
+                    stream.async_stream_infer(**step.request)
+                return None
             try:
-                self._client.unregister_system_shared_memory(region.name, **self._health())
-                break
-            except InferenceServerException as exc:  # a server gone: the region is freed all the same
-                if not still_in_use(exc) or time.monotonic() > deadline:
-                    break
-                time.sleep(RELEASE_POLL_S)
-        destroy(region)
+                return events.get(timeout=step.timeout_s) if isinstance(step, NextEvent) else None
+            except queue.Empty:
+                return None
 
-    def _call(
-        self, operation: Callable[[], T], *, model: str | None = None, timeout_s: float | None = None,
-        request: Request | None = None, deadline: Deadline | None = None,
-    ) -> T:  # fmt: skip
-        """Run one RPC, retrying transient failures per the retry policy; raise PoseClientError otherwise."""
-        attempt = 1
-        while True:
-            try:
-                return self._answered(operation())
-            except InferenceServerException as exc:
-                error = self._error(exc, model, timeout_s, request)
-                delay = self._should_retry(error, attempt, deadline)
-                if delay is None:
-                    raise error from exc
-            time.sleep(delay)
-            attempt += 1
-
-    def _served_models_hint(self) -> str:
-        """Name the ready models, so a typo in --model is obvious; best effort only."""
         try:
-            return served_models_hint(self.ready_models())
-        except PoseClientError:
-            return served_models_hint(None)
-
-
-def _path(value: str | PathLike[str] | None) -> str | None:
-    return None if value is None else str(value)
+            stream.start_stream(lambda result, error: events.put(StreamEvent(result, error)), headers=self.headers)
+            yield from self._emitted(track_flow(session, feed, timeout_s), perform=perform)
+        finally:
+            feed.stop()
+            with contextlib.suppress(InferenceServerException, PoseClientError):
+                self._run(closing_flow(session), perform)
+            stream.stop_stream(cancel_requests=True)
+            stream.close()
