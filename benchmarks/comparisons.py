@@ -47,7 +47,7 @@ from posetriton.server.repository import CPU_CONFIGS, ServedModel, load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.lean_path import cpu_model, default_photos  # noqa: E402
+from benchmarks.lean_path import cpu_model, default_photos, emit_json  # noqa: E402
 
 EXPORT_PYTHON = ROOT / ".venv-export" / "bin" / "python"
 # One client thread per request in flight, each with its own connection; a request is (client, index) -> result.
@@ -421,11 +421,7 @@ def main() -> None:
         counted = reference.get("f32_in_flight_1", {}).get("people")  # counted at one photo per call
         results["people_same_as_reference"] = None if counted is None else served["f32"]["people"] == counted
 
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(results, args.json)
 
 
 if __name__ == "__main__":

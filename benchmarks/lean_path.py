@@ -64,6 +64,15 @@ def default_photos() -> list[Path]:
     return photos
 
 
+def emit_json(payload: object, path: Path | None) -> None:
+    """Print a result as JSON, and also write it to ``path`` when given (the docs quote these files)."""
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from posetriton.server.repository import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.lean_path import cpu_model, default_photos  # noqa: E402
+from benchmarks.lean_path import cpu_model, default_photos, emit_json  # noqa: E402
 
 SIZES = {"original": None, "1080p": 1920, "4K": 3840}
 
@@ -123,7 +122,7 @@ def main() -> None:
         for p, r in runners.items()
         if r.latency
     }
-    text = json.dumps(
+    emit_json(
         {
             "model": args.model,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -132,12 +131,8 @@ def main() -> None:
             "photos": [p.name for p in photos],
             "by_size": report,
         },
-        indent=2,
+        args.json,
     )
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,14 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from posetriton.client import (
+from posetriton.client import ImagePoses, PoseClient
+from posetriton.client.errors import (
     DeadlineExceededError,
-    ImagePoses,
     InvalidInputError,
     ModelNotReadyError,
-    PoseClient,
     PoseClientError,
     ServerUnavailableError,
-)
+)  # fmt: skip
 from posetriton.core.spec import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from posetriton.server.launcher import TritonServer
 from posetriton.server.repository import load_catalog

@@ -24,17 +24,8 @@ from posetriton.core.validation import (
     check_request_pixels,
     count_non_finite,
 )
-from posetriton.server import model_config
+from posetriton.server import model_config, tracking
 from posetriton.server.repository import QUEUE_LIMITS, load_catalog, queue_policy, render, stream_limits
-from posetriton.server.tracking import (
-    PoseTracker,
-    SequenceStore,
-    StreamLimits,
-    TrackerFull,
-    TrackerSpec,
-    TrackingError,
-    cap_live_tracks,
-)
 from tests.conftest import ROOT, UL_MODEL
 
 K = 17
@@ -146,32 +137,32 @@ def test_request_pixel_budget() -> None:
 
 
 def test_a_start_on_a_live_id_is_refused_and_the_stream_cap_holds() -> None:
-    store = SequenceStore(lambda: PoseTracker(TrackerSpec(), K), idle_s=10)
-    first = PoseTracker(TrackerSpec(), K)
+    store = tracking.SequenceStore(lambda: tracking.PoseTracker(tracking.TrackerSpec(), K), idle_s=10)
+    first = tracking.PoseTracker(tracking.TrackerSpec(), K)
     store.start(7, first, max_sequences=2)
-    with pytest.raises(TrackingError, match="already open"):
-        store.start(7, PoseTracker(TrackerSpec(), K), max_sequences=2)
+    with pytest.raises(tracking.TrackingError, match="already open"):
+        store.start(7, tracking.PoseTracker(tracking.TrackerSpec(), K), max_sequences=2)
     assert store.get(7) is first  # the live stream keeps its own state
-    store.start(8, PoseTracker(TrackerSpec(), K), max_sequences=2)
-    with pytest.raises(TrackerFull, match="2 open streams"):
-        store.start(9, PoseTracker(TrackerSpec(), K), max_sequences=2)
+    store.start(8, tracking.PoseTracker(tracking.TrackerSpec(), K), max_sequences=2)
+    with pytest.raises(tracking.TrackerFull, match="2 open streams"):
+        store.start(9, tracking.PoseTracker(tracking.TrackerSpec(), K), max_sequences=2)
     store.close(8)
-    store.start(9, PoseTracker(TrackerSpec(), K), max_sequences=2)
+    store.start(9, tracking.PoseTracker(tracking.TrackerSpec(), K), max_sequences=2)
     assert len(store) == 2
 
 
 def test_live_tracks_are_capped_weakest_first() -> None:
-    tracker = PoseTracker(TrackerSpec(initialization_delay=0), K)
+    tracker = tracking.PoseTracker(tracking.TrackerSpec(initialization_delay=0), K)
     _, boxes, scores, keypoints = _frame(40)
     keypoints[..., 2] = 0.9
     tracker.update(boxes[0], scores[0], keypoints[0], 0)
     tracker.update(boxes[0, :10], scores[0, :10], keypoints[0, :10], 1)  # 10 of them seen twice
     assert tracker.live_tracks == 40
-    assert cap_live_tracks(tracker, 15) == 25 and tracker.live_tracks == 15
+    assert tracking.cap_live_tracks(tracker, 15) == 25 and tracker.live_tracks == 15
     survivors = {o.id for o in tracker._tracker.tracked_objects}
     again = tracker.update(boxes[0, :10], scores[0, :10], keypoints[0, :10], 2)
     assert set(again.tolist()) <= survivors and len(set(again.tolist())) == 10  # the twice-seen ones were kept
-    assert cap_live_tracks(tracker, 100) == 0
+    assert tracking.cap_live_tracks(tracker, 100) == 0
 
 
 def test_stream_limits_travel_in_the_tracker_config() -> None:
@@ -180,9 +171,9 @@ def test_stream_limits_travel_in_the_tracker_config() -> None:
     assert limits.max_rows == model.postprocess.max_det_limit and limits.max_tracked == model.postprocess.max_det
     tracker = model_config.parse(render(model)[f"{UL_MODEL}_tracker/config.pbtxt"])
     parsed = {key: value.string_value for key, value in tracker.parameters.items() if key.startswith("limit.")}
-    assert StreamLimits.from_parameters(parsed) == limits
-    with pytest.raises(TrackingError):
-        StreamLimits(max_tracked=10, max_tracks=5)
+    assert tracking.StreamLimits.from_parameters(parsed) == limits
+    with pytest.raises(tracking.TrackingError):
+        tracking.StreamLimits(max_tracked=10, max_tracks=5)
 
 
 def test_queue_policy_is_written_for_every_step() -> None:
