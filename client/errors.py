@@ -25,9 +25,11 @@ _RESTRICTED = re.compile(r"protocol is restricted, expecting header '([^']+)'")
 
 # gRPC statuses worth another try: the server (or the path to it) is momentarily unavailable.
 TRANSIENT_STATUSES = frozenset({"UNAVAILABLE"})
-# Triton's answers of a server that is up but full (a step's bounded queue, a request that waited past its
-# timeout, the tracker's stream cap): UNAVAILABLE, or RESOURCE_EXHAUSTED where a front end says so.
-_BUSY = re.compile(r"exceeds maximum queue size|request timeout expired|open streams, its limit", re.IGNORECASE)
+# Answers of a server that is up but full (a step's bounded queue, a request that waited past its timeout, the
+# preprocess step's admission before decoding, the tracker's stream cap): UNAVAILABLE, or RESOURCE_EXHAUSTED.
+_BUSY = re.compile(
+    r"exceeds maximum queue size|request timeout expired|open streams, its limit|server busy", re.IGNORECASE
+)
 BUSY_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 

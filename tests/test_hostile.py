@@ -361,10 +361,13 @@ def test_overload_keeps_goodput_near_capacity(model_repository: Path, photo_path
     good = [o for o in outcomes if o.kind == "ok" and o.seconds <= deadline_s]
     examples = {o.kind: o.message[:150] for o in outcomes if o.kind != "ok"}
     reasons = Counter(
-        "queue full" if "queue size" in o.message else "timed out in a queue" if "timeout" in o.message else "other"
+        "refused before decoding" if "before decoding" in o.message
+        else "queue full" if "queue size" in o.message
+        else "timed out in a queue" if "timeout" in o.message
+        else "other"
         for o in outcomes
         if o.kind == "ServerBusyError"
-    )
+    )  # fmt: skip
     # Goodput in the steady state: answers inside their deadline that came back inside the window from the first
     # second of the overload (the queues filled) to its end, per second; the tail, which drains queued work with
     # no more requests arriving, and the ramp, which starts empty, would flatter or punish the ratio.

@@ -106,7 +106,7 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     )
     tuning = CATALOG[name].tuning
     # Several engine contexts per GPU (a batch computes while the next is handed over); one CPU network process
-    # whose pipeline does the same, taking one request per execute so the rest wait in Triton's bounded queue.
+    # whose pipeline does the same; both steps of a CPU server share the admission ledger's capacity.
     gpu_networks = [
         gpu,
         *(parse(files[f"{name}_network/configs/{c}.pbtxt"]) for c in ("gpu_ort_trt", "gpu_ort_trt_nvjpeg")),
@@ -120,8 +120,12 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
         cpu = parse(files[f"{name}_network/configs/{config_name}.pbtxt"])
         assert cpu.backend == "python" and cpu.parameters["precision"].string_value == precision
         assert [(g.count, g.kind) for g in cpu.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
-        assert list(cpu.dynamic_batching.preferred_batch_size) == list(tuning.cpu_network_preferred_batch_sizes)
-        assert cpu.dynamic_batching.default_queue_policy.max_queue_size > 0
+        queue = cpu.dynamic_batching.default_queue_policy
+        assert queue.max_queue_size > 0 and queue.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        pre = parse(files[f"{name}_preprocess/config.pbtxt"])
+        capacity = int(cpu.parameters["admission_capacity"].string_value)
+        assert capacity == int(pre.parameters["admission_capacity"].string_value)
+        assert capacity == queue.max_queue_size + tuning.preprocess_instances
         assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
         assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
 

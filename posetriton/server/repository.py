@@ -64,6 +64,7 @@ from posetriton.core.spec import (
 )
 from posetriton.core.validation import INPUT_SIZE_PARAMETER
 from posetriton.server import model_config
+from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
 from posetriton.server.model_config import (
     EnsembleStep,
     ModelConfig,
@@ -101,10 +102,6 @@ class Tuning:
     postprocess_instances: int = 1
     network_max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    # The CPU network step takes one request per execute: its pipeline starts each image as it comes and answers
-    # each request on its own (posetriton.server.openvino_runtime.InferencePipeline), so a bigger batch would only
-    # hold requests outside Triton's queue, where its size bound and deadlines no longer apply.
-    cpu_network_preferred_batch_sizes: tuple[int, ...] = (1,)
     # OpenVINO on CPU (posetriton.server.openvino_runtime): ADAPTIVE runs a lone image on one stream using every core
     # (LATENCY) and splits a batch across the THROUGHPUT streams (docs/benchmarks.md).
     network_performance_hint: str = "ADAPTIVE"
@@ -405,8 +402,16 @@ def preprocess_config(model: ServedModel) -> Any:
     config = _step_config(model, "preprocess", optional_inputs=True, backend="python")
     config.dynamic_batching.CopyFrom(_dynamic_batching(STEP_MAX_QUEUE_DELAY_US, queue_role="preprocess"))
     config.instance_group.extend(_instances(model.tuning.preprocess_instances, "KIND_CPU"))
-    _set_parameters(config, model.letterbox.to_parameters())
+    _set_parameters(config, {**model.letterbox.to_parameters(), **admission_parameters(model)})
     return config
+
+
+def admission_parameters(model: ServedModel) -> dict[str, str]:
+    """The ledger both the preprocess and the CPU network step open (posetriton.server.admission): as many
+    admitted requests as the network's queue holds plus what the preprocess instances decode meanwhile, so a
+    request admitted before its decode is one the network queue can still take."""
+    capacity = QUEUE_LIMITS["network"].max_queue_size + model.tuning.preprocess_instances
+    return {ADMISSION_CAPACITY_PARAMETER: str(capacity)}
 
 
 def gpu_preprocess_config(model: ServedModel) -> Any:
@@ -491,7 +496,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
     t = model.tuning
     config = _step_config(model, "network", backend="python")
     config.dynamic_batching.CopyFrom(
-        _dynamic_batching(t.network_max_queue_delay_us, t.cpu_network_preferred_batch_sizes, queue_role="network")
+        _dynamic_batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_role="network")
     )
     # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
     config.instance_group.extend(_instances(1, "KIND_CPU"))
@@ -502,6 +507,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
             "model_file": OPENVINO_FILE,
             "performance_hint": t.network_performance_hint,
             "cpu_pinning": str(t.network_cpu_pinning).lower(),
+            **admission_parameters(model),
         },
     )
     return config

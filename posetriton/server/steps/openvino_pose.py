@@ -16,6 +16,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from posetriton.core.contract import CANDIDATES, CANVAS
+from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
+from posetriton.server.admission import AdmissionLedger, ledger_path
 from posetriton.server.cpu_limit import container_cpu_limit
 from posetriton.server.openvino_runtime import Answer, InferencePipeline, OpenVinoRunner
 from posetriton.server.steps.triton_utils import cancelled, internal_error, model_parameters, unforeseen
@@ -45,11 +47,19 @@ class TritonPythonModel:
         self.pipeline = InferencePipeline(runner)
         self.logger = pb_utils.Logger
         self.name = args["model_name"]
+        # The preprocess step admits requests before decoding them; each one taken from the queue here ends the
+        # oldest admission (posetriton.server.admission).
+        capacity = params.get(ADMISSION_CAPACITY_PARAMETER)
+        self.admission = AdmissionLedger(ledger_path(self.name), int(capacity)) if capacity else None
+        if self.admission is not None:
+            self.admission.attach()
 
     def execute(self, requests: list) -> None:
         # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
         # candidates once computed, or an error that fails it alone.
         for request in requests:
+            if self.admission is not None:
+                self.admission.started()
             sender = request.get_response_sender()
             try:
                 if request.is_cancelled():
@@ -72,5 +82,8 @@ class TritonPythonModel:
         return answer
 
     def finalize(self) -> None:
+        if self.admission is not None:
+            self.admission.detach()  # nobody ends leases now: the gate opens
+            self.admission.close()
         # Answer what is in flight before the stub goes.
         self.pipeline.wait_idle(timeout=30.0)

@@ -14,31 +14,70 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.core.contract import CANVAS, IMAGE, LETTERBOX, PIXELS, ContractError, image_error
+from posetriton.core.contract import (
+    CANVAS,
+    IMAGE,
+    LETTERBOX,
+    NETWORK_SUFFIX,
+    PIXELS,
+    PREPROCESS_SUFFIX,
+    ContractError,
+    image_error,
+)
 from posetriton.core.images import InvalidImageError, check_pixels, declared_size, decode_image
 from posetriton.core.processing import LetterboxTransform, letterbox
 from posetriton.core.spec import LetterboxSpec
 from posetriton.core.validation import check_request_pixels
-from posetriton.server.steps.triton_utils import model_parameters, respond_each
+from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
+from posetriton.server.admission import AdmissionLedger, Lease, lease_seconds, ledger_path
+from posetriton.server.steps.triton_utils import StepBusy, model_parameters, respond_each
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.spec = LetterboxSpec.from_parameters(model_parameters(config))
+        params = model_parameters(config)
+        self.spec = LetterboxSpec.from_parameters(params)
         self.name = args["model_name"]
+        # Admission before decoding (posetriton.server.admission): open while no CPU network step attaches.
+        self.network = self.name.removesuffix(PREPROCESS_SUFFIX) + NETWORK_SUFFIX
+        capacity = params.get(ADMISSION_CAPACITY_PARAMETER)
+        self.admission = AdmissionLedger(ledger_path(self.network), int(capacity)) if capacity else None
 
     def execute(self, requests: list) -> list:
         return respond_each(requests, self._preprocess, step=self.name, refused=(InvalidImageError, ContractError))
 
     def _preprocess(self, request: object) -> object:
-        canvases, transforms = self._letterboxed(request)
+        lease = self._admitted(request)
+        try:
+            canvases, transforms = self._letterboxed(request)
+        except BaseException:
+            if lease is not None and self.admission is not None:
+                self.admission.cancel(lease)  # it never reaches the network: its slot is free again
+            raise
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(CANVAS, canvases),
                 pb_utils.Tensor(LETTERBOX, np.stack([t.to_array() for t in transforms])),
             ]
         )
+
+    def _admitted(self, request: object) -> Lease | None:
+        """A lease for this request before any of it is read, or StepBusy (UNAVAILABLE) when the network holds as
+        much as it can start in time."""
+        if self.admission is None:
+            return None
+        lease = self.admission.admit(lease_seconds(int(request.timeout())))  # type: ignore[attr-defined]
+        if lease is None:
+            raise StepBusy(
+                f"server busy: {self.network} already has {self.admission.capacity} requests admitted that it "
+                "has not started; refused before decoding, try again later"
+            )
+        return lease
+
+    def finalize(self) -> None:
+        if self.admission is not None:
+            self.admission.close()
 
     def _letterboxed(self, request: object) -> tuple[np.ndarray, list[LetterboxTransform]]:
         """Decode (or check) every image of the request and letterbox each into its slot of one batch array."""

@@ -1,0 +1,157 @@
+"""Admission before decoding: refuse a request at the door when the network cannot start it in time.
+
+Under overload the network step's bounded queue refuses what it cannot hold, but by then the preprocess step
+has decoded the request, and on a CPU server that decode is taken from the network: at 2.5x capacity half the
+cores went to decoding requests that were then refused (docs/reliability.md, overload). Triton 2.51 has no
+admission limit for a whole ensemble, so the steps keep one themselves, in a small file both processes open:
+
+* the preprocess step *admits* a request before it reads a byte of it, as a **lease** in one of ``capacity``
+  slots, or refuses it at once (UNAVAILABLE, "server busy") when every slot is held;
+* the network step ends the oldest lease each time it starts a request (its queue is first in, first out);
+* a lease also ends when it **expires**: a request refused or dropped on its way (a full queue, its timeout,
+  its client gone) never reaches the network, and its slot must not stay taken.
+
+``capacity`` is what the network may hold waiting (its queue bound) plus what it computes at once, so a
+request admitted here is one the network queue can take. The gate is open while no network has attached to
+the ledger (a GPU server's TensorRT network runs no Python and never ends a lease). Times are
+``time.monotonic()``: one clock for every process of the host.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# The model parameter both steps read: the ledger's slots (derived in posetriton.server.repository).
+CAPACITY_PARAMETER = "admission_capacity"
+# A request that carries no timeout holds its lease at most this long: one refused or dropped on its way then
+# frees its slot soon, and one that legitimately waits longer only lets the next ones meet the network's own
+# queue bound, as without the gate.
+MAX_LEASE_S = 5.0
+# What a lease adds to the request's own timeout: the preprocess step's work before the network queue.
+LEASE_MARGIN_S = 0.25
+
+# The Python backend names a stub's region PREFIX + a 36-character UUID (argv[2]); the ledger shares the prefix,
+# so the server's reaper removes it with the regions (posetriton.server.server_ownership.release).
+_UUID_LENGTH = 36
+_HEADER = struct.Struct("<q")  # the attached network step's pid (0: none)
+_SLOT = struct.Struct("<d")  # a lease's expiry (monotonic seconds), 0.0 when free
+
+
+def ledger_path(network_model: str, region_name: str | None = None, shm_dir: Path = Path("/dev/shm")) -> Path:
+    """Where the steps of one server share the ledger of ``network_model``: beside the server's shared-memory
+    regions, under their prefix (``region_name``: this stub's own region, by default read from its argv)."""
+    if region_name is None:
+        argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
+        region_name = argv[2].decode() if len(argv) > 2 else "posetriton_"
+    prefix = region_name[:-_UUID_LENGTH] if len(region_name) > _UUID_LENGTH else region_name
+    return shm_dir / f"{prefix}admission_{network_model}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One admitted request's slot and when its lease ends (index -1: admitted with the gate open)."""
+
+    index: int
+    expiry: float
+
+
+def lease_seconds(timeout_us: int) -> float:
+    """How long a request with Triton timeout ``timeout_us`` (0: none) may hold its lease."""
+    return min(timeout_us / 1e6 + LEASE_MARGIN_S, MAX_LEASE_S) if timeout_us > 0 else MAX_LEASE_S
+
+
+class AdmissionLedger:
+    """The leases of one network's admitted requests, shared by the processes that open ``path``."""
+
+    def __init__(self, path: Path, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"admission capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self._size = _HEADER.size + capacity * _SLOT.size
+        # O_NOFOLLOW: /dev/shm is shared with other users of the host; never write through a planted link.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with self._locked():
+            if os.fstat(self._fd).st_size < self._size:
+                os.ftruncate(self._fd, self._size)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _slots(self) -> list[float]:
+        data = os.pread(self._fd, self.capacity * _SLOT.size, _HEADER.size)
+        return [value for (value,) in _SLOT.iter_unpack(data.ljust(self.capacity * _SLOT.size, b"\0"))]
+
+    def _write_slot(self, index: int, value: float) -> None:
+        os.pwrite(self._fd, _SLOT.pack(value), _HEADER.size + index * _SLOT.size)
+
+    def attach(self, pid: int | None = None) -> None:
+        """The network step runs here and ends leases: the gate applies from now on."""
+        with self._locked():
+            os.pwrite(self._fd, _HEADER.pack(os.getpid() if pid is None else pid), 0)
+
+    def detach(self) -> None:
+        with self._locked():
+            os.pwrite(self._fd, _HEADER.pack(0), 0)
+
+    def _attached(self) -> bool:
+        (pid,) = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)  # a network stub that died ends no lease: the gate opens until one attaches again
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def admit(self, lease_s: float, now: float | None = None) -> Lease | None:
+        """Take a lease of ``lease_s`` seconds; None when every slot is held by a live lease. With no network
+        attached the gate is open: an empty lease."""
+        now = time.monotonic() if now is None else now
+        with self._locked():
+            if not self._attached():
+                return Lease(-1, 0.0)
+            for index, expiry in enumerate(self._slots()):
+                if expiry <= now:
+                    self._write_slot(index, now + lease_s)
+                    return Lease(index, now + lease_s)
+        return None
+
+    def cancel(self, lease: Lease) -> None:
+        """Give a lease back early (its request failed before the network): its slot is free again, unless the
+        network already ended it and another request holds it now."""
+        if lease.index < 0:
+            return
+        with self._locked():
+            if self._slots()[lease.index] == lease.expiry:
+                self._write_slot(lease.index, 0.0)
+
+    def started(self, now: float | None = None) -> None:
+        """The network started a request: end the oldest live lease (the one expiring first)."""
+        now = time.monotonic() if now is None else now
+        with self._locked():
+            live = [(expiry, index) for index, expiry in enumerate(self._slots()) if expiry > now]
+            if live:
+                self._write_slot(min(live)[1], 0.0)
+
+    def held(self, now: float | None = None) -> int:
+        """Live leases now (for metrics and tests)."""
+        now = time.monotonic() if now is None else now
+        with self._locked():
+            return sum(expiry > now for expiry in self._slots())
+
+    def close(self) -> None:
+        os.close(self._fd)

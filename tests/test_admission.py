@@ -1,0 +1,86 @@
+"""Admission before decoding (posetriton.server.admission): leases that the network ends oldest first, that expire
+when their request never reaches it, and a gate that stays open while no network step holds the ledger."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from posetriton.server.admission import MAX_LEASE_S, AdmissionLedger, lease_seconds, ledger_path
+
+NOW = 1000.0
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> AdmissionLedger:
+    ledger = AdmissionLedger(tmp_path / "ledger", capacity=3)
+    ledger.attach()
+    return ledger
+
+
+def test_the_gate_holds_capacity_leases_and_the_network_ends_the_oldest(ledger: AdmissionLedger) -> None:
+    leases = [ledger.admit(2.0, now=NOW + i / 10) for i in range(3)]
+    assert all(lease is not None for lease in leases) and ledger.held(now=NOW + 0.3) == 3
+    assert ledger.admit(2.0, now=NOW + 0.3) is None, "every slot is held: refused before decoding"
+    ledger.started(now=NOW + 0.3)  # the first one admitted (expiring first) started on the network
+    assert ledger.held(now=NOW + 0.3) == 2
+    oldest = leases[0]
+    assert oldest is not None and ledger.admit(2.0, now=NOW + 0.3) == type(oldest)(oldest.index, NOW + 2.3)
+
+
+def test_a_lease_whose_request_never_reaches_the_network_expires(ledger: AdmissionLedger) -> None:
+    for _ in range(3):
+        assert ledger.admit(0.5, now=NOW) is not None
+    assert ledger.admit(0.5, now=NOW + 0.4) is None
+    assert ledger.admit(0.5, now=NOW + 0.6) is not None, "expired leases free their slots"
+    assert ledger.held(now=NOW + 0.6) == 1
+
+
+def test_a_cancelled_lease_frees_its_own_slot_only(ledger: AdmissionLedger) -> None:
+    first = ledger.admit(2.0, now=NOW)
+    assert first is not None
+    ledger.cancel(first)
+    assert ledger.held(now=NOW) == 0
+    ledger.admit(2.0, now=NOW + 0.5)  # may take the same slot again
+    ledger.cancel(first)  # a stale lease: the slot belongs to the newer request now
+    assert ledger.held(now=NOW + 0.5) == 1
+
+
+def test_the_gate_is_open_while_no_live_network_step_holds_the_ledger(tmp_path: Path) -> None:
+    ledger = AdmissionLedger(tmp_path / "ledger", capacity=1)
+    for _ in range(5):  # a GPU server's TensorRT network never ends a lease: nothing may be refused for it
+        assert ledger.admit(2.0, now=NOW) is not None
+    dead = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    dead.start()
+    dead.join()
+    ledger.attach(pid=dead.pid)  # a network stub that died
+    assert ledger.admit(2.0, now=NOW) is not None and ledger.admit(2.0, now=NOW) is not None
+    ledger.attach()
+    assert ledger.admit(2.0, now=NOW) is not None and ledger.admit(2.0, now=NOW) is None
+    ledger.detach()
+    assert ledger.admit(2.0, now=NOW) is not None
+
+
+def test_processes_share_one_ledger_through_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    preprocess, network = AdmissionLedger(path, capacity=2), AdmissionLedger(path, capacity=2)
+    network.attach()
+    assert preprocess.admit(2.0, now=NOW) and preprocess.admit(2.0, now=NOW + 0.1)
+    assert preprocess.admit(2.0, now=NOW + 0.2) is None
+    network.started(now=NOW + 0.2)
+    assert preprocess.admit(2.0, now=NOW + 0.2) is not None
+
+
+def test_leases_follow_the_request_timeout_and_the_ledger_sits_under_the_server_prefix(tmp_path: Path) -> None:
+    assert lease_seconds(600_000) == pytest.approx(0.85) and lease_seconds(0) == MAX_LEASE_S
+    assert lease_seconds(60_000_000) == MAX_LEASE_S
+    region = "posetriton_test12_ab12cd_" + "a05e3710-9872-4704-aa4a-a43281d18392"
+    path = ledger_path("m_network", region, shm_dir=tmp_path)
+    assert path == tmp_path / "posetriton_test12_ab12cd_admission_m_network"
+    planted = tmp_path / "planted"
+    planted.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):  # never written through a link someone planted in /dev/shm
+        AdmissionLedger(planted, capacity=1)
