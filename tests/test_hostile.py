@@ -276,11 +276,11 @@ RAMP_S = 1.0  # the first second of the overload, while the queues fill, is left
 DEADLINE_S = 2.0
 BATCH = 8
 MEMORY_BOUND = 768 * 1024 * 1024  # growth of server + stubs over idle while overloaded
-# The goodput this test holds the server to: no collapse. Issue 20 asks for 0.8x; on a quiet 2-vCPU machine with
-# 2 s deadlines the server reaches 0.57-0.83x (docs/reliability.md, overload): every refused request has been
-# decoded first (Triton 2.51 has no admission limit for a whole ensemble), and that decode is taken from the
-# network. Before the overload control it was 0.07x.
-GOODPUT_FLOOR = 0.45
+# The goodput this test holds the server to. Issue 20 asks for 0.8x: on a quiet 2-vCPU machine the server gives
+# 0.84-0.87x with 2 s deadlines (docs/reliability.md, overload), the refused requests being turned away before
+# they are decoded (posetriton.server.admission). The floor leaves a shared machine's noise some room while still
+# failing what the server did before that gate (0.51-0.69x) and before the overload control (0.07x).
+GOODPUT_FLOOR = 0.75
 
 
 @dataclass
