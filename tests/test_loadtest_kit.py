@@ -40,10 +40,10 @@ def test_perf_analyzer_sweep_point_and_metric_split(
     row["steps"] = per_step_split(before, scrape(metrics_url), UL_MODEL)
     assert row["images_per_s"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert set(row["steps"]) == {"preprocess", "network", "postprocess"}
-    network = row["steps"]["network"]
-    assert network["compute_ms"] > row["steps"]["postprocess"]["compute_ms"] > 0  # the network dominates
-    # Server-side time per request cannot exceed what the client measured end to end.
-    assert sum(s["queue_ms"] + s["compute_ms"] for s in row["steps"].values()) < row["p99_ms"]
+    assert all(step["compute_ms"] > 0 for step in row["steps"].values())
+    # The CPU network step hands each image to OpenVINO and answers it later through its response sender, so
+    # Triton times only that hand-over: the steps' time stays below each request's, by the network's compute.
+    assert sum(s["queue_ms"] + s["compute_ms"] for s in row["steps"].values()) < row["p50_ms"]
     write_outputs([row], tmp_path / "out", "test")
     assert (tmp_path / "out" / "loadtest.png").stat().st_size > 10_000
     assert "| 1 |" in (tmp_path / "out" / "results.md").read_text()

@@ -44,14 +44,17 @@ _HEADER = struct.Struct("<q")  # the attached network step's pid (0: none)
 _SLOT = struct.Struct("<d")  # a lease's expiry (monotonic seconds), 0.0 when free
 
 
-def ledger_path(network_model: str, region_name: str | None = None, shm_dir: Path = Path("/dev/shm")) -> Path:
+def ledger_path(
+    network_model: str, region_name: str | None = None, server_pid: int | None = None, shm_dir: Path = Path("/dev/shm")
+) -> Path:
     """Where the steps of one server share the ledger of ``network_model``: beside the server's shared-memory
-    regions, under their prefix (``region_name``: this stub's own region, by default read from its argv)."""
+    regions, under their prefix (``region_name``: this stub's own region, by default read from its argv), and
+    named after the server (every stub's parent), so two servers with Triton's default prefix never share one."""
     if region_name is None:
         argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
         region_name = argv[2].decode() if len(argv) > 2 else "posetriton_"
     prefix = region_name[:-_UUID_LENGTH] if len(region_name) > _UUID_LENGTH else region_name
-    return shm_dir / f"{prefix}admission_{network_model}"
+    return shm_dir / f"{prefix}admission_{os.getppid() if server_pid is None else server_pid}_{network_model}"
 
 
 @dataclass(frozen=True)
