@@ -72,6 +72,15 @@ def test_processes_share_one_ledger_through_its_file(tmp_path: Path) -> None:
     assert preprocess.admit(2.0, now=NOW + 0.2) is None
     network.started(now=NOW + 0.2)
     assert preprocess.admit(2.0, now=NOW + 0.2) is not None
+    network.close(remove=True)  # a network step unloading takes the file away: the gate is open meanwhile
+    assert not path.exists()
+    assert preprocess.admit(2.0, now=NOW + 0.3) == type(preprocess.admit(2.0, now=NOW + 0.3))(-1, 0.0)
+    reloaded = AdmissionLedger(path, capacity=2)  # the one loaded since makes a new file: the gate follows it
+    reloaded.attach()
+    assert preprocess.admit(2.0, now=NOW + 0.4) and preprocess.admit(2.0, now=NOW + 0.4)
+    assert preprocess.admit(2.0, now=NOW + 0.4) is None
+    reloaded.close(remove=True)
+    preprocess.close(remove=True)
 
 
 def test_leases_follow_the_request_timeout_and_the_ledger_sits_under_the_server_prefix(tmp_path: Path) -> None:

@@ -90,6 +90,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.admission is not None:
             self.admission.detach()  # nobody ends leases now: the gate opens
-            self.admission.close()
+            self.admission.close(remove=True)
         # Answer what is in flight before the stub goes.
         self.pipeline.wait_idle(timeout=30.0)
