@@ -44,17 +44,14 @@ _HEADER = struct.Struct("<q")  # the attached network step's pid (0: none)
 _SLOT = struct.Struct("<d")  # a lease's expiry (monotonic seconds), 0.0 when free
 
 
-def ledger_path(
-    network_model: str, region_name: str | None = None, server_pid: int | None = None, shm_dir: Path = Path("/dev/shm")
-) -> Path:
+def ledger_path(network_model: str, region_name: str | None = None, shm_dir: Path = Path("/dev/shm")) -> Path:
     """Where the steps of one server share the ledger of ``network_model``: beside the server's shared-memory
-    regions, under their prefix (``region_name``: this stub's own region, by default read from its argv), and
-    named after the server (every stub's parent), so two servers with Triton's default prefix never share one."""
+    regions, under their prefix (``region_name``: this stub's own region, by default read from its argv)."""
     if region_name is None:
         argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
         region_name = argv[2].decode() if len(argv) > 2 else "posetriton_"
     prefix = region_name[:-_UUID_LENGTH] if len(region_name) > _UUID_LENGTH else region_name
-    return shm_dir / f"{prefix}admission_{os.getppid() if server_pid is None else server_pid}_{network_model}"
+    return shm_dir / f"{prefix}admission_{network_model}"
 
 
 @dataclass(frozen=True)
@@ -78,29 +75,11 @@ class AdmissionLedger:
             raise ValueError(f"admission capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._size = _HEADER.size + capacity * _SLOT.size
-        self.path = path
-        self._fd = self._open()
-
-    def _open(self) -> int:
         # O_NOFOLLOW: /dev/shm is shared with other users of the host; never write through a planted link.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.fstat(fd).st_size < self._size:
-                os.ftruncate(fd, self._size)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        return fd
-
-    def _follow(self) -> None:
-        """A network step that unloaded took the file away and the one loaded since made a new one: use it."""
-        try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != os.fstat(self._fd).st_ino:
-            os.close(self._fd)
-            self._fd = self._open()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with self._locked():
+            if os.fstat(self._fd).st_size < self._size:
+                os.ftruncate(self._fd, self._size)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -119,7 +98,6 @@ class AdmissionLedger:
 
     def attach(self, pid: int | None = None) -> None:
         """The network step runs here and ends leases: the gate applies from now on."""
-        self._follow()
         with self._locked():
             os.pwrite(self._fd, _HEADER.pack(os.getpid() if pid is None else pid), 0)
 
@@ -143,7 +121,6 @@ class AdmissionLedger:
         """Take a lease of ``lease_s`` seconds; None when every slot is held by a live lease. With no network
         attached the gate is open: an empty lease."""
         now = time.monotonic() if now is None else now
-        self._follow()
         with self._locked():
             if not self._attached():
                 return Lease(-1, 0.0)
@@ -176,9 +153,5 @@ class AdmissionLedger:
         with self._locked():
             return sum(expiry > now for expiry in self._slots())
 
-    def close(self, remove: bool = False) -> None:
-        """Close this process's handle; ``remove``: also take the file away (the step is unloading: a server
-        that stops cleanly leaves nothing in /dev/shm; the others keep their handles until they unload too)."""
+    def close(self) -> None:
         os.close(self._fd)
-        if remove:
-            self.path.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ handed over while this one computes and the cores never wait for Triton. A lone 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from posetriton.server.openvino_runtime import Answer, InferencePipeline, OpenVi
 from posetriton.server.steps.triton_utils import cancelled, internal_error, model_parameters, unforeseen
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# A request reached later than this in its execute waited for the pipeline: ask whether its client is still there.
-HELD_CHECK_S = 0.005
 
 
 class TritonPythonModel:
@@ -59,16 +56,13 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
-        # candidates once computed, or an error that fails it alone. Triton's queue drops what its clients
-        # cancel; only a request that then waited here for a free infer request is asked again (a round trip to
-        # Triton that holds the GIL, and with it the callbacks that answer the others).
-        started = time.monotonic()
+        # candidates once computed, or an error that fails it alone.
         for request in requests:
             if self.admission is not None:
                 self.admission.started()
             sender = request.get_response_sender()
             try:
-                if time.monotonic() - started > HELD_CHECK_S and request.is_cancelled():
+                if request.is_cancelled():
                     sender.send(cancelled(), flags=FINAL)
                     continue
                 canvases = pb_utils.get_input_tensor_by_name(request, CANVAS).as_numpy()
@@ -90,6 +84,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.admission is not None:
             self.admission.detach()  # nobody ends leases now: the gate opens
-            self.admission.close(remove=True)
+            self.admission.close()
         # Answer what is in flight before the stub goes.
         self.pipeline.wait_idle(timeout=30.0)

@@ -77,7 +77,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         if self.admission is not None:
-            self.admission.close(remove=True)
+            self.admission.close()
 
     def _letterboxed(self, request: object) -> tuple[np.ndarray, list[LetterboxTransform]]:
         """Decode (or check) every image of the request and letterbox each into its slot of one batch array."""
