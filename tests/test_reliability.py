@@ -189,7 +189,9 @@ def test_server_killed_mid_load_then_restarted(model_repository: Path, photo_pat
     options = server.options
     try:
         with ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(request, server.grpc_url, data, 30.0) for _ in range(8)]
+            # Enough requests to outlast a few of Triton's metric updates (every 2 s): the pipelined network answers
+            # 8 of them in well under one, before the gauge could show them pending.
+            in_flight = [pool.submit(request, server.grpc_url, data, 30.0) for _ in range(96)]
             deadline, pending = time.monotonic() + 30, 0
             while pending < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
