@@ -64,13 +64,17 @@ def default_photos() -> list[Path]:
     return photos
 
 
+def write_json(payload: object, path: Path) -> None:
+    """Write a result as JSON to ``path`` (the docs quote these files), making its folder first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def emit_json(payload: object, path: Path | None) -> None:
-    """Print a result as JSON, and also write it to ``path`` when given (the docs quote these files)."""
-    text = json.dumps(payload, indent=2)
-    print(text)
+    """Print a result as JSON, and also write it to ``path`` when given."""
+    print(json.dumps(payload, indent=2))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        write_json(payload, path)
 
 
 def cpu_model() -> str:
@@ -562,8 +566,7 @@ def main() -> None:
             cell = measure_cell(catalog[model_name], config_name, photo_paths, args.variants, args)
             results["cells"].append(cell)
             if args.json:  # after every cell: a run cut short keeps what it measured
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(results, indent=2) + "\n")
+                write_json(results, args.json)
     print(json.dumps([{c["model"]: c["summary"]} for c in results["cells"]], indent=2))
     if args.markdown:
         args.markdown.write_text(render_markdown(results))

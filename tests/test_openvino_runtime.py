@@ -19,7 +19,7 @@ from tests.test_repository import CATALOG
 @pytest.fixture(scope="module")
 def runner(model_repository: Path) -> OpenVinoRunner:
     runner = OpenVinoRunner(model_repository / f"{UL_MODEL}_network" / "1" / "model.xml", precision="f32")
-    runner.warm_up((640, 640, 3))
+    runner.warm_up()
     return runner
 
 

@@ -97,11 +97,11 @@ class OpenVinoRunner:
         """Requests that keep every stream busy (the THROUGHPUT layout's, else 1)."""
         return self.throughput.num_requests if self.throughput else 1
 
-    def warm_up(self, image_shape: tuple[int, ...]) -> None:
+    def warm_up(self) -> None:
         """Run every compiled layout once (OpenVINO finishes its set-up on the first call), so no request pays it."""
         for queue in (self.latency, self.throughput):
             if queue is not None:
-                queue.infer(np.zeros((queue.num_requests, *image_shape), self.input_dtype))
+                queue.infer(np.zeros((queue.num_requests, *self.image_shape), self.input_dtype))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch through the network and wait for it; returns the first output for all of it."""

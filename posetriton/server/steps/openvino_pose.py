@@ -42,8 +42,7 @@ class TritonPythonModel:
             num_threads=int(params["num_threads"]) if params.get("num_threads") else container_cpu_limit(),
             cpu_pinning=params["cpu_pinning"] == "true" if params.get("cpu_pinning") else None,
         )
-        canvas = pb_utils.get_input_config_by_name(config, CANVAS)
-        runner.warm_up(tuple(int(d) for d in canvas["dims"]))
+        runner.warm_up()  # on the IR's own image shape, the one Triton's config gives the canvas
         self.pipeline = InferencePipeline(runner)
         self.logger = pb_utils.Logger
         self.name = args["model_name"]
