@@ -95,9 +95,3 @@ def cancelled() -> Any:
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED)
     )
-
-
-def instance_count(model_config: dict[str, Any]) -> int:
-    """Instances of this model Triton runs (the sum over its ``instance_group`` entries; 1 when it has none)."""
-    groups = model_config.get("instance_group") or [{"count": 1}]
-    return sum(int(group.get("count", 1)) for group in groups)
