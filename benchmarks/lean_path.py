@@ -11,7 +11,8 @@ repository, e.g. ``preprocess_instances=1`` against ``preprocess_instances=2``) 
 pipeline, ``--repeats`` times (A B A B ...), so load from elsewhere falls on all of them alike; the tables take
 the median over the repeats. Per window it records the server's CPU per process (tritonserver, each step's
 stubs) and the whole machine's. The c=1 overhead per photo = served p50 - network alone (LATENCY) p50 -
-decode + letterbox p50; the tables give the median over the photos. The full matrix (about 12 minutes):
+decode + letterbox p50, the three taken in turn request by request (this VM's speed drifts within minutes);
+the tables give the median over the photos. The full matrix (about 12 minutes):
 
     python benchmarks/lean_path.py --repository REPO --models yolo11n_pose yolo_nas_pose_n \\
         --config-names cpu cpu_bf16 --repeats 2 \\
@@ -254,6 +255,30 @@ async def served_single_ms(url: str, model: str, data: bytes, rounds: int) -> fl
     return 1000 * statistics.median(await served_single_times(url, model, data, rounds))
 
 
+async def interleaved_single_times(
+    url: str, model: str, data: bytes, canvas: np.ndarray, latency: InProcessPipeline, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of a lone served request, of the network alone (LATENCY) and of decode + letterbox, taken in turn
+    ``rounds`` times: the c=1 overhead subtracts the last two from the first, and on a VM whose speed drifts
+    within minutes they must be measured under the same conditions (one apart, not one phase apart)."""
+    client = grpcaio.InferenceServerClient(url)
+    await client.infer(model, [image_bytes_input([data])])
+    latency.compiled({0: canvas})
+    times: dict[str, list[float]] = {"served": [], "network": [], "prepare": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        await client.infer(model, [image_bytes_input([data])])
+        times["served"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        latency.compiled({0: canvas})
+        times["network"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        latency.prepare(data)
+        times["prepare"].append(time.perf_counter() - start)
+    await client.close()
+    return times
+
+
 def step_times(url: str, model: str) -> dict[str, dict[str, int]]:
     """Cumulative (count, ns) per phase of each step, from Triton's own statistics."""
     import tritonclient.grpc as grpcclient
@@ -341,7 +366,15 @@ def variant_repository(base: Path, model: ServedModel, overrides: dict, scratch:
     return repository
 
 
-def measure_served(repository: Path, model: ServedModel, config_name: str, encoded: dict[str, bytes], args) -> dict:
+def measure_served(
+    repository: Path,
+    model: ServedModel,
+    config_name: str,
+    encoded: dict[str, bytes],
+    canvases: dict[str, np.ndarray],
+    latency: InProcessPipeline,
+    args,
+) -> dict:
     options = ServerOptions(repository=repository, config_name=config_name, http_port=free_port(),
                             grpc_port=free_port(), metrics_port=free_port(), models=[model.name])  # fmt: skip
     served: dict = {}
@@ -350,11 +383,19 @@ def measure_served(repository: Path, model: ServedModel, config_name: str, encod
         url, pid = server.grpc_url, server.process.pid
         before = step_times(url, model.name)
         single = {
-            name: asyncio.run(served_single_times(url, model.name, data, args.rounds)) for name, data in encoded.items()
+            name: asyncio.run(interleaved_single_times(url, model.name, data, canvases[name], latency, args.rounds))
+            for name, data in encoded.items()
         }
         after = step_times(url, model.name)
-        served["single_p50_ms"] = {name: 1000 * statistics.median(times) for name, times in single.items()}
-        served["c1_images_per_s"] = sum(map(len, single.values())) / sum(map(sum, single.values()))
+        for key, role in (
+            ("single_p50_ms", "served"),
+            ("network_single_p50_ms", "network"),
+            ("prepare_p50_ms", "prepare"),
+        ):
+            served[key] = {name: 1000 * statistics.median(times[role]) for name, times in single.items()}
+        served["c1_images_per_s"] = sum(len(t["served"]) for t in single.values()) / sum(
+            sum(t["served"]) for t in single.values()
+        )
         served["profile_c1_ms"] = step_profile(before, after)
         for n in args.in_flight:
             window = CpuWindow(pid, model)
@@ -413,7 +454,9 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
                 repository = args.repository
                 if variant != AS_BUILT:
                     repository = variant_repository(args.repository, model, parse_variant(variant), scratch)
-                run["served"][variant] = measure_served(repository, model, config_name, encoded, args)
+                run["served"][variant] = measure_served(
+                    repository, model, config_name, encoded, canvases, latency, args
+                )
                 print(
                     model.name, config_name, variant, summarize_served(cell, run, variant), file=sys.stderr, flush=True
                 )
@@ -426,7 +469,7 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
 
 def summarize_served(cell: dict, run: dict, variant: str) -> dict:
     served, inproc = run["served"][variant], run["in_process"]
-    base = c1_baseline(cell, run)
+    base = c1_baseline(cell, run, variant)
     overhead = {
         n: served["single_p50_ms"][n] - base["network_single_p50_ms"][n] - base["prepare_p50_ms"][n]
         for n in served["single_p50_ms"]
@@ -447,8 +490,11 @@ def summarize_served(cell: dict, run: dict, variant: str) -> dict:
     }
 
 
-def c1_baseline(cell: dict, run: dict) -> dict:
-    """The in-process c=1 figures of this repeat (measured next to its served windows; once per cell before)."""
+def c1_baseline(cell: dict, run: dict, variant: str) -> dict:
+    """The in-process c=1 figures the served c=1 is compared with: measured in turn with its requests (now), else
+    in this repeat's in-process phase, else once per cell (older result files)."""
+    if "prepare_p50_ms" in run["served"][variant]:
+        return run["served"][variant]
     return run["in_process"] if "prepare_p50_ms" in run["in_process"] else cell["in_process"]
 
 
@@ -519,7 +565,9 @@ def c1_breakdown(results: dict) -> list[str]:
 
             steps = {role: step(role) for role in ("preprocess", "network", "postprocess")}
             alone, prepare = (
-                statistics.median(statistics.median(c1_baseline(cell, r)[key].values()) for r in cell["rounds"])
+                statistics.median(
+                    statistics.median(c1_baseline(cell, r, variant)[key].values()) for r in cell["rounds"]
+                )
                 for key in ("network_single_p50_ms", "prepare_p50_ms")
             )
             lines.append(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posetriton.server.admission import MAX_LEASE_S, AdmissionLedger, lease_seconds, ledger_path
+from posetriton.server.admission import MAX_LEASE_S, AdmissionLedger, ServiceTime, lease_seconds, ledger_path
 
 NOW = 1000.0
 
@@ -84,3 +84,32 @@ def test_leases_follow_the_request_timeout_and_the_ledger_sits_under_the_server_
     planted.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OSError):  # never written through a link someone planted in /dev/shm
         AdmissionLedger(planted, capacity=1)
+
+
+def test_a_request_is_refused_when_the_leases_ahead_would_start_after_its_timeout(ledger: AdmissionLedger) -> None:
+    ledger.publish_service_time(0.25)  # the network answers one request every 0.25 s under this load
+    assert ledger.service_time() == 0.25
+    assert ledger.admit(2.0, wait_s=0.6, now=NOW) is not None  # nothing ahead
+    assert ledger.admit(2.0, wait_s=0.6, now=NOW) is not None  # one ahead: starts in about 0.25 s
+    assert ledger.admit(2.0, wait_s=0.6, now=NOW) is not None  # two ahead: 0.5 s, inside its 0.6 s
+    ledger.started(now=NOW)
+    assert ledger.admit(2.0, wait_s=0.4, now=NOW) is None, "two ahead take 0.5 s: longer than it may wait"
+    assert ledger.admit(2.0, wait_s=0.0, now=NOW) is not None, "no timeout: only the slots bound it"
+    ledger.publish_service_time(0.05)  # the machine sped up: the same queue starts in time again
+    ledger.started(now=NOW)
+    assert ledger.admit(2.0, wait_s=0.4, now=NOW) is not None
+
+
+def test_the_service_time_is_the_interval_between_answers_while_busy() -> None:
+    service = ServiceTime(smoothing=0.5)
+    service.started(now=0.0)  # a lone request: its latency
+    assert service.answered(now=0.08) == pytest.approx(0.08)
+    for _ in range(3):  # three at once after an idle spell: the first from when the network turned busy
+        service.started(now=10.0)
+    assert service.answered(now=10.1) == pytest.approx(0.09)
+    assert service.answered(now=10.15) == pytest.approx(0.07)  # then the interval between answers
+    assert service.answered(now=10.2) == pytest.approx(0.06)
+    service.started(now=11.0)
+    service.dropped()  # refused before it started: it does not count
+    service.started(now=20.0)
+    assert service.answered(now=20.06) == pytest.approx(0.06), "the idle spell is not service time"

@@ -5,7 +5,7 @@ deadlines, and sequence abuse, against the real Triton server (docs/reliability.
   budgets) gets a result or INVALID_ARGUMENT within 3 s, while good requests sent beside it (sharing its
   batches) get exactly their own result.
 * Overload: the capacity is measured in the same test (before and after), then >= 2x that is offered with
-  client deadlines; the goodput (answers inside their deadline per second) must not collapse (GOODPUT_FLOOR),
+  client deadlines; the goodput (answers inside their deadline per second) stays >= 0.8x capacity (GOODPUT_FLOOR),
   refusals come fast, memory stays bounded and the server serves at once afterwards.
 * Sequences: more streams than tracker slots, abandoned streams and a killed tracker stub end with the
   open-stream gauge back at 0.
@@ -276,10 +276,12 @@ RAMP_S = 1.0  # the first second of the overload, while the queues fill, is left
 DEADLINE_S = 2.0
 BATCH = 8
 MEMORY_BOUND = 768 * 1024 * 1024  # growth of server + stubs over idle while overloaded
-# The goodput this test holds the server to: no collapse. Issue 20 asks for 0.8x: run alone on a quiet 2-vCPU
-# machine the server gives 0.82-0.87x with 2 s deadlines, but 0.42-0.82x within the test suite on the same
-# machine (docs/reliability.md, overload), so the floor is 0.5x (0.07x before the overload control).
-GOODPUT_FLOOR = 0.5
+# The goodput this test holds the server to (issue 20): 0.8x capacity, against 0.07x before the overload control.
+# Measured 0.88-1.03x on a 2-vCPU Intel VM with the admission gate sized by the network's service time
+# (docs/reliability.md, overload). This shared VM's speed drifts by a fifth within minutes, so a run that falls
+# short is measured again on a fresh server, up to OVERLOAD_RUNS in all: a server that collapses fails every one.
+GOODPUT_FLOOR = 0.8
+OVERLOAD_RUNS = 3
 
 
 @dataclass
@@ -400,12 +402,14 @@ def _overload(model_repository: Path, photo_paths: list[Path]) -> list[str]:
 
 def test_overload_keeps_goodput_near_capacity(model_repository: Path, photo_paths: list[Path]) -> None:
     # This shared 2-vCPU VM's speed drifts by a fifth within minutes (docs/benchmarks.md): a run that falls short
-    # is measured once more, on a fresh server. A server that collapses falls short in both.
-    failures = _overload(model_repository, photo_paths)
-    if failures:
-        print(f"\nfirst overload run fell short ({failures}); measuring once more")
-        failures = _overload(model_repository, photo_paths)
-    assert not failures, failures
+    # is measured again, on a fresh server (see OVERLOAD_RUNS). A server that collapses falls short in every one.
+    runs = []
+    for _ in range(OVERLOAD_RUNS):
+        runs.append(_overload(model_repository, photo_paths))
+        if not runs[-1]:
+            break
+        print(f"\noverload run {len(runs)} fell short ({runs[-1]}); measuring again on a fresh server")
+    assert not runs[-1], runs
 
 
 # ----------------------------------------------------------------------------------------------- sequences

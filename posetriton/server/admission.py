@@ -12,9 +12,14 @@ admission limit for a whole ensemble, so the steps keep one themselves, in a sma
   its client gone) never reaches the network, and its slot must not stay taken.
 
 ``capacity`` is what the network may hold waiting (its queue bound) plus what it computes at once, so a
-request admitted here is one the network queue can take. The gate is open while no network has attached to
-the ledger (a GPU server's TensorRT network runs no Python and never ends a lease). Times are
-``time.monotonic()``: one clock for every process of the host.
+request admitted here is one the network queue can take. The network also publishes how long it takes per
+request under its current load (:class:`ServiceTime`), and a request is refused as well when the leases ahead
+of it would take longer to start than it may wait in a queue (its Triton ``timeout``): under overload the
+queue holds only what can start in time, on a slow machine or a slowed one as on a fast one, and a request
+retried late in its deadline is refused at once rather than admitted, decoded and then answered too late.
+
+The gate is open while no network has attached to the ledger (a GPU server's TensorRT network runs no Python
+and never ends a lease). Times are ``time.monotonic()``: one clock for every process of the host.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +46,10 @@ LEASE_MARGIN_S = 0.25
 # The Python backend names a stub's region PREFIX + a 36-character UUID (argv[2]); the ledger shares the prefix,
 # so the server's reaper removes it with the regions (posetriton.server.server_ownership.release).
 _UUID_LENGTH = 36
-_HEADER = struct.Struct("<q")  # the attached network step's pid (0: none)
+# What follows the prefix in a ledger's name: the reaper removes ledgers with the regions, as an expected leftover.
+LEDGER_INFIX = "admission_"
+# The attached network step's pid (0: none) and its seconds per request (0.0: not measured yet).
+_HEADER = struct.Struct("<qd")
 _SLOT = struct.Struct("<d")  # a lease's expiry (monotonic seconds), 0.0 when free
 
 
@@ -51,7 +60,7 @@ def ledger_path(network_model: str, region_name: str | None = None, shm_dir: Pat
         argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
         region_name = argv[2].decode() if len(argv) > 2 else "posetriton_"
     prefix = region_name[:-_UUID_LENGTH] if len(region_name) > _UUID_LENGTH else region_name
-    return shm_dir / f"{prefix}admission_{network_model}"
+    return shm_dir / f"{prefix}{LEDGER_INFIX}{network_model}"
 
 
 @dataclass(frozen=True)
@@ -99,14 +108,26 @@ class AdmissionLedger:
     def attach(self, pid: int | None = None) -> None:
         """The network step runs here and ends leases: the gate applies from now on."""
         with self._locked():
-            os.pwrite(self._fd, _HEADER.pack(os.getpid() if pid is None else pid), 0)
+            os.pwrite(self._fd, _HEADER.pack(os.getpid() if pid is None else pid, 0.0), 0)
 
     def detach(self) -> None:
         with self._locked():
-            os.pwrite(self._fd, _HEADER.pack(0), 0)
+            os.pwrite(self._fd, _HEADER.pack(0, 0.0), 0)
 
-    def _attached(self) -> bool:
-        (pid,) = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))
+    def publish_service_time(self, seconds: float) -> None:
+        """The network's current seconds per request (see :class:`ServiceTime`), for the preprocess step's gate."""
+        with self._locked():
+            os.pwrite(self._fd, struct.pack("<d", seconds), _HEADER.size - 8)
+
+    def _header(self) -> tuple[int, float]:
+        return _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))  # type: ignore[return-value]
+
+    def service_time(self) -> float:
+        """Seconds per request the network last published (0.0: not measured yet)."""
+        with self._locked():
+            return self._header()[1]
+
+    def _attached(self, pid: int) -> bool:
         if pid <= 0:
             return False
         try:
@@ -117,14 +138,20 @@ class AdmissionLedger:
             return True
         return True
 
-    def admit(self, lease_s: float, now: float | None = None) -> Lease | None:
-        """Take a lease of ``lease_s`` seconds; None when every slot is held by a live lease. With no network
-        attached the gate is open: an empty lease."""
+    def admit(self, lease_s: float, wait_s: float = 0.0, now: float | None = None) -> Lease | None:
+        """Take a lease of ``lease_s`` seconds; None when every slot is held by a live lease, or when the live
+        leases would take the network longer than ``wait_s`` (the request's queue timeout; 0: none) to start at
+        its published service time. With no network attached the gate is open: an empty lease."""
         now = time.monotonic() if now is None else now
         with self._locked():
-            if not self._attached():
+            pid, service_s = self._header()
+            if not self._attached(pid):
                 return Lease(-1, 0.0)
-            for index, expiry in enumerate(self._slots()):
+            slots = self._slots()
+            ahead = sum(expiry > now for expiry in slots)
+            if wait_s > 0 and ahead * service_s > wait_s:
+                return None
+            for index, expiry in enumerate(slots):
                 if expiry <= now:
                     self._write_slot(index, now + lease_s)
                     return Lease(index, now + lease_s)
@@ -155,3 +182,41 @@ class AdmissionLedger:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class ServiceTime:
+    """Seconds the network takes per request under its current load: a moving average of the time between
+    answers while it is busy (from when it last turned busy, for the first answer after an idle spell).
+
+    With several requests in flight that interval is the inverse of the network's throughput, which is what a
+    queued request waits per request ahead of it; for a lone request it is its latency."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.seconds = 0.0
+        self._busy_since: float | None = None
+        self._last_answer = 0.0
+        self._in_flight = 0
+        self._lock = threading.Lock()  # started on Triton's thread, answered on the runtime's callback thread
+
+    def started(self, now: float) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = now
+            self._in_flight += 1
+
+    def dropped(self) -> None:
+        """A request counted as started that never ran (nothing will answer it)."""
+        with self._lock:
+            self._in_flight = max(self._in_flight - 1, 0)
+
+    def answered(self, now: float) -> float:
+        """One request answered at ``now``: the updated seconds per request."""
+        with self._lock:
+            since = max(self._last_answer, self._busy_since if self._busy_since is not None else now)
+            interval = max(now - since, 0.0)
+            average = self.seconds + self.smoothing * (interval - self.seconds) if self.seconds else interval
+            self.seconds = average
+            self._last_answer = now
+            self._in_flight = max(self._in_flight - 1, 0)
+            return average

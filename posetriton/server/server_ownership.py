@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from posetriton.server.admission import LEDGER_INFIX
+
 STUB_BINARY = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 PREFIX_ENV = "POSETRITON_SHM_PREFIX"
@@ -124,6 +126,8 @@ class Released:
 
     stubs: tuple[int, ...]
     regions: tuple[str, ...]
+    # Admission ledgers (posetriton.server.admission): left to the reaper by design, so not a sign of a bad stop.
+    ledgers: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.stubs or self.regions)
@@ -146,11 +150,12 @@ def release(prefix: str, timeout: float = RELEASE_TIMEOUT_S) -> Released:
             with contextlib.suppress(ChildProcessError):  # not our child: init reaps it
                 os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    removed = []
+    removed: list[str] = []
+    ledgers: list[str] = []
     for region in regions_of(prefix):
         region.unlink(missing_ok=True)
-        removed.append(region.name)
-    return Released(tuple(sorted(set(killed))), tuple(removed))
+        (ledgers if region.name[len(prefix) :].startswith(LEDGER_INFIX) else removed).append(region.name)
+    return Released(tuple(sorted(set(killed))), tuple(removed), tuple(ledgers))
 
 
 class ServerReaper(threading.Thread):

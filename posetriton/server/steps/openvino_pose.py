@@ -10,6 +10,7 @@ handed over while this one computes and the cores never wait for Triton. A lone 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from posetriton.core.contract import CANDIDATES, CANVAS
 from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
-from posetriton.server.admission import AdmissionLedger, ledger_path
+from posetriton.server.admission import AdmissionLedger, ServiceTime, ledger_path
 from posetriton.server.cpu_limit import container_cpu_limit
 from posetriton.server.openvino_runtime import Answer, InferencePipeline, OpenVinoRunner
 from posetriton.server.steps.triton_utils import cancelled, internal_error, model_parameters, unforeseen
@@ -52,6 +53,8 @@ class TritonPythonModel:
         self.admission = AdmissionLedger(ledger_path(self.name), int(capacity)) if capacity else None
         if self.admission is not None:
             self.admission.attach()
+        # Seconds per request under the current load, published for the preprocess step's gate.
+        self.service = ServiceTime()
 
     def execute(self, requests: list) -> None:
         # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
@@ -65,7 +68,12 @@ class TritonPythonModel:
                     sender.send(cancelled(), flags=FINAL)
                     continue
                 canvases = pb_utils.get_input_tensor_by_name(request, CANVAS).as_numpy()
-                self.pipeline.submit(canvases, self._answerer(sender))
+                self.service.started(time.monotonic())
+                try:
+                    self.pipeline.submit(canvases, self._answerer(sender))
+                except BaseException:
+                    self.service.dropped()  # never started: no answer will end it
+                    raise
             except Exception as exc:  # unforeseen: this request alone fails
                 sender.send(unforeseen(self.name, exc, self.logger), flags=FINAL)
         return None
@@ -77,6 +85,9 @@ class TritonPythonModel:
             else:
                 response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CANDIDATES, candidates)])
             sender.send(response, flags=FINAL)  # type: ignore[attr-defined]
+            seconds = self.service.answered(time.monotonic())
+            if self.admission is not None:
+                self.admission.publish_service_time(seconds)
 
         return answer
 

@@ -67,11 +67,12 @@ class TritonPythonModel:
         much as it can start in time."""
         if self.admission is None:
             return None
-        lease = self.admission.admit(lease_seconds(int(request.timeout())))  # type: ignore[attr-defined]
+        timeout_us = int(request.timeout())  # type: ignore[attr-defined]
+        lease = self.admission.admit(lease_seconds(timeout_us), wait_s=timeout_us / 1e6)
         if lease is None:
             raise StepBusy(
-                f"server busy: {self.network} already has {self.admission.capacity} requests admitted that it "
-                "has not started; refused before decoding, try again later"
+                f"server busy: {self.network} already holds as many requests as it can start within this "
+                f"request's timeout (at most {self.admission.capacity}); refused before decoding, try again later"
             )
         return lease
 
