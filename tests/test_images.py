@@ -268,3 +268,14 @@ def test_reduced_decode_checks_the_pixel_limit_before_decoding() -> None:
             decode()
     with pytest.raises(InvalidImageError, match="too large"):
         decode_image_reduced(png_header_only(100_000, 100_000), LIMIT, 640)
+
+
+def test_warm_up_samples_cover_the_accepted_formats_and_decode_to_their_pixels() -> None:
+    from posetriton.core.images import ACCEPTED_FORMATS, declared_size, warm_up_samples
+
+    samples = warm_up_samples(side=16)
+    formats = {Image.open(io.BytesIO(sample)).format for sample in samples}
+    assert formats == set(ACCEPTED_FORMATS), "every decoder the preprocess step serves is warmed at start-up"
+    for sample in samples:
+        assert declared_size(sample, 10**6) == (16, 16)
+        assert decode_image(sample, 10**6).shape == (16, 16, 3)

