@@ -30,10 +30,12 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from benchmarks.lean_path import cpu_model, default_photos, emit_json
 from posetriton.client import image_bytes_input
 from posetriton.core.contract import OUTPUTS
 from posetriton.server.launcher import ServerOptions, TritonServer, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.lean_path import cpu_model, default_photos, emit_json
 
 PHASES = {
     "queue": ("QUEUE_START", "COMPUTE_START"),
