@@ -120,7 +120,8 @@ class AdmissionLedger:
             os.pwrite(self._fd, struct.pack("<d", seconds), _HEADER.size - 8)
 
     def _header(self) -> tuple[int, float]:
-        return _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))  # type: ignore[return-value]
+        pid, service_s = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))
+        return int(pid), float(service_s)
 
     def service_time(self) -> float:
         """Seconds per request the network last published (0.0: not measured yet)."""
