@@ -310,27 +310,6 @@ def step_profile(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return profile
 
 
-def network_single_ms(pipeline: InProcessPipeline, canvas: np.ndarray, rounds: int) -> float:
-    """The network call alone (LATENCY, one image), median of ``rounds``."""
-    pipeline.compiled({0: canvas})
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        pipeline.compiled({0: canvas})
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def prepare_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
-    """Decode + letterbox of one photo (the preprocess step's work), median of ``rounds``."""
-    times = []
-    for _ in range(rounds + 1):
-        start = time.perf_counter()
-        pipeline.prepare(data)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[1:])
-
-
 def single_ms(pipeline: InProcessPipeline, data: bytes, rounds: int) -> float:
     pipeline.single(data)
     times = []
@@ -436,15 +415,11 @@ def measure_cell(model: ServedModel, config_name: str, photo_paths: list[Path], 
     throughput = InProcessPipeline(model, xml, precision, "THROUGHPUT")
     try:
         for _ in range(args.repeats):  # A B A B ...: load from elsewhere falls on every variant alike
-            single = {
-                "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
-                # The network call alone and decode + letterbox alone, per photo: the c=1 overhead is what is left.
-                "network_single_p50_ms": {n: network_single_ms(latency, c, args.rounds) for n, c in canvases.items()},
-                "prepare_p50_ms": {n: prepare_ms(latency, d, args.rounds) for n, d in encoded.items()},
-            }
             run: dict = {
                 "in_process": {
-                    **single,
+                    # The network alone and decode + letterbox alone are measured beside the served c=1 requests
+                    # (interleaved_single_times); this is the in-process pipeline's own lone request.
+                    "single_p50_ms": {n: single_ms(latency, d, args.rounds) for n, d in encoded.items()},
                     "optimal_requests": throughput.optimal,
                     **{
                         f"in_flight_{n}": throughput.throughput(list(encoded.values()), n, args.seconds)
@@ -494,8 +469,8 @@ def summarize_served(cell: dict, run: dict, variant: str) -> dict:
 
 
 def c1_baseline(cell: dict, run: dict, variant: str) -> dict:
-    """The in-process c=1 figures the served c=1 is compared with: measured in turn with its requests (now), else
-    in this repeat's in-process phase, else once per cell (older result files)."""
+    """The in-process c=1 figures the served c=1 is compared with: measured in turn with its requests; older result
+    files (``--render``) have them in the repeat's in-process phase, or once per cell."""
     if "prepare_p50_ms" in run["served"][variant]:
         return run["served"][variant]
     return run["in_process"] if "prepare_p50_ms" in run["in_process"] else cell["in_process"]
