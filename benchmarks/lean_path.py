@@ -279,13 +279,15 @@ async def interleaved_single_times(
 
 
 def step_times(url: str, model: str) -> dict[str, dict[str, int]]:
-    """Cumulative (count, ns) per phase of each step, from Triton's own statistics."""
+    """Cumulative (count, ns) per phase of each step of the ensemble ``model``, from Triton's own statistics (the
+    CPU ensembles have no postprocess step: the network finishes the poses)."""
     import tritonclient.grpc as grpcclient
 
     phases = ("queue", "compute_input", "compute_infer", "compute_output")
     totals = {}
     with grpcclient.InferenceServerClient(url) as client:
-        for role in ("preprocess", "network", "postprocess"):
+        steps = client.get_model_config(model, as_json=True)["config"]["ensemble_scheduling"]["step"]
+        for role in (step["model_name"].removeprefix(f"{model}_") for step in steps):
             (stats,) = client.get_inference_statistics(f"{model}_{role}", as_json=True)["model_stats"]
             inference = stats["inference_stats"]
             totals[role] = {
@@ -523,8 +525,10 @@ def c1_breakdown(results: dict) -> list[str]:
     lines = [
         "A lone request (c=1), ms, medians over photos and repeats; steps as Triton's statistics time them "
         "(queue + compute input + infer + output, means). The network step hands each image to OpenVINO and "
-        "returns, so Triton times only that hand-over; its compute is the network alone (LATENCY). *The rest* = "
-        "served mean − network alone − the steps' sum (gRPC, ensemble hand-offs, the network's answer, client):",
+        "returns, so Triton times only that hand-over; its compute is the network alone (LATENCY). On the CPU "
+        "path the network also finishes the poses in its answer (no postprocess step: —). *The rest* = "
+        "served mean − network alone − the steps' sum (gRPC, ensemble hand-offs, the network's answer with its NMS, "
+        "client):",
         "",
         "| model | precision | served variant | served p50 / mean | network alone (LATENCY) | decode + letterbox "
         "| preprocess step | network hand-over | postprocess step | the rest |",
@@ -541,7 +545,9 @@ def c1_breakdown(results: dict) -> list[str]:
                     sum(v for k, v in r["profile_c1_ms"][role].items() if k != "images_per_execution") for r in runs
                 )
 
-            steps = {role: step(role) for role in ("preprocess", "network", "postprocess")}
+            roles = [role for role in ("preprocess", "network", "postprocess") if role in runs[0]["profile_c1_ms"]]
+            steps = {role: step(role) for role in roles}
+            postprocess_step = f"{steps['postprocess']:.1f}" if "postprocess" in steps else "—"
             alone, prepare = (
                 statistics.median(
                     statistics.median(c1_baseline(cell, r, variant)[key].values()) for r in cell["rounds"]
@@ -551,7 +557,7 @@ def c1_breakdown(results: dict) -> list[str]:
             lines.append(
                 f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
                 f"| {alone:.1f} | {prepare:.1f} | {steps['preprocess']:.1f} "
-                f"| {steps['network']:.1f} | {steps['postprocess']:.1f} "
+                f"| {steps['network']:.1f} | {postprocess_step} "
                 f"| {mean - alone - sum(steps.values()):.1f} |"
             )
     return lines

@@ -132,13 +132,17 @@ ONE_FRAME = {"sequence_start": True, "sequence_end": True}
 
 
 def probes() -> list[Probe]:
-    def nan_row(column: int, value: float) -> Callable[[], list[grpcclient.InferInput]]:
-        def build() -> list[grpcclient.InferInput]:
-            letterbox = good_letterbox()
-            letterbox[0, column] = value
-            return postprocess_inputs(crowded_candidates(), letterbox)
+    def nan_letterbox(column: int, value: float = np.nan) -> np.ndarray:
+        letterbox = good_letterbox()
+        letterbox[0, column] = value
+        return letterbox
 
-        return build
+    def nan_row(column: int, value: float) -> Callable[[], list[grpcclient.InferInput]]:
+        return lambda: postprocess_inputs(crowded_candidates(), nan_letterbox(column, value))
+
+    def network_inputs(letterbox: np.ndarray, images: int = 1) -> list[grpcclient.InferInput]:
+        canvas = np.random.default_rng(images).integers(0, 256, (images, 640, 640, 3), dtype=np.uint8)
+        return [tensor("canvas", canvas, "UINT8"), tensor("letterbox", letterbox, "FP64")]
 
     def poisoned_candidates(value: float) -> list[grpcclient.InferInput]:
         candidates = crowded_candidates()
@@ -165,6 +169,14 @@ def probes() -> list[Probe]:
               lambda: [tensor("canvas", np.zeros((1, 320, 320, 3), np.uint8), "UINT8")], "INVALID_ARGUMENT"),
         Probe("network: a float canvas", NETWORK,
               lambda: [tensor("canvas", np.zeros((1, 640, 640, 3), np.float32), "FP32")], "INVALID_ARGUMENT"),
+        # network with letterbox rows (the CPU ensembles' call): the rows and thresholds are checked before it runs
+        Probe("network: NaN letterbox scale", NETWORK, lambda: network_inputs(nan_letterbox(0)), "INVALID_ARGUMENT"),
+        Probe("network: 2 canvases, 1 letterbox row", NETWORK, lambda: network_inputs(good_letterbox(1), 2),
+              "INVALID_ARGUMENT"),
+        Probe("network: iou as text", NETWORK, lambda: network_inputs(good_letterbox()), "INVALID_ARGUMENT",
+              {"parameters": {"iou": "some"}}),
+        Probe("network: poses for 2 canvases", NETWORK, lambda: network_inputs(good_letterbox(2), 2), "result",
+              {"parameters": {"max_det": 1000, "conf": 0.0}}),
         # postprocess
         Probe("postprocess: NaN letterbox scale", POSTPROCESS, nan_row(0, np.nan), "INVALID_ARGUMENT"),
         Probe("postprocess: +inf letterbox width", POSTPROCESS, nan_row(4, np.inf), "INVALID_ARGUMENT"),

@@ -551,11 +551,11 @@ def test_image_build_refuses_an_empty_or_incomplete_model_repository(model_repos
         if model.name.startswith(UL_MODEL):
             shutil.copytree(model, broken / model.name, copy_function=os.symlink)
     (broken / f"{UL_MODEL}_network" / "1" / "model.bin").unlink()
-    shutil.rmtree(broken / f"{UL_MODEL}_postprocess")
+    shutil.rmtree(broken / f"{UL_MODEL}_preprocess")
     refused = check(broken, "--config-name", "cpu")
     assert refused.returncode == 1
     assert f"{UL_MODEL}_network: {UL_MODEL}_network/1/model.bin is missing or empty" in refused.stderr
-    assert f"{UL_MODEL}: step model {UL_MODEL}_postprocess is missing" in refused.stderr
+    assert f"{UL_MODEL}: step model {UL_MODEL}_preprocess is missing" in refused.stderr
     # The GPU target checks the default configuration: a repository without TensorRT plans is refused.
     refused = check(model_repository)
     assert refused.returncode == 1 and f"{UL_MODEL}_network/1/model.plan is missing or empty" in refused.stderr
@@ -594,7 +594,7 @@ def test_python_backend_shared_memory_fits_dev_shm(rendered: dict[str, list[dict
             budget += model.tuning.postprocess_instances * region(candidates + batch * 48 + poses)
             stubs += model.tuning.preprocess_instances + model.tuning.postprocess_instances
             if python_network:
-                budget += region(images + candidates)  # the CPU network: one instance
+                budget += region(images + batch * 48 + candidates + poses)  # the CPU network (it answers poses)
                 stubs += 1
         assert stubs * default <= size_limit // 2, f"{variant}: initial regions alone take half of /dev/shm"
         assert budget <= size_limit, f"{variant}: Python backend may need {budget / MIB:.0f} MiB > /dev/shm"

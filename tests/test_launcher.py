@@ -293,7 +293,7 @@ def test_a_sigkilled_server_leaves_no_stub_and_no_shared_memory(
         assert server.process is not None and server.shm_prefix is not None
         assert server.shm_prefix.startswith(SESSION_SHM_PREFIX) and server.shm_prefix != SESSION_SHM_PREFIX
         stubs = _stop_stubs(server.shm_prefix)
-        assert len(stubs) >= 3, "preprocess, network and postprocess run in stubs"
+        assert len(stubs) >= 3, "the preprocess instances and the network run in stubs"
         os.kill(server.process.pid, signal.SIGKILL)
         assert_nothing_left(server.shm_prefix, "a SIGKILLed tritonserver")
         released = server.release_leftovers()

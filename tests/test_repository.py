@@ -69,6 +69,17 @@ def test_variants_differ_from_their_base_only_where_they_must() -> None:
     )
     del track.input[-1], track.output[len(plain.output) :], track.ensemble_scheduling.step[-1]
     assert track == _without(plain, "name")
+    # The CPU ensembles are the same but for their last steps: the network finishes the poses, no postprocess step.
+    for ensemble in ("yolo11n_pose", "yolo11n_pose_pixels", "yolo11n_pose_track"):
+        base = configs[f"{ensemble}/config.pbtxt"]
+        for config_name in CPU_CONFIGS:
+            cpu_ensemble = configs[f"{ensemble}/configs/{config_name}.pbtxt"]
+            assert _without(cpu_ensemble, "ensemble_scheduling") == _without(base, "ensemble_scheduling")
+            roles = [step.model_name for step in cpu_ensemble.ensemble_scheduling.step]
+            assert (
+                contract.POSTPROCESS_SUFFIX not in "".join(roles)
+                and len(roles) == len(base.ensemble_scheduling.step) - 1
+            )
     network = "yolo11n_pose_network"
     cpu = [_without(configs[f"{network}/configs/{c}.pbtxt"], "parameters") for c in CPU_CONFIGS]
     assert all(config == cpu[0] for config in cpu)
@@ -90,16 +101,23 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
     configs = {path.split("/")[0]: parse(text) for path, text in files.items() if path.endswith("config.pbtxt")}
     steps = {f"{name}_preprocess", f"{name}_network", f"{name}_postprocess", f"{name}_tracker"}
     assert set(configs) == {name, f"{name}_pixels", f"{name}_track", *steps}
-    for ensemble in (name, f"{name}_pixels", f"{name}_track"):
-        produced = {i.name for i in configs[ensemble].input}
-        for step in configs[ensemble].ensemble_scheduling.step:
-            model = configs[step.model_name]
-            assert set(step.input_map) <= {i.name for i in model.input}
-            assert {i.name for i in model.input if not i.optional} <= set(step.input_map)
-            assert set(step.input_map.values()) <= produced, f"{ensemble}: {step.model_name} reads an unproduced tensor"
-            assert set(step.output_map) <= {o.name for o in model.output}
-            produced |= set(step.output_map.values())
-        assert {o.name for o in configs[ensemble].output} <= produced
+    # Every configuration Triton may select (--model-config-name): each model's configs/NAME.pbtxt, else config.pbtxt.
+    for config_name in (None, *CPU_CONFIGS, *GPU_CONFIGS):
+        selected = {
+            model: parse(files.get(f"{model}/configs/{config_name}.pbtxt", files[f"{model}/config.pbtxt"]))
+            for model in configs
+        }
+        for ensemble in (name, f"{name}_pixels", f"{name}_track"):
+            produced = {i.name for i in selected[ensemble].input}
+            for step in selected[ensemble].ensemble_scheduling.step:
+                model = selected[step.model_name]
+                where = f"{config_name}: {ensemble}: {step.model_name}"
+                assert set(step.input_map) <= {i.name for i in model.input}, where
+                assert {i.name for i in model.input if not i.optional} <= set(step.input_map), where
+                assert set(step.input_map.values()) <= produced, f"{where} reads an unproduced tensor"
+                assert set(step.output_map) <= {o.name for o in model.output}, where
+                produced |= set(step.output_map.values())
+            assert {o.name for o in selected[ensemble].output} <= produced
     gpu = configs[f"{name}_network"]
     assert (
         gpu.platform == "tensorrt_plan" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
@@ -126,8 +144,14 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
         capacity = int(cpu.parameters["admission_capacity"].string_value)
         assert capacity == int(pre.parameters["admission_capacity"].string_value)
         assert capacity == queue.max_queue_size + tuning.preprocess_instances
-        assert [i.dims for i in cpu.input] == [i.dims for i in gpu.input]  # one ensemble serves both
-        assert [o.dims for o in cpu.output] == [o.dims for o in gpu.output]
+        # The GPU network's tensors, plus the letterbox rows in (optional) and the poses out: the GPU ensembles
+        # could run on it unchanged, the CPU ensembles skip the postprocess step.
+        assert [i.dims for i in cpu.input][: len(gpu.input)] == [i.dims for i in gpu.input]
+        assert [o.dims for o in cpu.output][: len(gpu.output)] == [o.dims for o in gpu.output]
+        assert [(i.name, i.optional) for i in cpu.input[len(gpu.input) :]] == [(contract.LETTERBOX, True)]
+        post = parse(files[f"{name}_postprocess/config.pbtxt"])
+        assert cpu.output[len(gpu.output) :] == post.output
+        assert {k: cpu.parameters[k] for k in post.parameters} == dict(post.parameters)
 
 
 def test_family_values_reach_the_step_parameters() -> None:
@@ -206,8 +230,9 @@ def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() 
     files = render(model)
     for config_name in CPU_CONFIGS:
         network = parse(files[f"yolo11n_pose_network/configs/{config_name}.pbtxt"])
-        assert [list(i.dims) for i in network.input] == [[320, 320, 3]]
-        assert [list(o.dims) for o in network.output] == [[2100, contract.candidate_width(5)]]
+        assert [list(i.dims) for i in network.input] == [[320, 320, 3], [contract.LETTERBOX_WIDTH]]
+        assert list(network.output[0].dims) == [2100, contract.candidate_width(5)]
+        assert [list(o.dims) for o in network.output if o.name == contract.KEYPOINTS] == [[-1, 5, 3]]
     post = parse(files["yolo11n_pose_postprocess/config.pbtxt"])
     assert list(post.input[0].dims) == [2100, 20]
     assert [list(o.dims) for o in post.output if o.name == contract.KEYPOINTS] == [[-1, 5, 3]]

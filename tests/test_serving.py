@@ -188,6 +188,36 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(
     assert server.is_ready() and server.process is not None and server.process.poll() is None
 
 
+def test_cpu_network_step_finishes_the_poses_as_the_postprocess_step_does(
+    served_url: str, photos: dict[str, bytes]
+) -> None:
+    """On the CPU path the network answers the poses itself (no postprocess step in the ensemble): the same
+    outputs, value for value, that NAME_postprocess gives for the candidates that very call computed."""
+    outputs = ["NUM_DETECTIONS", "BOXES", "SCORES", "KEYPOINTS", "IMAGE_SIZE"]
+    parameters = {"conf": 0.1, "iou": 0.6, "max_det": 3}
+    with grpcclient.InferenceServerClient(served_url) as client:
+        steps = client.get_model_config(UL_MODEL, as_json=True)["config"]["ensemble_scheduling"]["step"]
+        assert [step["model_name"] for step in steps] == [f"{UL_MODEL}_preprocess", f"{UL_MODEL}_network"]
+        prepared = client.infer(f"{UL_MODEL}_preprocess", [image_input([photos["bus.jpg"], photos["zidane.jpg"]])])
+        canvas, letterbox = prepared.as_numpy("canvas"), prepared.as_numpy("letterbox")
+        inputs = [grpcclient.InferInput("canvas", list(canvas.shape), "UINT8"),
+                  grpcclient.InferInput("letterbox", list(letterbox.shape), "FP64")]  # fmt: skip
+        inputs[0].set_data_from_numpy(canvas)
+        inputs[1].set_data_from_numpy(letterbox)
+        wanted = [grpcclient.InferRequestedOutput(name) for name in ["candidates", *outputs]]
+        network = client.infer(f"{UL_MODEL}_network", inputs, outputs=wanted, parameters=parameters)
+        candidates = network.as_numpy("candidates")
+        post_inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"), inputs[1]]
+        post_inputs[0].set_data_from_numpy(candidates)
+        post = client.infer(f"{UL_MODEL}_postprocess", post_inputs, parameters=parameters)
+        raw = client.infer(f"{UL_MODEL}_network", inputs[:1])  # no letterbox rows: the candidates alone
+    counts = network.as_numpy("NUM_DETECTIONS")[:, 0]
+    assert counts[0] == 3 and counts[1] == 2  # bus.jpg holds more people than max_det, zidane.jpg two
+    for name in outputs:
+        assert np.array_equal(network.as_numpy(name), post.as_numpy(name)), name
+    assert raw.as_numpy("candidates").shape == candidates.shape and raw.as_numpy("BOXES") is None
+
+
 def test_ensemble_publishes_keypoint_metadata(served_url: str) -> None:
     with grpcclient.InferenceServerClient(served_url) as client:
         config = client.get_model_config(UL_MODEL, as_json=True)["config"]

@@ -91,5 +91,6 @@ def pending_requests(metrics_port: int, ensemble: str) -> int:
         text = response.read().decode()
     steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in PIPELINE_SUFFIXES)
     found = re.findall(rf'^nv_inference_pending_request_count{{model="(?:{steps})",version="1"}} (\d+)', text, re.M)
-    assert len(found) == len(PIPELINE_SUFFIXES), f"Triton exposes no pending-request count for the steps of {ensemble}"
+    # The CPU ensembles have no postprocess step (the network finishes the poses); a server may not load it.
+    assert len(found) >= 2, f"Triton exposes no pending-request count for the steps of {ensemble}"
     return sum(int(count) for count in found)

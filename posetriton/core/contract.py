@@ -10,6 +10,9 @@ Ensemble ``NAME`` (``NAME_pixels`` takes raw pixels instead of encoded bytes)::
       -> NAME_preprocess  -> canvas UINT8 [B, S, S, 3] (letterboxed, decoded RGB order), letterbox FP64 [B, 6]
       -> NAME_network     -> candidates FP32 [B, k, 5 + 3K] (best k anchors by person score, sorted)
       -> NAME_postprocess -> NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE
+
+On the CPU the network step takes the letterbox rows too and answers the five outputs itself (the postprocess
+step's work, run on its own answers): the CPU ensembles are NAME_preprocess -> NAME_network.
 """
 
 from __future__ import annotations

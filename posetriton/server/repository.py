@@ -14,8 +14,9 @@ Per served model ``NAME`` the repository holds five models:
 name falls back to its ``config.pbtxt``. GPU configuration names (:data:`GPU_CONFIGS`) pick the
 network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GPU JPEG decode and
 letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.server.steps.gpu_preprocess),
-``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The
-ensembles are the same for every configuration.
+``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The CPU
+configurations have their own ensembles (``NAME/configs/cpu.pbtxt`` ...): preprocess -> network, the CPU
+network finishing the poses itself (:data:`CPU_PIPELINE`); ``NAME_postprocess`` stays served for direct callers.
 
 Every config is a Triton ``ModelConfig`` message (posetriton.server.model_config) written in protobuf text
 format. Variants are derived, not repeated: one base per step (name, batch size, tensors from
@@ -276,6 +277,12 @@ STEP_TENSORS = {
     "tracker": ((*contract.OUTPUTS, FRAME_INDEX, CANVAS, LETTERBOX), (TRACK_IDS, SMOOTHED_KEYPOINTS)),
 }
 PIPELINE = ("preprocess", "network", "postprocess")
+# The CPU network step also finishes the poses (the postprocess step's work, in OpenVINO's completion callback)
+# when the letterbox rows come with the canvas: its ensembles skip NAME_postprocess, a stub round trip fewer per
+# request (posetriton.server.steps.openvino_pose). NAME_postprocess stays served for direct callers.
+# What it reads and writes there; its config declares these besides its own STEP_TENSORS (the letterbox optional).
+CPU_NETWORK_TENSORS = ((CANVAS, LETTERBOX), contract.OUTPUTS)
+CPU_PIPELINE = ("preprocess", "network")
 LATEST_VERSION = -1  # an ensemble step runs the newest version its model has
 # Python-backend steps batch what is already queued and never hold a request to wait for more.
 STEP_MAX_QUEUE_DELAY_US = 0
@@ -355,9 +362,12 @@ def queue_policy(role: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ ensembles
-def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = ()) -> Any:
-    """Step ``role`` in an ensemble: it reads ``inputs`` (default: all of its own) and writes its outputs."""
+def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = (), cpu: bool = False) -> Any:
+    """Step ``role`` in an ensemble: it reads ``inputs`` (default: all of its own) and writes its outputs; on the
+    CPU path the network reads the letterbox rows too and writes the poses (CPU_NETWORK_TENSORS)."""
     own_inputs, outputs = STEP_TENSORS[role]
+    if cpu and role == "network":
+        own_inputs, outputs = CPU_NETWORK_TENSORS
     return EnsembleStep(
         model_name=model.step(role),
         model_version=LATEST_VERSION,
@@ -366,9 +376,10 @@ def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = ()) 
     )
 
 
-def ensemble_config(model: ServedModel) -> Any:
-    """NAME: encoded images in (IMAGE), poses out, through preprocess -> network -> postprocess; its parameters
-    carry the model's metadata (keypoint names, skeleton, letterbox, default thresholds) for clients."""
+def ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
+    """NAME: encoded images in (IMAGE), poses out, through preprocess -> network -> postprocess (``cpu``: through
+    preprocess -> network, CPU_PIPELINE); its parameters carry the model's metadata (keypoint names, skeleton,
+    letterbox, default thresholds) for clients."""
     declared = tensors(model)
     config = ModelConfig(
         name=model.name,
@@ -377,17 +388,17 @@ def ensemble_config(model: ServedModel) -> Any:
         input=[declared[IMAGE].as_input()],
         output=[declared[name].as_output() for name in contract.OUTPUTS],
     )
-    first, *rest = PIPELINE
+    first, *rest = CPU_PIPELINE if cpu else PIPELINE
     config.ensemble_scheduling.step.extend(
-        [_ensemble_step(model, first, inputs=(IMAGE,)), *(_ensemble_step(model, role) for role in rest)]
+        [_ensemble_step(model, first, inputs=(IMAGE,)), *(_ensemble_step(model, role, cpu=cpu) for role in rest)]
     )
     _set_parameters(config, model.metadata())
     return config
 
 
-def pixels_ensemble_config(model: ServedModel) -> Any:
+def pixels_ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
     """NAME_pixels: NAME with raw pixels (PIXELS) in place of the encoded image, fed to the same first step."""
-    config = ensemble_config(model)
+    config = ensemble_config(model, cpu)
     config.name = model.step("pixels")
     config.input[0].CopyFrom(tensors(model)[PIXELS].as_input())
     first = config.ensemble_scheduling.step[0]
@@ -428,9 +439,14 @@ def postprocess_config(model: ServedModel) -> Any:
     config = _step_config(model, "postprocess", backend="python")
     config.dynamic_batching.CopyFrom(_dynamic_batching(STEP_MAX_QUEUE_DELAY_US, queue_role="postprocess"))
     config.instance_group.extend(_instances(model.tuning.postprocess_instances, "KIND_CPU"))
-    input_size = {INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}
-    _set_parameters(config, {**model.postprocess.to_parameters(), **input_size})
+    _set_parameters(config, pose_output_parameters(model))
     return config
+
+
+def pose_output_parameters(model: ServedModel) -> dict[str, str]:
+    """What a step that finishes the poses reads (posetriton.server.steps.pose_outputs): the postprocess spec and
+    the canvas size its letterbox rows refer to. The postprocess step and the CPU network step both carry them."""
+    return {**model.postprocess.to_parameters(), INPUT_SIZE_PARAMETER: str(model.letterbox.input_size)}
 
 
 def network_gpu_config(model: ServedModel) -> Any:
@@ -498,6 +514,10 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
     config.dynamic_batching.CopyFrom(
         _dynamic_batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_role="network")
     )
+    # With the letterbox rows the answer is the poses (CPU_NETWORK_TENSORS); without, the candidates alone.
+    declared, (inputs, outputs) = tensors(model), STEP_TENSORS["network"]
+    config.input.extend(declared[name].as_input(optional=True) for name in CPU_NETWORK_TENSORS[0] if name not in inputs)
+    config.output.extend(declared[name].as_output() for name in CPU_NETWORK_TENSORS[1] if name not in outputs)
     # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
     config.instance_group.extend(_instances(1, "KIND_CPU"))
     _set_parameters(
@@ -508,6 +528,7 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
             "performance_hint": t.network_performance_hint,
             "cpu_pinning": str(t.network_cpu_pinning).lower(),
             **admission_parameters(model),
+            **pose_output_parameters(model),
         },
     )
     return config
@@ -541,6 +562,8 @@ def model_configs(model: ServedModel, onnx_sha256: str | None = None) -> dict[st
     }
     for config_name, precision in CPU_CONFIGS.items():
         configs[f"{network}/configs/{config_name}.pbtxt"] = network_cpu_config(model, precision)
+        configs[f"{model.name}/configs/{config_name}.pbtxt"] = ensemble_config(model, cpu=True)
+        configs[f"{model.step('pixels')}/configs/{config_name}.pbtxt"] = pixels_ensemble_config(model, cpu=True)
     for config_name, (network_variant, preprocess_variant) in GPU_CONFIGS.items():
         if network_variant == "ort_trt":
             configs[f"{network}/configs/{config_name}.pbtxt"] = network_ort_trt_config(model, onnx_sha256)
@@ -647,14 +670,14 @@ def stream_limits(model: ServedModel) -> StreamLimits:
     )  # fmt: skip
 
 
-def track_ensemble_config(model: ServedModel) -> Any:
-    """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after postprocess, and its outputs out.
+def track_ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
+    """``NAME`` (encoded images in) with FRAME_INDEX in, the tracker step after the poses, and its outputs out.
 
     Derived from NAME's own ensemble so the two never drift apart: every change there (steps, outputs,
     metadata) carries over.
     """
     declared = tensors(model)
-    config = ensemble_config(model)
+    config = ensemble_config(model, cpu)
     config.name = track_models(model)[0]
     config.input.extend([declared[FRAME_INDEX].as_input()])
     config.output.extend(declared[name].as_output() for name in STEP_TENSORS["tracker"][1])
@@ -664,4 +687,7 @@ def track_ensemble_config(model: ServedModel) -> Any:
 
 def track_configs(model: ServedModel) -> dict[str, Any]:
     track, tracker = track_models(model)
-    return {f"{track}/config.pbtxt": track_ensemble_config(model), f"{tracker}/config.pbtxt": tracker_config(model)}
+    configs = {f"{track}/config.pbtxt": track_ensemble_config(model), f"{tracker}/config.pbtxt": tracker_config(model)}
+    for config_name in CPU_CONFIGS:
+        configs[f"{track}/configs/{config_name}.pbtxt"] = track_ensemble_config(model, cpu=True)
+    return configs

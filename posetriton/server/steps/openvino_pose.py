@@ -5,6 +5,11 @@ precision (f32 / bf16) and stream layout in this model's ``parameters``. ``execu
 request's images in OpenVINO and returns; every request is answered through its response sender as soon as
 its own images are done (:class:`posetriton.server.openvino_runtime.InferencePipeline`), so the next batch is
 handed over while this one computes and the cores never wait for Triton. A lone request still gets every core.
+
+When the letterbox rows come with the canvas (the CPU ensembles send both), the answer is the poses themselves: the
+postprocess step's work (:class:`~posetriton.server.steps.pose_outputs.PoseOutputs`) runs in the completion
+callback, so a request crosses one Python step fewer (a stub round trip, 1-2 ms). Without them (a direct caller) it
+is the raw candidates, as from the GPU network.
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from posetriton.core.contract import CANDIDATES, CANVAS
+from posetriton.core.contract import CANDIDATES, CANVAS, LETTERBOX, ContractError
 from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
 from posetriton.server.admission import AdmissionLedger, ServiceTime, ledger_path
 from posetriton.server.cpu_limit import container_cpu_limit
 from posetriton.server.openvino_runtime import Answer, InferencePipeline, OpenVinoRunner
-from posetriton.server.steps.triton_utils import cancelled, internal_error, model_parameters, unforeseen
+from posetriton.server.steps.pose_outputs import PoseJob, PoseOutputs
+from posetriton.server.steps.triton_utils import (
+    cancelled,
+    internal_error,
+    invalid_argument,
+    model_parameters,
+    unforeseen,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -55,6 +67,10 @@ class TritonPythonModel:
             self.admission.attach()
         # Seconds per request under the current load, published for the preprocess step's gate.
         self.service = ServiceTime()
+        # The pose outputs, where this configuration declares the letterbox input (the generated CPU ones do).
+        candidates_output = next(o for o in config["output"] if o["name"] == CANDIDATES)
+        takes_rows = any(i["name"] == LETTERBOX for i in config["input"])
+        self.poses = PoseOutputs(params, num_candidates=int(candidates_output["dims"][0])) if takes_rows else None
 
     def execute(self, requests: list) -> None:
         # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
@@ -68,9 +84,14 @@ class TritonPythonModel:
                     sender.send(cancelled(), flags=FINAL)
                     continue
                 canvases = pb_utils.get_input_tensor_by_name(request, CANVAS).as_numpy()
+                try:
+                    answer = self._answerer(sender, request, len(canvases))
+                except ContractError as exc:  # checked before anything starts: it costs no inference
+                    sender.send(invalid_argument(str(exc)), flags=FINAL)
+                    continue
                 self.service.started(time.monotonic())
                 try:
-                    self.pipeline.submit(canvases, self._answerer(sender))
+                    self.pipeline.submit(canvases, answer)
                 except BaseException:
                     self.service.dropped()  # never started: no answer will end it
                     raise
@@ -78,18 +99,35 @@ class TritonPythonModel:
                 sender.send(unforeseen(self.name, exc, self.logger), flags=FINAL)
         return None
 
-    def _answerer(self, sender: object) -> Answer:
+    def _answerer(self, sender: object, request: object, images: int) -> Answer:
+        """The callback that answers ``request``: its poses when it carries letterbox rows (checked here, before
+        anything starts), and its candidates when it asks for them or carries no rows."""
+        rows = pb_utils.get_input_tensor_by_name(request, LETTERBOX) if self.poses is not None else None
+        job = None if rows is None or self.poses is None else self.poses.job(request, rows.as_numpy())
+        if job is not None and len(job.rows) != images:
+            raise ContractError(f"canvas holds {images} image(s) but letterbox {len(job.rows)}; one row per image")
+        with_candidates = job is None or CANDIDATES in request.requested_output_names()  # type: ignore[attr-defined]
+
         def answer(candidates: np.ndarray | None, error: BaseException | None) -> None:
             if error is not None:
                 response = internal_error(f"OpenVINO inference failed: {error}")
             else:
-                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(CANDIDATES, candidates)])
+                response = self._response(candidates, job, with_candidates)  # type: ignore[arg-type]
             sender.send(response, flags=FINAL)  # type: ignore[attr-defined]
             seconds = self.service.answered(time.monotonic())
             if self.admission is not None:
                 self.admission.publish_service_time(seconds)
 
         return answer
+
+    def _response(self, candidates: np.ndarray, job: PoseJob | None, with_candidates: bool) -> object:
+        try:
+            tensors = [pb_utils.Tensor(CANDIDATES, candidates)] if with_candidates else []
+            if job is not None and self.poses is not None:
+                tensors += self.poses.tensors(candidates, job)
+        except Exception as exc:  # unforeseen: this request alone fails, and the callback still answers it
+            return unforeseen(self.name, exc, self.logger)
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self) -> None:
         if self.admission is not None:
