@@ -1,4 +1,4 @@
-"""Tuning sweep: instance counts and dynamic-batching delays of the three steps, measured with perf_analyzer.
+"""Tuning sweep: instance counts and dynamic-batching delays of the CPU steps, measured with perf_analyzer.
 
 Each variant is the model's entries re-rendered with a different ``Tuning`` (the same generator
 ``make models`` uses) into a scratch repository that reuses the built network files, then
@@ -24,9 +24,9 @@ from benchmarks.loadtest import default_photos, input_data, perf_analyzer_env, r
 from posetriton.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
 from posetriton.server.repository import VERSION, load_catalog, write_model  # noqa: E402
 
+# The CPU ensembles have no postprocess step (the network finishes the poses): its instances are not swept.
 GRID = {
     "preprocess_instances": [1, 2],
-    "postprocess_instances": [1, 2],
     "network_max_queue_delay_us": [0, 5000],
 }
 

@@ -27,7 +27,9 @@ from typing import Any, ClassVar, TypeVar
 IMAGE = "IMAGE"  # ensemble input: encoded images, BYTES [B, 1]
 PIXELS = "PIXELS"  # NAME_pixels input: raw RGB pixels, UINT8 [B, H, W, 3]
 CANVAS = "canvas"  # preprocess -> network: letterboxed uint8 [B, S, S, 3], decoded RGB order
-LETTERBOX = "letterbox"  # preprocess -> postprocess: FP64 [B, LETTERBOX_WIDTH], see LetterboxTransform
+# preprocess -> postprocess (on the CPU: -> network, which finishes the poses): FP64 [B, LETTERBOX_WIDTH], see
+# LetterboxTransform
+LETTERBOX = "letterbox"
 CANDIDATES = "candidates"  # network -> postprocess: FP32 [B, k, candidate_width(K)]
 
 NUM_DETECTIONS = "NUM_DETECTIONS"  # INT32 [B, 1]

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from posetriton.core.contract import LETTERBOX_WIDTH, ContractError
 
 # Step-config parameters (written by posetriton.server.repository) that carry the bounds the checks need.
-INPUT_SIZE_PARAMETER = "input_size"  # NAME_postprocess: the canvas its letterbox rows refer to
+INPUT_SIZE_PARAMETER = "input_size"  # steps finishing the poses: the canvas their letterbox rows refer to
 
 # IMAGE_SIZE travels as INT32: an original side must fit it.
 MAX_IMAGE_SIDE = 2**31 - 1

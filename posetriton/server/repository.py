@@ -16,7 +16,8 @@ network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GP
 letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.server.steps.gpu_preprocess),
 ``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The CPU
 configurations have their own ensembles (``NAME/configs/cpu.pbtxt`` ...): preprocess -> network, the CPU
-network finishing the poses itself (:data:`CPU_PIPELINE`); ``NAME_postprocess`` stays served for direct callers.
+network finishing the poses itself (:data:`CPU_PIPELINE`); ``NAME_postprocess`` stays in the repository for
+direct callers (loaded with the whole repository; ``--load-model=NAME`` on the CPU no longer pulls it in).
 
 Every config is a Triton ``ModelConfig`` message (posetriton.server.model_config) written in protobuf text
 format. Variants are derived, not repeated: one base per step (name, batch size, tensors from
@@ -277,9 +278,9 @@ STEP_TENSORS = {
     "tracker": ((*contract.OUTPUTS, FRAME_INDEX, CANVAS, LETTERBOX), (TRACK_IDS, SMOOTHED_KEYPOINTS)),
 }
 PIPELINE = ("preprocess", "network", "postprocess")
-# The CPU network step also finishes the poses (the postprocess step's work, in OpenVINO's completion callback)
-# when the letterbox rows come with the canvas: its ensembles skip NAME_postprocess, a stub round trip fewer per
-# request (posetriton.server.steps.openvino_pose). NAME_postprocess stays served for direct callers.
+# The CPU network step also finishes the poses (the postprocess step's work, on its own finisher thread) when the
+# letterbox rows come with the canvas: its ensembles skip NAME_postprocess, a stub round trip fewer per request
+# (posetriton.server.steps.openvino_pose). NAME_postprocess stays in the repository for direct callers.
 # What it reads and writes there; its config declares these besides its own STEP_TENSORS (the letterbox optional).
 CPU_NETWORK_TENSORS = ((CANVAS, LETTERBOX), contract.OUTPUTS)
 CPU_PIPELINE = ("preprocess", "network")

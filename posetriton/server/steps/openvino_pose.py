@@ -7,21 +7,24 @@ its own images are done (:class:`posetriton.server.openvino_runtime.InferencePip
 handed over while this one computes and the cores never wait for Triton. A lone request still gets every core.
 
 When the letterbox rows come with the canvas (the CPU ensembles send both), the answer is the poses themselves: the
-postprocess step's work (:class:`~posetriton.server.steps.pose_outputs.PoseOutputs`) runs in the completion
-callback, so a request crosses one Python step fewer (a stub round trip, 1-2 ms). Without them (a direct caller) it
-is the raw candidates, as from the GPU network.
+postprocess step's work (:class:`~posetriton.server.steps.pose_outputs.PoseOutputs`) runs on this step's own
+finisher thread, handed each request's candidates by the completion callback (which returns at once, so an NMS
+over many candidates never holds an OpenVINO infer request), and a request crosses one Python step fewer (a stub
+round trip, 1-2 ms). Without the rows (a direct caller) the answer is the raw candidates, as from the GPU network.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from posetriton.core.contract import CANDIDATES, CANVAS, LETTERBOX, ContractError
+from posetriton.core.validation import count_non_finite
 from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
 from posetriton.server.admission import AdmissionLedger, ServiceTime, ledger_path
 from posetriton.server.cpu_limit import container_cpu_limit
@@ -71,10 +74,13 @@ class TritonPythonModel:
         candidates_output = next(o for o in config["output"] if o["name"] == CANDIDATES)
         takes_rows = any(i["name"] == LETTERBOX for i in config["input"])
         self.poses = PoseOutputs(params, num_candidates=int(candidates_output["dims"][0])) if takes_rows else None
+        # One thread turns candidates into answers (the NMS holds the GIL); the completion callback only hands over.
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="pose-answers")
 
     def execute(self, requests: list) -> None:
-        # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up, its
-        # candidates once computed, or an error that fails it alone.
+        # Each request is answered on its own sender: CANCELLED uncomputed when its client already gave up,
+        # INVALID_ARGUMENT before anything starts when its letterbox rows or thresholds are wrong, its poses (or
+        # candidates) once computed, or an error that fails it alone.
         for request in requests:
             if self.admission is not None:
                 self.admission.started()
@@ -108,19 +114,29 @@ class TritonPythonModel:
             raise ContractError(f"canvas holds {images} image(s) but letterbox {len(job.rows)}; one row per image")
         with_candidates = job is None or CANDIDATES in request.requested_output_names()  # type: ignore[attr-defined]
 
+        def send(candidates: np.ndarray | None, error: BaseException | None) -> None:
+            try:
+                if error is not None:
+                    response = internal_error(f"OpenVINO inference failed: {error}")
+                else:
+                    response = self._response(candidates, job, with_candidates)  # type: ignore[arg-type]
+                sender.send(response, flags=FINAL)  # type: ignore[attr-defined]
+            except Exception as exc:  # e.g. the response could not be sent: logged, never raised into a thread
+                self.logger.log_error(f"{self.name}: answering a request failed: {type(exc).__name__}: {exc}")
+            finally:
+                seconds = self.service.answered(time.monotonic())
+                if self.admission is not None:
+                    self.admission.publish_service_time(seconds)
+
         def answer(candidates: np.ndarray | None, error: BaseException | None) -> None:
-            if error is not None:
-                response = internal_error(f"OpenVINO inference failed: {error}")
-            else:
-                response = self._response(candidates, job, with_candidates)  # type: ignore[arg-type]
-            sender.send(response, flags=FINAL)  # type: ignore[attr-defined]
-            seconds = self.service.answered(time.monotonic())
-            if self.admission is not None:
-                self.admission.publish_service_time(seconds)
+            self.finisher.submit(send, candidates, error)  # OpenVINO's callback returns at once
 
         return answer
 
     def _response(self, candidates: np.ndarray, job: PoseJob | None, with_candidates: bool) -> object:
+        bad = count_non_finite(candidates)
+        if bad:  # the network's own fault (the postprocess step would refuse such candidates from a caller)
+            return internal_error(f"{self.name}: the network returned {bad} NaN or infinite candidate value(s)")
         try:
             tensors = [pb_utils.Tensor(CANDIDATES, candidates)] if with_candidates else []
             if job is not None and self.poses is not None:
@@ -135,3 +151,4 @@ class TritonPythonModel:
             self.admission.close()
         # Answer what is in flight before the stub goes.
         self.pipeline.wait_idle(timeout=30.0)
+        self.finisher.shutdown(wait=True)

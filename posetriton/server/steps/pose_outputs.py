@@ -1,11 +1,11 @@
 """Candidates -> the ensemble's pose outputs: score threshold, NMS, max detections, map back to original pixels.
 
 The postprocess step's work, kept here once because two steps run it: ``NAME_postprocess`` on the network's
-candidates (GPU ensembles, and any direct caller), and the CPU network step on its own answers, in OpenVINO's
-completion callback, when the letterbox rows come with the canvas (the CPU ensembles: one Python step fewer per
-request). Per-request thresholds (:class:`~posetriton.core.contract.Thresholds`) arrive as request parameters,
-which (unlike optional inputs) do not split dynamic batches; the letterbox rows are checked before anything is
-computed (:mod:`posetriton.core.validation`): a direct caller may send anything.
+candidates (GPU ensembles, and any direct caller), and the CPU network step on its own answers (on its finisher
+thread, fed by OpenVINO's completion callback) when the letterbox rows come with the canvas (the CPU ensembles:
+one Python step fewer per request). Per-request thresholds (:class:`~posetriton.core.contract.Thresholds`) arrive
+as request parameters, which (unlike optional inputs) do not split dynamic batches; the letterbox rows are checked
+before anything is computed (:mod:`posetriton.core.validation`): a direct caller may send anything.
 """
 
 from __future__ import annotations
