@@ -108,8 +108,8 @@ class TritonPythonModel:
     def _answerer(self, sender: object, request: object, images: int) -> Answer:
         """The callback that answers ``request``: its poses when it carries letterbox rows (checked here, before
         anything starts), and its candidates when it asks for them or carries no rows."""
-        rows = pb_utils.get_input_tensor_by_name(request, LETTERBOX) if self.poses is not None else None
-        job = None if rows is None or self.poses is None else self.poses.job(request, rows.as_numpy())
+        rows = pb_utils.get_input_tensor_by_name(request, LETTERBOX)
+        job = self.poses.job(request, rows.as_numpy()) if rows is not None and self.poses is not None else None
         if job is not None and len(job.rows) != images:
             raise ContractError(f"canvas holds {images} image(s) but letterbox {len(job.rows)}; one row per image")
         with_candidates = job is None or CANDIDATES in request.requested_output_names()  # type: ignore[attr-defined]
