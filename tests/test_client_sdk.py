@@ -348,10 +348,11 @@ def test_shared_memory_gives_the_same_results_and_cleans_up(served_url: str, pho
     assert not _registered(served_url)
 
 
-def _preprocessed(url: str) -> int:
-    """Requests the preprocess step has finished so far (Triton's statistics)."""
+def _taken(url: str) -> int:
+    """Requests the network step has taken so far (Triton's statistics count one once ``execute`` hands it over, on
+    the CPU to the step's own decode and OpenVINO, long before its answer)."""
     with grpcclient.InferenceServerClient(url) as triton:
-        (stats,) = triton.get_inference_statistics(f"{UL_MODEL}_preprocess", as_json=True)["model_stats"]
+        (stats,) = triton.get_inference_statistics(f"{UL_MODEL}_network", as_json=True)["model_stats"]
     return int(stats["inference_stats"]["success"].get("count", 0))
 
 
@@ -369,14 +370,14 @@ def test_close_waits_for_the_server_to_release_a_region_in_use(served_url: str, 
 
     client._client.infer = recorded_infer
     outcome: dict[str, Any] = {}
-    preprocessed = _preprocessed(served_url)
+    taken = _taken(served_url)
     worker = threading.Thread(target=lambda: outcome.update(result=client.predict_batch(images)))
     worker.start()
     assert sending.wait(30), "the request was sent"
-    # Past the preprocess step, the request is inside the ensemble (the network takes most of its second), which
+    # Taken by the network step, the request is inside the ensemble (it takes most of its second there), which
     # holds its region until the response is written: close() now meets a region in use.
     deadline = time.monotonic() + 30
-    while _preprocessed(served_url) == preprocessed:
+    while _taken(served_url) == taken:
         assert time.monotonic() < deadline, "the request reached the server"
         time.sleep(0.005)
     assert _registered(served_url), "the request registered its region"

@@ -139,9 +139,10 @@ def _infer(url: str, data: bytes) -> Detections | str:
 
 
 def _executions(url: str) -> tuple[int, int]:
-    """(images, executions) of the preprocess step so far: fewer executions means batched requests."""
+    """(images, executions) of the step that decodes (on the CPU the network step) so far: fewer executions means
+    batched requests."""
     with grpcclient.InferenceServerClient(url) as client:
-        (stats,) = client.get_inference_statistics(f"{UL_MODEL}_preprocess", as_json=True)["model_stats"]
+        (stats,) = client.get_inference_statistics(f"{UL_MODEL}_network", as_json=True)["model_stats"]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
@@ -160,7 +161,7 @@ def test_mutated_real_images_through_the_server(
     expected = _infer(server.grpc_url, valid)
     bounds = bounds_for(UL_MODEL, valid)
     assert isinstance(expected, Detections) and len(expected.scores) >= 1
-    model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")  # settled: earlier tests' requests all counted
+    model_stats(server.grpc_url, f"{UL_MODEL}_network")  # settled: earlier tests' requests all counted
     before = _executions(server.grpc_url)
     outcomes: Counter[str] = Counter()
     with ThreadPoolExecutor(8) as pool:
@@ -177,13 +178,13 @@ def test_mutated_real_images_through_the_server(
                 answer = future.result(timeout=DEADLINE_S + 30)
                 assert isinstance(answer, Detections), f"a valid request beside mutated ones failed: {answer}"
                 assert_same(answer, expected, bounds)
-    model_stats(server.grpc_url, f"{UL_MODEL}_preprocess")
+    model_stats(server.grpc_url, f"{UL_MODEL}_network")
     after = _executions(server.grpc_url)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         assert client.is_server_ready() and client.is_model_ready(UL_MODEL)
     images, executions = after[0] - before[0], after[1] - before[1]
     print(f"\nfuzz through the server: {len(cases)} mutated inputs, {dict(sorted(outcomes.items()))}; "
-          f"the preprocess step ran {images} images in {executions} executions")  # fmt: skip
+          f"the network step took {images} images in {executions} executions")  # fmt: skip
     assert executions < images, "dynamic batching put several requests in one execution"
     assert outcomes["INVALID_ARGUMENT"] >= len(seeds), "at least the huge declared sizes are refused"
     assert outcomes["result"] + outcomes["INVALID_ARGUMENT"] == len(cases)

@@ -555,7 +555,7 @@ def test_image_build_refuses_an_empty_or_incomplete_model_repository(model_repos
     refused = check(broken, "--config-name", "cpu")
     assert refused.returncode == 1
     assert f"{UL_MODEL}_network: {UL_MODEL}_network/1/model.bin is missing or empty" in refused.stderr
-    assert f"{UL_MODEL}: step model {UL_MODEL}_preprocess is missing" in refused.stderr
+    assert f"{UL_MODEL}_track: step model {UL_MODEL}_preprocess is missing" in refused.stderr
     # The GPU target checks the default configuration: a repository without TensorRT plans is refused.
     refused = check(model_repository)
     assert refused.returncode == 1 and f"{UL_MODEL}_network/1/model.plan is missing or empty" in refused.stderr
@@ -928,16 +928,15 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def _dead_stub_is_reloaded(server: ManifestTriton, photo: Path) -> None:
-    """Kill the preprocess stubs of a served model: the container's watchdog reloads that model."""
+    """Kill the stub of a served model's network step (on the CPU the whole of NAME): the container's watchdog
+    reloads that model."""
     deadline = time.monotonic() + 30
     while "stub watchdog: watching" not in server.log_text() and time.monotonic() < deadline:
         time.sleep(0.2)  # the entry point starts its watchdog once Triton is ready
     with PoseClient(server.grpc_url, UL_MODEL, retry=1, timeout_s=30) as client:
         assert client.predict(photo).poses
-        victims = [
-            pid for pid, model in python_stubs(server.triton_pid()).values() if model == f"{UL_MODEL}_preprocess"
-        ]
-        assert victims, "the preprocess model runs in Python-backend stubs"
+        victims = [pid for pid, model in python_stubs(server.triton_pid()).values() if model == f"{UL_MODEL}_network"]
+        assert victims, "the network step runs in a Python-backend stub"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         killed_at, result = time.monotonic(), None
@@ -1026,7 +1025,7 @@ def test_cpu_overlay_entry_point_brings_back_a_dead_stub_then_gives_up(
     _dead_stub_is_reloaded(server, photo_paths[0])
     assert server.process is not None
     for pid, model in python_stubs(server.triton_pid()).values():
-        if model == f"{UL_MODEL}_preprocess":
+        if model == f"{UL_MODEL}_network":
             os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])

@@ -249,14 +249,14 @@ def test_each_key_opens_only_its_own_api_group(model_repository: Path, photo_pat
 
 
 def test_a_failed_reload_stops_the_server_with_a_reason(model_repository: Path, tmp_path: Path) -> None:
-    """The preprocess stubs die and the model's files changed meanwhile so that it cannot load again:
+    """The network step's stub dies and its files changed meanwhile so that it cannot load again:
     the watchdog gives up and the server stops (Kubernetes would restart the container)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for model in model_repository.iterdir():  # the ensemble's folders, the network's large files linked
         if model.name.startswith(UL_MODEL):
             shutil.copytree(model, repo / model.name, copy_function=os.symlink)
-    config = repo / f"{UL_MODEL}_preprocess" / "config.pbtxt"
+    config = repo / f"{UL_MODEL}_network" / "configs" / "cpu.pbtxt"
     with start_server(repo, models=[UL_MODEL], restrict_control_apis=True) as server:
         assert server.process is not None and server.watchdog is not None
         broken = model_config.read(config)
@@ -264,10 +264,10 @@ def test_a_failed_reload_stops_the_server_with_a_reason(model_repository: Path, 
         config.unlink()  # a link to the shared repository's file: write a file of its own
         model_config.write(config, broken)
         for pid, model in python_stubs(server.process.pid).values():
-            if model == f"{UL_MODEL}_preprocess":
+            if model == f"{UL_MODEL}_network":
                 os.kill(pid, signal.SIGKILL)
         code = server.process.wait(timeout=server.watchdog.interval + 60 + server.options.exit_timeout_s + 10)
-        assert server.gave_up == f"model '{UL_MODEL}_preprocess' could not be reloaded"
+        assert server.gave_up == f"model '{UL_MODEL}_network' could not be reloaded"
         assert code is not None
         assert "pad_value must be in [0, 255]" in server.log_text(), "Triton's reason is in its log"
 
@@ -288,12 +288,12 @@ def _stop_stubs(prefix: str) -> list[int]:
 def test_a_sigkilled_server_leaves_no_stub_and_no_shared_memory(
     model_repository: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = start_server(model_repository, models=[UL_MODEL])
+    server = start_server(model_repository, models=[UL_MODEL, f"{UL_MODEL}_track"])
     try:
         assert server.process is not None and server.shm_prefix is not None
         assert server.shm_prefix.startswith(SESSION_SHM_PREFIX) and server.shm_prefix != SESSION_SHM_PREFIX
         stubs = _stop_stubs(server.shm_prefix)
-        assert len(stubs) >= 3, "the preprocess instances and the network run in stubs"
+        assert len(stubs) >= 3, "the network, the tracking ensemble's preprocess instances and its tracker run in stubs"
         os.kill(server.process.pid, signal.SIGKILL)
         assert_nothing_left(server.shm_prefix, "a SIGKILLed tritonserver")
         released = server.release_leftovers()

@@ -11,9 +11,19 @@ from google.protobuf import descriptor_pb2, text_format
 from tritonclient.grpc import model_config_pb2
 
 from posetriton.core import contract
-from posetriton.core.spec import LetterboxSpec, PostprocessSpec, SpecError
+from posetriton.core.spec import DECODE_THREADS_PARAMETER, LetterboxSpec, PostprocessSpec, SpecError
 from posetriton.server import model_config
-from posetriton.server.repository import CPU_CONFIGS, GPU_CONFIGS, load_catalog, model_configs, render, write_model
+from posetriton.server.admission import DOOR_CAPACITY_PARAMETER
+from posetriton.server.repository import (
+    CPU_CANVAS_PIPELINE,
+    CPU_CONFIGS,
+    CPU_PIPELINE,
+    GPU_CONFIGS,
+    load_catalog,
+    model_configs,
+    render,
+    write_model,
+)
 from tests.conftest import ROOT
 
 CATALOG = load_catalog(ROOT / "build_engines" / "models.toml")
@@ -69,17 +79,16 @@ def test_variants_differ_from_their_base_only_where_they_must() -> None:
     )
     del track.input[-1], track.output[len(plain.output) :], track.ensemble_scheduling.step[-1]
     assert track == _without(plain, "name")
-    # The CPU ensembles are the same but for their last steps: the network finishes the poses, no postprocess step.
-    for ensemble in ("yolo11n_pose", "yolo11n_pose_pixels", "yolo11n_pose_track"):
+    # The CPU ensembles are the same but for their steps: the network finishes the poses (no postprocess step), and
+    # decodes the images itself but where the tracker needs the canvas (the preprocess step then stays).
+    for ensemble, steps in (("yolo11n_pose", CPU_PIPELINE), ("yolo11n_pose_pixels", CPU_PIPELINE),
+                            ("yolo11n_pose_track", (*CPU_CANVAS_PIPELINE, "tracker"))):  # fmt: skip
         base = configs[f"{ensemble}/config.pbtxt"]
         for config_name in CPU_CONFIGS:
             cpu_ensemble = configs[f"{ensemble}/configs/{config_name}.pbtxt"]
             assert _without(cpu_ensemble, "ensemble_scheduling") == _without(base, "ensemble_scheduling")
             roles = [step.model_name for step in cpu_ensemble.ensemble_scheduling.step]
-            assert (
-                contract.POSTPROCESS_SUFFIX not in "".join(roles)
-                and len(roles) == len(base.ensemble_scheduling.step) - 1
-            )
+            assert roles == [model.step(role) for role in steps]
     network = "yolo11n_pose_network"
     cpu = [_without(configs[f"{network}/configs/{c}.pbtxt"], "parameters") for c in CPU_CONFIGS]
     assert all(config == cpu[0] for config in cpu)
@@ -144,14 +153,22 @@ def test_configs_parse_and_ensembles_wire_up(name: str) -> None:
         capacity = int(cpu.parameters["admission_capacity"].string_value)
         assert capacity == int(pre.parameters["admission_capacity"].string_value)
         assert capacity == queue.max_queue_size + tuning.preprocess_instances
-        # The GPU network's tensors, plus the letterbox rows in (optional) and the poses out: the GPU ensembles
-        # could run on it unchanged, the CPU ensembles skip the postprocess step.
-        assert [i.dims for i in cpu.input][: len(gpu.input)] == [i.dims for i in gpu.input]
+        # The preprocess step's images and the GPU network's canvas in, with the letterbox rows, every one optional
+        # (the step says what a request lacks); the GPU network's candidates and the poses out: the GPU ensembles
+        # could run on it unchanged, and the CPU ensembles need no other step (the tracking ones keep the
+        # preprocess step for the canvas). It reads the parameters of both steps it stands in for.
+        names = (contract.IMAGE, contract.PIXELS, contract.CANVAS, contract.LETTERBOX)
+        assert [(i.name, i.optional) for i in cpu.input] == [(n, True) for n in names]
+        declared = {i.name: list(i.dims) for i in cpu.input}
+        assert all(declared[i.name] == list(i.dims) for i in (*gpu.input, *pre.input))
         assert [o.dims for o in cpu.output][: len(gpu.output)] == [o.dims for o in gpu.output]
-        assert [(i.name, i.optional) for i in cpu.input[len(gpu.input) :]] == [(contract.LETTERBOX, True)]
         post = parse(files[f"{name}_postprocess/config.pbtxt"])
         assert cpu.output[len(gpu.output) :] == post.output
-        assert {k: cpu.parameters[k] for k in post.parameters} == dict(post.parameters)
+        for step in (pre, post):
+            assert {k: cpu.parameters[k] for k in step.parameters} == dict(step.parameters)
+        assert cpu.parameters[DECODE_THREADS_PARAMETER].string_value == str(tuning.preprocess_instances)
+        door = int(cpu.parameters[DOOR_CAPACITY_PARAMETER].string_value)
+        assert door == pre.dynamic_batching.default_queue_policy.max_queue_size
 
 
 def test_family_values_reach_the_step_parameters() -> None:
@@ -230,7 +247,7 @@ def test_another_input_size_keypoint_count_and_topk_flow_through_every_config() 
     files = render(model)
     for config_name in CPU_CONFIGS:
         network = parse(files[f"yolo11n_pose_network/configs/{config_name}.pbtxt"])
-        assert [list(i.dims) for i in network.input] == [[320, 320, 3], [contract.LETTERBOX_WIDTH]]
+        assert [list(i.dims) for i in network.input] == [[1], [-1, -1, 3], [320, 320, 3], [contract.LETTERBOX_WIDTH]]
         assert list(network.output[0].dims) == [2100, contract.candidate_width(5)]
         assert [list(o.dims) for o in network.output if o.name == contract.KEYPOINTS] == [[-1, 5, 3]]
     post = parse(files["yolo11n_pose_postprocess/config.pbtxt"])

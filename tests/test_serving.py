@@ -191,14 +191,18 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(
 def test_cpu_network_step_finishes_the_poses_as_the_postprocess_step_does(
     served_url: str, photos: dict[str, bytes]
 ) -> None:
-    """On the CPU path the network answers the poses itself (no postprocess step in the ensemble): the same
-    outputs, value for value, that NAME_postprocess gives for the candidates that very call computed."""
+    """On the CPU path the network step is the whole ensemble: from the images it gives the same outputs, value for
+    value, as from NAME_preprocess's canvas and letterbox rows, and those are what NAME_postprocess gives for the
+    candidates that very call computed."""
     outputs = ["NUM_DETECTIONS", "BOXES", "SCORES", "KEYPOINTS", "IMAGE_SIZE"]
     parameters = {"conf": 0.1, "iou": 0.6, "max_det": 3}
+    images = image_input([photos["bus.jpg"], photos["zidane.jpg"]])
     with grpcclient.InferenceServerClient(served_url) as client:
         steps = client.get_model_config(UL_MODEL, as_json=True)["config"]["ensemble_scheduling"]["step"]
-        assert [step["model_name"] for step in steps] == [f"{UL_MODEL}_preprocess", f"{UL_MODEL}_network"]
-        prepared = client.infer(f"{UL_MODEL}_preprocess", [image_input([photos["bus.jpg"], photos["zidane.jpg"]])])
+        assert [step["model_name"] for step in steps] == [f"{UL_MODEL}_network"]
+        track = client.get_model_config(f"{UL_MODEL}_track", as_json=True)["config"]["ensemble_scheduling"]["step"]
+        assert [step["model_name"] for step in track][:2] == [f"{UL_MODEL}_preprocess", f"{UL_MODEL}_network"]
+        prepared = client.infer(f"{UL_MODEL}_preprocess", [images])
         canvas, letterbox = prepared.as_numpy("canvas"), prepared.as_numpy("letterbox")
         inputs = [grpcclient.InferInput("canvas", list(canvas.shape), "UINT8"),
                   grpcclient.InferInput("letterbox", list(letterbox.shape), "FP64")]  # fmt: skip
@@ -211,10 +215,13 @@ def test_cpu_network_step_finishes_the_poses_as_the_postprocess_step_does(
         post_inputs[0].set_data_from_numpy(candidates)
         post = client.infer(f"{UL_MODEL}_postprocess", post_inputs, parameters=parameters)
         raw = client.infer(f"{UL_MODEL}_network", inputs[:1])  # no letterbox rows: the candidates alone
+        decoded = client.infer(f"{UL_MODEL}_network", [images], outputs=wanted, parameters=parameters)
     counts = network.as_numpy("NUM_DETECTIONS")[:, 0]
     assert counts[0] == 3 and counts[1] == 2  # bus.jpg holds more people than max_det, zidane.jpg two
     for name in outputs:
         assert np.array_equal(network.as_numpy(name), post.as_numpy(name)), name
+    for name in ["candidates", *outputs]:
+        assert np.array_equal(decoded.as_numpy(name), network.as_numpy(name)), name
     assert raw.as_numpy("candidates").shape == candidates.shape and raw.as_numpy("BOXES") is None
 
 
@@ -237,11 +244,14 @@ def test_reduced_jpeg_decode_is_opt_in_and_maps_back_to_the_original(
     for entry in model_repository.iterdir():
         if entry.name.startswith(UL_MODEL):
             shutil.copytree(entry, repository / entry.name, symlinks=True)
-    config = repository / f"{UL_MODEL}_preprocess" / "config.pbtxt"
-    with model_config.editing(config) as preprocess:
-        reduced = preprocess.parameters["reduced_jpeg_decode"]
-        assert reduced.string_value == "false", "off by default"
-        reduced.string_value = "true"
+    # Both steps that decode carry the catalogue's letterbox parameters: the preprocess step (GPU, tracking) and the
+    # CPU network step (NAME's whole pipeline on the CPU).
+    for config in (repository / f"{UL_MODEL}_preprocess" / "config.pbtxt",
+                   repository / f"{UL_MODEL}_network" / "configs" / "cpu.pbtxt"):  # fmt: skip
+        with model_config.editing(config) as decoding:
+            reduced = decoding.parameters["reduced_jpeg_decode"]
+            assert reduced.string_value == "false", "off by default"
+            reduced.string_value = "true"
     bus = cv2.imdecode(np.frombuffer(photos["bus.jpg"], np.uint8), cv2.IMREAD_COLOR)
     big = cv2.resize(bus, (bus.shape[1] * 4, bus.shape[0] * 4), interpolation=cv2.INTER_CUBIC)  # 3240x4320
     data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()

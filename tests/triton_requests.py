@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from posetriton.client import image_bytes_input as image_input
 from posetriton.core.contract import PIPELINE_SUFFIXES
+from posetriton.server.admission import DOOR_PENDING_METRIC
 
 
 @dataclass
@@ -85,12 +86,14 @@ def match(served: Detections, expected: Detections) -> np.ndarray:
 
 
 def pending_requests(metrics_port: int, ensemble: str) -> int:
-    """Requests Triton holds in the steps of ``ensemble`` right now (queued or executing), from its
-    pending-request gauges. The ensemble's own gauge stays 0: its requests wait in its steps."""
+    """Requests the steps of ``ensemble`` hold waiting right now: Triton's pending-request gauges (its queues), and
+    the CPU network step's door gauge (the requests it admitted that wait for their decode; they leave Triton's
+    queue at once). The ensemble's own gauge stays 0: its requests wait in its steps."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
     steps = "|".join(re.escape(f"{ensemble}{suffix}") for suffix in PIPELINE_SUFFIXES)
     found = re.findall(rf'^nv_inference_pending_request_count{{model="(?:{steps})",version="1"}} (\d+)', text, re.M)
     # The CPU ensembles have no postprocess step (the network finishes the poses); a server may not load it.
-    assert len(found) >= 2, f"Triton exposes no pending-request count for the steps of {ensemble}"
-    return sum(int(count) for count in found)
+    assert found, f"Triton exposes no pending-request count for the steps of {ensemble}"
+    door = re.findall(rf'^{DOOR_PENDING_METRIC}{{model="(?:{steps})"}} (\d+)', text, re.M)
+    return sum(int(count) for count in [*found, *door])

@@ -97,6 +97,11 @@ class _Spec:
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
 
 
+# The model parameter of a step that decodes requests (the CPU network step): how many it decodes at once, so a large
+# image never holds up the next request. Derived from the preprocess instances it stands in for.
+DECODE_THREADS_PARAMETER = "decode_threads"
+
+
 @dataclass(frozen=True)
 class LetterboxSpec(_Spec):
     """How an image becomes the network input: resize longest side, pad, reorder channels."""

@@ -221,3 +221,63 @@ class ServiceTime:
             self._last_answer = now
             self._in_flight = max(self._in_flight - 1, 0)
             return average
+
+
+# The model parameter of a step that admits its own requests (:class:`Door`): how many may wait to start.
+DOOR_CAPACITY_PARAMETER = "door_capacity"
+# What waits at a door, on Triton's metrics endpoint (labels: model), since Triton's own queue series see none of it
+# (the requests leave its queue at once): the requests waiting now, the microseconds the started ones waited before
+# their decode, and the requests refused busy. The HPA's queue time and the alerts read them (k8s/monitoring/).
+DOOR_PENDING_METRIC = "posetriton_door_pending_request_count"
+DOOR_QUEUE_METRIC = "posetriton_door_queue_duration_us"
+DOOR_REFUSED_METRIC = "posetriton_door_refused_request_count"
+# A request is admitted when the work ahead of it, its own included, ends within this share of its timeout: the
+# rest absorbs the service time's noise (a shared VM's speed drifts by a fifth within minutes), so what is
+# admitted is answered in time.
+DOOR_TIMEOUT_SHARE = 0.5
+
+
+class Door:
+    """Admission of a step that queues its own requests before their decode (the CPU network step, which decodes
+    the images of the CPU ensembles itself): its ``execute`` admits or refuses each request at once and never waits,
+    so Triton's queue stays empty and the decision is taken here, in the process that does the work, with what is
+    ahead known exactly. A request is refused when ``capacity`` requests already wait to start, or when those
+    waiting and those in flight would not be answered within :data:`DOOR_TIMEOUT_SHARE` of its timeout at the
+    step's current service time (:class:`ServiceTime`). Same idea as :class:`AdmissionLedger`, which does it across
+    processes for the preprocess step."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"door capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.waiting = 0
+        self.refused = 0  # in all (for the metrics)
+        self.queued_us = 0.0  # microseconds the started requests waited before their decode, in all
+        self._lock = threading.Lock()  # admitted on Triton's thread, started on the decode threads
+
+    def admit(self, timeout_s: float, service_s: float, in_flight: int = 0) -> str | None:
+        """Admit a request with Triton timeout ``timeout_s`` (0: none) and count it as waiting; or say why not."""
+        with self._lock:
+            ahead = self.waiting + in_flight
+            if self.waiting >= self.capacity:
+                refusal = f"already holds as many requests waiting to start as it may ({self.capacity})"
+            elif timeout_s > 0 and (ahead + 1) * service_s > DOOR_TIMEOUT_SHARE * timeout_s:
+                refusal = (
+                    f"would not answer this request within its timeout ({timeout_s:.3g} s): {ahead} request(s) "
+                    f"ahead of it at {service_s * 1e3:.0f} ms each"
+                )
+            else:
+                self.waiting += 1
+                return None
+            self.refused += 1
+            return refusal
+
+    def dequeued(self, waited_s: float) -> None:
+        """An admitted request's work begins (its decode) after ``waited_s`` seconds at the door."""
+        with self._lock:
+            self.queued_us += waited_s * 1e6
+
+    def started(self) -> None:
+        """An admitted request left the wait: started, or answered without starting."""
+        with self._lock:
+            self.waiting = max(self.waiting - 1, 0)

@@ -142,6 +142,9 @@ class InferencePipeline:
         if runner.throughput is None and runner.latency is None:
             raise ValueError("the runner has no compiled layout")
         self._lock = threading.Lock()
+        # One submitter at a time (the served step submits from its decode threads): an AsyncInferQueue names its
+        # next idle request before starting it, and two submitters would be handed the same one.
+        self._submitting = threading.Lock()
         self._in_flight = 0
         # Images started on each layout (the benchmarks report how often a lone image took every core).
         self.started = {"latency": 0, "throughput": 0}
@@ -171,6 +174,10 @@ class InferencePipeline:
                 f"got {batch.dtype} {list(batch.shape)}"
             )
         job = _Batch(len(batch), answer)
+        with self._submitting:
+            self._start(batch, job)
+
+    def _start(self, batch: np.ndarray, job: _Batch) -> None:
         for index in range(len(batch)):
             with self._lock:
                 alone = self._in_flight == 0 and self._latency is not None

@@ -58,6 +58,7 @@ from posetriton.core.contract import (
 from posetriton.core.spec import (
     COCO_KEYPOINT_NAMES,
     COCO_SKELETON,
+    DECODE_THREADS_PARAMETER,
     KEYPOINT_LAYOUTS,
     LetterboxSpec,
     PostprocessSpec,
@@ -67,6 +68,7 @@ from posetriton.core.spec import (
 from posetriton.core.validation import INPUT_SIZE_PARAMETER
 from posetriton.server import model_config
 from posetriton.server.admission import CAPACITY_PARAMETER as ADMISSION_CAPACITY_PARAMETER
+from posetriton.server.admission import DOOR_CAPACITY_PARAMETER
 from posetriton.server.model_config import (
     EnsembleStep,
     ModelConfig,
@@ -278,12 +280,16 @@ STEP_TENSORS = {
     "tracker": ((*contract.OUTPUTS, FRAME_INDEX, CANVAS, LETTERBOX), (TRACK_IDS, SMOOTHED_KEYPOINTS)),
 }
 PIPELINE = ("preprocess", "network", "postprocess")
-# The CPU network step also finishes the poses (the postprocess step's work, on its own finisher thread) when the
-# letterbox rows come with the canvas: its ensembles skip NAME_postprocess, a stub round trip fewer per request
-# (posetriton.server.steps.openvino_pose). NAME_postprocess stays in the repository for direct callers.
-# What it reads and writes there; its config declares these besides its own STEP_TENSORS (the letterbox optional).
-CPU_NETWORK_TENSORS = ((CANVAS, LETTERBOX), contract.OUTPUTS)
-CPU_PIPELINE = ("preprocess", "network")
+# On the CPU the network step is the whole of NAME and NAME_pixels: it decodes their images itself (the preprocess
+# step's code, on its own decode threads) and finishes the poses (the postprocess step's code, on its own finisher
+# thread), so a lone image crosses one Python process, not three (posetriton.server.steps.openvino_pose). The
+# tracking ensembles keep NAME_preprocess before it, since the tracker reads the canvas the network saw; with the
+# canvas the network reads the letterbox rows and answers the poses too. NAME_postprocess stays in the repository
+# for direct callers. What the CPU network reads and writes besides its own STEP_TENSORS (every input optional:
+# images, or a canvas with or without its letterbox rows):
+CPU_NETWORK_TENSORS = ((IMAGE, PIXELS, CANVAS, LETTERBOX), contract.OUTPUTS)
+CPU_PIPELINE = ("network",)
+CPU_CANVAS_PIPELINE = ("preprocess", "network")
 LATEST_VERSION = -1  # an ensemble step runs the newest version its model has
 # Python-backend steps batch what is already queued and never hold a request to wait for more.
 STEP_MAX_QUEUE_DELAY_US = 0
@@ -365,10 +371,11 @@ def queue_policy(role: str) -> Any:
 # ------------------------------------------------------------------------------------------------ ensembles
 def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = (), cpu: bool = False) -> Any:
     """Step ``role`` in an ensemble: it reads ``inputs`` (default: all of its own) and writes its outputs; on the
-    CPU path the network reads the letterbox rows too and writes the poses (CPU_NETWORK_TENSORS)."""
+    CPU path the network writes the poses (CPU_NETWORK_TENSORS), from the canvas and its letterbox rows unless
+    ``inputs`` says otherwise."""
     own_inputs, outputs = STEP_TENSORS[role]
     if cpu and role == "network":
-        own_inputs, outputs = CPU_NETWORK_TENSORS
+        own_inputs, outputs = (CANVAS, LETTERBOX), CPU_NETWORK_TENSORS[1]
     return EnsembleStep(
         model_name=model.step(role),
         model_version=LATEST_VERSION,
@@ -377,10 +384,10 @@ def _ensemble_step(model: ServedModel, role: str, inputs: tuple[str, ...] = (), 
     )
 
 
-def ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
-    """NAME: encoded images in (IMAGE), poses out, through preprocess -> network -> postprocess (``cpu``: through
-    preprocess -> network, CPU_PIPELINE); its parameters carry the model's metadata (keypoint names, skeleton,
-    letterbox, default thresholds) for clients."""
+def ensemble_config(model: ServedModel, cpu: bool = False, pipeline: tuple[str, ...] | None = None) -> Any:
+    """NAME: encoded images in (IMAGE), poses out, through preprocess -> network -> postprocess (``cpu``: the
+    network step alone, CPU_PIPELINE; ``pipeline`` names other steps); its parameters carry the model's metadata
+    (keypoint names, skeleton, letterbox, default thresholds) for clients."""
     declared = tensors(model)
     config = ModelConfig(
         name=model.name,
@@ -389,9 +396,9 @@ def ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
         input=[declared[IMAGE].as_input()],
         output=[declared[name].as_output() for name in contract.OUTPUTS],
     )
-    first, *rest = CPU_PIPELINE if cpu else PIPELINE
+    first, *rest = pipeline or (CPU_PIPELINE if cpu else PIPELINE)
     config.ensemble_scheduling.step.extend(
-        [_ensemble_step(model, first, inputs=(IMAGE,)), *(_ensemble_step(model, role, cpu=cpu) for role in rest)]
+        [_ensemble_step(model, first, (IMAGE,), cpu), *(_ensemble_step(model, role, cpu=cpu) for role in rest)]
     )
     _set_parameters(config, model.metadata())
     return config
@@ -515,9 +522,11 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
     config.dynamic_batching.CopyFrom(
         _dynamic_batching(t.network_max_queue_delay_us, t.preferred_batch_sizes, queue_role="network")
     )
-    # With the letterbox rows the answer is the poses (CPU_NETWORK_TENSORS); without, the candidates alone.
-    declared, (inputs, outputs) = tensors(model), STEP_TENSORS["network"]
-    config.input.extend(declared[name].as_input(optional=True) for name in CPU_NETWORK_TENSORS[0] if name not in inputs)
+    # Images, or the canvas with its letterbox rows, give the poses (CPU_NETWORK_TENSORS); the canvas alone gives
+    # the candidates alone. Every input is optional: the step itself says what a request lacks.
+    declared, outputs = tensors(model), STEP_TENSORS["network"][1]
+    config.ClearField("input")
+    config.input.extend(declared[name].as_input(optional=True) for name in CPU_NETWORK_TENSORS[0])
     config.output.extend(declared[name].as_output() for name in CPU_NETWORK_TENSORS[1] if name not in outputs)
     # One process: its OpenVINO streams use every core (more instances would oversubscribe them).
     config.instance_group.extend(_instances(1, "KIND_CPU"))
@@ -528,6 +537,11 @@ def network_cpu_config(model: ServedModel, precision: str) -> Any:
             "model_file": OPENVINO_FILE,
             "performance_hint": t.network_performance_hint,
             "cpu_pinning": str(t.network_cpu_pinning).lower(),
+            # It decodes as many requests at once as the preprocess instances it stands in for, with their
+            # letterbox parameters, and lets as many wait for their decode as their queue would.
+            DECODE_THREADS_PARAMETER: str(t.preprocess_instances),
+            DOOR_CAPACITY_PARAMETER: str(QUEUE_LIMITS["preprocess"].max_queue_size),
+            **model.letterbox.to_parameters(),
             **admission_parameters(model),
             **pose_output_parameters(model),
         },
@@ -678,7 +692,7 @@ def track_ensemble_config(model: ServedModel, cpu: bool = False) -> Any:
     metadata) carries over.
     """
     declared = tensors(model)
-    config = ensemble_config(model, cpu)
+    config = ensemble_config(model, cpu, CPU_CANVAS_PIPELINE if cpu else None)
     config.name = track_models(model)[0]
     config.input.extend([declared[FRAME_INDEX].as_input()])
     config.output.extend(declared[name].as_output() for name in STEP_TENSORS["tracker"][1])

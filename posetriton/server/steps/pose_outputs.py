@@ -50,9 +50,17 @@ class PoseOutputs:
 
     def job(self, request: object, rows: np.ndarray) -> PoseJob:
         """The request's thresholds and letterbox rows, checked; ContractError names what is wrong."""
-        thresholds = Thresholds.from_parameters(request_parameters(request)).check(self.spec.limits)
+        thresholds = self._thresholds(request)
         check_letterbox_rows(rows, self.input_size)
         return PoseJob(rows, [LetterboxTransform.from_array(row) for row in rows], thresholds)
+
+    def letterboxed_job(self, request: object, transforms: list[LetterboxTransform]) -> PoseJob:
+        """The job of a request this step letterboxed itself: its thresholds checked, its transforms as they are."""
+        rows = np.stack([t.to_array() for t in transforms])
+        return PoseJob(rows, transforms, self._thresholds(request))
+
+    def _thresholds(self, request: object) -> Thresholds:
+        return Thresholds.from_parameters(request_parameters(request)).check(self.spec.limits)
 
     def check(self, candidates: np.ndarray, job: PoseJob) -> None:
         """Candidates from a caller (not from this server's network): their shape, count and values."""
