@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from posetriton.server.admission import MAX_LEASE_S, AdmissionLedger, ServiceTime, lease_seconds, ledger_path
+from posetriton.server.admission import (
+    DOOR_TIMEOUT_SHARE,
+    MAX_LEASE_S,
+    AdmissionLedger,
+    Door,
+    ServiceTime,
+    lease_seconds,
+    ledger_path,
+)
 
 NOW = 1000.0
 
@@ -113,3 +121,30 @@ def test_the_service_time_is_the_interval_between_answers_while_busy() -> None:
     service.dropped()  # refused before it started: it does not count
     service.started(now=20.0)
     assert service.answered(now=20.06) == pytest.approx(0.06), "the idle spell is not service time"
+
+
+def test_the_door_holds_capacity_waiting_requests_and_counts_what_it_refuses() -> None:
+    door = Door(capacity=3)
+    assert [door.admit(0.0, 0.05) for _ in range(3)] == [None, None, None] and door.waiting == 3
+    refusal = door.admit(0.0, 0.05)
+    assert refusal is not None and "(3)" in refusal and door.refused == 1 and door.waiting == 3
+    door.dequeued(0.25)
+    door.started()  # one left the wait: its slot is free again
+    assert door.waiting == 2 and door.admit(0.0, 0.05) is None and door.queued_us == pytest.approx(250_000)
+    with pytest.raises(ValueError, match="at least 1"):
+        Door(0)
+
+
+def test_the_door_refuses_a_request_whose_work_ahead_would_outlast_its_share_of_its_timeout() -> None:
+    door = Door(capacity=64)
+    service_s, timeout_s = 0.1, 2.0
+    fits = int(DOOR_TIMEOUT_SHARE * timeout_s / service_s)  # itself included: 10 requests' work in 1 s
+    in_flight = 4  # computing in OpenVINO: ahead of every waiting one
+    for _ in range(fits - in_flight):
+        assert door.admit(timeout_s, service_s, in_flight) is None
+    refusal = door.admit(timeout_s, service_s, in_flight)
+    assert refusal is not None and f"{fits} request(s) ahead" in refusal and "100 ms each" in refusal
+    # The same request without a deadline, or with a longer one, still fits; so does any before a measurement.
+    assert door.admit(0.0, service_s, in_flight) is None
+    assert door.admit(2 * timeout_s, service_s, in_flight) is None
+    assert Door(capacity=64).admit(0.001, 0.0, in_flight) is None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from posetriton.server.admission import DOOR_PENDING_METRIC, DOOR_REFUSED_METRIC
 from posetriton.server.repository import QUEUE_LIMITS, TRACK_MAX_SEQUENCES
 from tests.test_k8s import K8S, _run, _tool
 
@@ -31,8 +32,8 @@ def test_alert_thresholds_follow_the_repository() -> None:
     )
 
 
-def _series(name: str, labels: str, values: str) -> dict[str, str]:
-    return {"series": f'{name}{{namespace="posetriton",pod="p0",{labels}}}', "values": values}
+def _series(name: str, labels: str, values: str, pod: str = "p0") -> dict[str, str]:
+    return {"series": f'{name}{{namespace="posetriton",pod="{pod}",{labels}}}', "values": values}
 
 
 def test_alerts_fire_on_overload_and_full_slots_and_not_otherwise(tmp_path: Path) -> None:
@@ -58,6 +59,11 @@ def test_alerts_fire_on_overload_and_full_slots_and_not_otherwise(tmp_path: Path
             # 60 refusals a minute (1/s), then nothing
             _series("nv_inference_request_failure", f'{model},reason="REJECTED"', "0+60x20 1200x20"),
             _series("nv_inference_pending_request_count", model, f"{bound}x10 0x30"),
+            # p1: a CPU pod whose network step refuses and holds its requests at its own door (Triton's queue empty)
+            _series("nv_inference_request_failure", f'{model},reason="REJECTED"', "0x40", pod="p1"),
+            _series("nv_inference_pending_request_count", model, "0x40", pod="p1"),
+            _series(DOOR_REFUSED_METRIC, 'model="yolo11n_pose_network"', "0+60x20 1200x20", pod="p1"),
+            _series(DOOR_PENDING_METRIC, 'model="yolo11n_pose_network"', f"{bound}x10 0x30", pod="p1"),
             _series(
                 "posetriton_track_sequences",
                 f'{tracker},instance="yolo11n_pose_tracker_0_0"',
@@ -68,12 +74,15 @@ def test_alerts_fire_on_overload_and_full_slots_and_not_otherwise(tmp_path: Path
             {
                 "eval_time": "9m",
                 "alertname": "PosetritonRejectingRequests",
-                "exp_alerts": [fired("PosetritonRejectingRequests", "1", pod="p0")],
+                "exp_alerts": [fired("PosetritonRejectingRequests", "1", pod=pod) for pod in ("p0", "p1")],
             },
             {
                 "eval_time": "8m",
                 "alertname": "PosetritonNetworkBacklog",
-                "exp_alerts": [fired("PosetritonNetworkBacklog", str(bound), pod="p0", model="yolo11n_pose_network")],
+                "exp_alerts": [
+                    fired("PosetritonNetworkBacklog", str(bound), pod=pod, model="yolo11n_pose_network")
+                    for pod in ("p0", "p1")
+                ],
             },
             {
                 "eval_time": "8m",

@@ -36,6 +36,7 @@ import pytest
 from posetriton.client import PoseClient, PoseClientError
 from posetriton.core.contract import STEP_SUFFIXES
 from posetriton.server.admin_keys import CONTROL_HEADER, AdminKey, read_shared_memory_key
+from posetriton.server.admission import DOOR_QUEUE_METRIC
 from posetriton.server.cpu_limit import CPU_LIMIT_ENV, container_cpu_limit
 from posetriton.server.launcher import ServerOptions, TritonServer, _pytriton_root
 from posetriton.server.repository import CPU_CONFIGS, load_catalog
@@ -688,8 +689,10 @@ def test_autoscaling_and_disruption_budget(rendered: dict[str, list[dict[str, An
     assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     query = rule["metricsQuery"]
-    # Queue time of every step of the ensembles, per request into the ensembles.
+    # Queue time of every step of the ensembles (Triton's queues, and the CPU network step's door), per request
+    # into the ensembles.
     assert f'nv_inference_queue_duration_us{{<<.LabelMatchers>>,model=~"{STEPS_REGEX}"}}' in query
+    assert f'{DOOR_QUEUE_METRIC}{{<<.LabelMatchers>>,model=~"{STEPS_REGEX}"}}' in query
     assert f'nv_inference_request_success{{<<.LabelMatchers>>,model!~"{STEPS_REGEX}"}}' in query
     for variant, objects in rendered.items():
         deployment = _one(objects, "Deployment")
@@ -715,11 +718,13 @@ def test_autoscaling_and_disruption_budget(rendered: dict[str, list[dict[str, An
         assert strategy["maxUnavailable"] == 0, f"{variant}: rollouts must not drop serving capacity"
 
 
-def _recorded_series(index: int) -> dict[tuple[str, str], float]:
-    """(metric, model) -> value from a scrape of the real Triton in k8s/monitoring/testdata."""
+def _recorded_series(index: int) -> dict[tuple[str, str, str], float]:
+    """(metric, model, the rest of its labels) -> value from a scrape of the real Triton in k8s/monitoring/testdata
+    (Triton's series carry a version label, the door's custom ones none)."""
     text = (K8S / "monitoring" / "testdata" / f"triton-metrics-{index}.txt").read_text()
-    found = re.findall(r'^(\w+)\{model="([^"]+)",version="1"\} (\S+)$', text, re.MULTILINE)
-    return {(metric, model): float(value) for metric, model, value in found}
+    found = re.findall(r'^(\w+)\{model="([^"]+)"(,version="1")?\} (\S+)$', text, re.MULTILINE)
+    # Whole numbers, as the series are written for promtool (the door's microseconds have a fraction).
+    return {(metric, model, rest): float(round(float(value))) for metric, model, rest, value in found}
 
 
 def test_adapter_rule_evaluated_by_promtool_on_recorded_series(tmp_path: Path) -> None:
@@ -739,24 +744,23 @@ def test_adapter_rule_evaluated_by_promtool_on_recorded_series(tmp_path: Path) -
     )
     before, after = _recorded_series(0), _recorded_series(1)
     series = []
-    for (metric, model), value in after.items():
+    for (metric, model, rest), value in after.items():
         # Busy: the two scrapes a minute apart, then a third like the second's; idle: nothing changes.
-        for pod, values in (("busy", [before[metric, model], value, value]), ("idle", [value, value, value])):
-            labels = f'{metric}{{namespace="posetriton",pod="{pod}",model="{model}",version="1"}}'
+        for pod, values in (("busy", [before[metric, model, rest], value, value]), ("idle", [value, value, value])):
+            labels = f'{metric}{{namespace="posetriton",pod="{pod}",model="{model}"{rest}}}'
             series.append({"series": labels, "values": " ".join(f"{v:.0f}" for v in values)})
-    steps = [m for (metric, m) in after if metric == "nv_inference_queue_duration_us" and m.endswith(STEP_SUFFIXES)]
-    ensembles = [
-        m for (metric, m) in after if metric == "nv_inference_request_success" and not m.endswith(STEP_SUFFIXES)
-    ]
-    assert steps and ensembles, "the recording holds the steps and the ensemble"
-    queued = sum(
-        after["nv_inference_queue_duration_us", m] - before["nv_inference_queue_duration_us", m] for m in steps
+
+    def increase(metric: str, steps: bool) -> float:
+        keys = [key for key in after if key[0] == metric and key[1].endswith(STEP_SUFFIXES) == steps]
+        assert keys, f"the recording holds {metric}"
+        return sum(after[key] - before[key] for key in keys)
+
+    # Waits in Triton's queues and at the CPU network step's door, per request answered by the ensemble.
+    door = increase(DOOR_QUEUE_METRIC, steps=True)
+    expected = (increase("nv_inference_queue_duration_us", steps=True) + door) / increase(
+        "nv_inference_request_success", steps=False
     )
-    served = sum(
-        after["nv_inference_request_success", m] - before["nv_inference_request_success", m] for m in ensembles
-    )
-    expected = queued / served
-    assert expected > 1000, "the recording saw real queueing"
+    assert expected > 1000 and door > 0, "the recording saw real queueing, at the door too"
     name = rule["name"]["as"]
     tests = {
         "rule_files": [str(tmp_path / "rules.yaml")],
@@ -997,7 +1001,7 @@ def test_cpu_overlay_arguments_start_the_real_triton(
     _, metrics = _get(f"http://127.0.0.1:{server.options.metrics_port}/metrics")
     selector = re.search(r'model=~"([^"]+)"', _adapter_rule()["metricsQuery"])
     assert selector, "the adapter query selects models by a regular expression"
-    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success", DOOR_QUEUE_METRIC):
         models = set(re.findall(rf'^{series}\{{[^}}]*model="([^"]+)"', metrics, re.MULTILINE))
         assert any(re.fullmatch(selector.group(1), m) for m in models), f"{series}: no series for {selector.group(1)}"
     started = time.monotonic()
