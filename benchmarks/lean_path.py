@@ -524,11 +524,11 @@ def c1_breakdown(results: dict) -> list[str]:
     """Where a lone request's milliseconds go: the work measured in-process, each step as Triton times it, the rest."""
     lines = [
         "A lone request (c=1), ms, medians over photos and repeats; steps as Triton's statistics time them "
-        "(queue + compute input + infer + output, means). The network step hands each image to OpenVINO and "
+        "(queue + compute input + infer + output, means). The CPU network step admits each request at its door and "
         "returns, so Triton times only that hand-over; its compute is the network alone (LATENCY). On the CPU "
-        "path the network also finishes the poses in its answer (no postprocess step: —). *The rest* = "
-        "served mean − network alone − the steps' sum (gRPC, ensemble hand-offs, the network's answer with its NMS, "
-        "client):",
+        "path the network step also decodes the images and finishes the poses (no preprocess or postprocess step: "
+        "—). *The rest* = served mean − network alone − decode + letterbox − the steps' sum (gRPC, ensemble "
+        "hand-offs, the step's own decode hand-over and answer with its NMS, client):",
         "",
         "| model | precision | served variant | served p50 / mean | network alone (LATENCY) | decode + letterbox "
         "| preprocess step | network hand-over | postprocess step | the rest |",
@@ -547,7 +547,7 @@ def c1_breakdown(results: dict) -> list[str]:
 
             roles = [role for role in ("preprocess", "network", "postprocess") if role in runs[0]["profile_c1_ms"]]
             steps = {role: step(role) for role in roles}
-            postprocess_step = f"{steps['postprocess']:.1f}" if "postprocess" in steps else "—"
+            shown = {role: f"{steps[role]:.1f}" if role in steps else "—" for role in ("preprocess", "postprocess")}
             alone, prepare = (
                 statistics.median(
                     statistics.median(c1_baseline(cell, r, variant)[key].values()) for r in cell["rounds"]
@@ -556,9 +556,9 @@ def c1_breakdown(results: dict) -> list[str]:
             )
             lines.append(
                 f"| {cell['model']} | {cell['precision']} | {variant} | {p50:.1f} / {mean:.1f} "
-                f"| {alone:.1f} | {prepare:.1f} | {steps['preprocess']:.1f} "
-                f"| {steps['network']:.1f} | {postprocess_step} "
-                f"| {mean - alone - sum(steps.values()):.1f} |"
+                f"| {alone:.1f} | {prepare:.1f} | {shown['preprocess']} "
+                f"| {steps['network']:.1f} | {shown['postprocess']} "
+                f"| {mean - alone - (0 if 'preprocess' in steps else prepare) - sum(steps.values()):.1f} |"
             )
     return lines
 

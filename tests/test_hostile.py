@@ -177,6 +177,17 @@ def probes() -> list[Probe]:
               {"parameters": {"iou": "some"}}),
         Probe("network: poses for 2 canvases", NETWORK, lambda: network_inputs(good_letterbox(2), 2), "result",
               {"parameters": {"max_det": 1000, "conf": 0.0}}),
+        # network with images (on the CPU the whole of NAME): the preprocess step's checks, in the network step
+        Probe("network: 24 images over the request's decode budget", NETWORK,
+              lambda: [image_input(budget)], "INVALID_ARGUMENT"),
+        Probe("network: a 10^10-pixel header", NETWORK,
+              lambda: [image_input([png_header_only(100_000, 100_000)])], "INVALID_ARGUMENT"),
+        Probe("network: images and a canvas together", NETWORK,
+              lambda: [image_input([png_header_only(64, 64)]), *network_inputs(good_letterbox())[:1]],
+              "INVALID_ARGUMENT"),
+        Probe("network: no input at all", NETWORK, lambda: [], "INVALID_ARGUMENT"),
+        Probe("network: 1x1 raw pixels", NETWORK,
+              lambda: [tensor("PIXELS", np.zeros((1, 1, 1, 3), np.uint8), "UINT8")], "result"),
         # postprocess
         Probe("postprocess: NaN letterbox scale", POSTPROCESS, nan_row(0, np.nan), "INVALID_ARGUMENT"),
         Probe("postprocess: +inf letterbox width", POSTPROCESS, nan_row(4, np.inf), "INVALID_ARGUMENT"),

@@ -20,6 +20,11 @@ retried late in its deadline is refused at once rather than admitted, decoded an
 
 The gate is open while no network has attached to the ledger (a GPU server's TensorRT network runs no Python
 and never ends a lease). Times are ``time.monotonic()``: one clock for every process of the host.
+
+On the CPU, ``NAME`` and ``NAME_pixels`` are the network step alone: it decodes their images itself, so it
+admits them itself, at its :class:`Door`, by the same two rules (slots, and the work ahead against the request's
+timeout) in its own process, with what is ahead known exactly. The ledger serves the tracking ensembles, whose
+preprocess step still decodes before the network.
 """
 
 from __future__ import annotations

@@ -15,9 +15,11 @@ name falls back to its ``config.pbtxt``. GPU configuration names (:data:`GPU_CON
 network and the preprocess variant together: ``gpu_nvjpeg`` = TensorRT plan + GPU JPEG decode and
 letterbox (``NAME_preprocess/configs/gpu_nvjpeg.pbtxt``, posetriton.server.steps.gpu_preprocess),
 ``gpu_ort_trt`` = ONNX Runtime-TensorRT + CPU preprocess, ``gpu_ort_trt_nvjpeg`` = both. The CPU
-configurations have their own ensembles (``NAME/configs/cpu.pbtxt`` ...): preprocess -> network, the CPU
-network finishing the poses itself (:data:`CPU_PIPELINE`); ``NAME_postprocess`` stays in the repository for
-direct callers (loaded with the whole repository; ``--load-model=NAME`` on the CPU no longer pulls it in).
+configurations have their own ensembles (``NAME/configs/cpu.pbtxt`` ...): the CPU network step alone, which
+decodes the images and finishes the poses itself (:data:`CPU_PIPELINE`; ``NAME_track`` keeps the preprocess step
+for the tracker's canvas, :data:`CPU_CANVAS_PIPELINE`); ``NAME_preprocess`` and ``NAME_postprocess`` stay in the
+repository for the tracking ensembles, the GPU and direct callers (loaded with the whole repository;
+``--load-model=NAME`` on the CPU pulls in the network step alone).
 
 Every config is a Triton ``ModelConfig`` message (posetriton.server.model_config) written in protobuf text
 format. Variants are derived, not repeated: one base per step (name, batch size, tensors from

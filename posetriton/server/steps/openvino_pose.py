@@ -59,6 +59,9 @@ from posetriton.server.steps.triton_utils import (
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 1.0  # the door's metrics refresh (Prometheus scrapes every 15 s)
+# Triton drops a request whose client gave up while it was queued; one that then waited at the door longer than this
+# is asked again before its decode. Asking is an IPC round trip (0.25 ms), not worth it for one taken at once.
+ASK_CANCELLED_AFTER_S = 0.005
 
 
 class TritonPythonModel:
@@ -84,12 +87,12 @@ class TritonPythonModel:
         self.name = args["model_name"]
         # The preprocess step admits requests before decoding them; each canvas request taken from the queue here
         # ends the oldest admission (posetriton.server.admission). Images decoded here were never admitted there:
-        # Triton's bounded queue in front of this step is their admission.
+        # they are admitted at this step's own door (below).
         capacity = params.get(ADMISSION_CAPACITY_PARAMETER)
         self.admission = AdmissionLedger(ledger_path(self.name), int(capacity)) if capacity else None
         if self.admission is not None:
             self.admission.attach()
-        # Seconds per request under the current load, published for the preprocess step's gate.
+        # Seconds per request under the current load: for the preprocess step's gate (published) and the door.
         self.service = ServiceTime()
         # The pose outputs, where this configuration declares the letterbox input (the generated CPU ones do).
         inputs = {i["name"] for i in config["input"]}
@@ -136,13 +139,13 @@ class TritonPythonModel:
 
     def _start(self, request: object, sender: object, admitted_at: float | None = None) -> None:
         """Check (and, for images admitted at the door at ``admitted_at``, decode) one request and start it in
-        OpenVINO, or answer why not. Asking Triton whether its client gave up costs an IPC round trip: asked once,
-        here, just before the work."""
+        OpenVINO, or answer why not. Whether its client gave up is asked here, just before the work."""
         decode = admitted_at is not None
-        if admitted_at is not None:
-            self.door.dequeued(time.monotonic() - admitted_at)
+        waited = time.monotonic() - admitted_at if admitted_at is not None else None
+        if waited is not None:
+            self.door.dequeued(waited)
         try:
-            if request.is_cancelled():  # type: ignore[attr-defined]
+            if (waited is None or waited > ASK_CANCELLED_AFTER_S) and request.is_cancelled():  # type: ignore[attr-defined]
                 sender.send(cancelled(), flags=FINAL)  # type: ignore[attr-defined]
                 return
             try:
