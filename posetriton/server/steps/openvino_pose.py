@@ -12,8 +12,9 @@ their images (``IMAGE`` or ``PIXELS``), decodes and letterboxes them itself on i
 (:class:`~posetriton.server.steps.pose_outputs.PoseOutputs`, the postprocess step's code) on its finisher thread,
 handed each request's candidates by OpenVINO's completion callback (which returns at once, so an NMS over many
 candidates never holds an infer request). A lone image crosses one Python process instead of three: no stub
-round trips or 1.2 MB canvas copies between steps. Decoding here also puts Triton's bounded queue in front of the
-decode, so a request refused under overload costs no decode. A request with ready canvases (``CANVAS``, from
+round trips or 1.2 MB canvas copies between steps. Each such request is admitted or refused busy at once, at the
+step's door, before its decode (:class:`~posetriton.server.admission.Door`), so a request refused under overload
+costs no decode and ``execute`` never waits. A request with ready canvases (``CANVAS``, from
 ``NAME_preprocess`` in the tracking ensembles, or from a direct caller) skips the decode; with its letterbox rows
 it is answered its poses, without them the raw candidates, as from the GPU network.
 """
