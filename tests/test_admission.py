@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from posetriton.server.admission import (
-    DOOR_TIMEOUT_SHARE,
     MAX_LEASE_S,
     AdmissionLedger,
     Door,
@@ -135,16 +134,16 @@ def test_the_door_holds_capacity_waiting_requests_and_counts_what_it_refuses() -
         Door(0)
 
 
-def test_the_door_refuses_a_request_whose_work_ahead_would_outlast_its_share_of_its_timeout() -> None:
+def test_the_door_refuses_a_request_that_would_not_start_within_its_timeout() -> None:
     door = Door(capacity=64)
-    service_s, timeout_s = 0.1, 2.0
-    fits = int(DOOR_TIMEOUT_SHARE * timeout_s / service_s)  # itself included: 10 requests' work in 1 s
-    in_flight = 4  # computing in OpenVINO: ahead of every waiting one
-    for _ in range(fits - in_flight):
-        assert door.admit(timeout_s, service_s, in_flight) is None
-    refusal = door.admit(timeout_s, service_s, in_flight)
-    assert refusal is not None and f"{fits} request(s) ahead" in refusal and "100 ms each" in refusal
+    service_s, timeout_s = 0.1, 0.65  # about the SDK's timeout for a 2 s deadline (0.3 of it)
+    for _ in range(7):  # the 7th finds 6 waiting ahead, 0.6 s of work: it starts within its timeout
+        assert door.admit(timeout_s, service_s) is None
+    assert door.waiting == 7
+    refusal = door.admit(timeout_s, service_s)
+    assert refusal is not None and "7 request(s) wait ahead" in refusal and "100 ms each" in refusal
     # The same request without a deadline, or with a longer one, still fits; so does any before a measurement.
-    assert door.admit(0.0, service_s, in_flight) is None
-    assert door.admit(2 * timeout_s, service_s, in_flight) is None
-    assert Door(capacity=64).admit(0.001, 0.0, in_flight) is None
+    assert door.admit(0.0, service_s) is None
+    assert door.admit(2 * timeout_s, service_s) is None
+    assert Door(capacity=64).admit(0.001, 0.0) is None
+    assert door.refused == 1

@@ -236,10 +236,6 @@ DOOR_CAPACITY_PARAMETER = "door_capacity"
 DOOR_PENDING_METRIC = "posetriton_door_pending_request_count"
 DOOR_QUEUE_METRIC = "posetriton_door_queue_duration_us"
 DOOR_REFUSED_METRIC = "posetriton_door_refused_request_count"
-# A request is admitted when the work ahead of it, its own included, ends within this share of its timeout: the
-# rest absorbs the service time's noise (a shared VM's speed drifts by a fifth within minutes), so what is
-# admitted is answered in time.
-DOOR_TIMEOUT_SHARE = 0.5
 
 
 class Door:
@@ -247,9 +243,10 @@ class Door:
     the images of the CPU ensembles itself): its ``execute`` admits or refuses each request at once and never waits,
     so Triton's queue stays empty and the decision is taken here, in the process that does the work, with what is
     ahead known exactly. A request is refused when ``capacity`` requests already wait to start, or when those
-    waiting and those in flight would not be answered within :data:`DOOR_TIMEOUT_SHARE` of its timeout at the
-    step's current service time (:class:`ServiceTime`). Same idea as :class:`AdmissionLedger`, which does it across
-    processes for the preprocess step."""
+    waiting would not let it start within its Triton timeout (the longest it may wait in a queue, which the SDK
+    sets to a share of its deadline) at the step's current service time (:class:`ServiceTime`): what Triton's
+    queue would drop at that timeout, uncomputed but late, the door refuses at once. The rules of
+    :class:`AdmissionLedger`, which keeps them across processes for the preprocess step."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -260,16 +257,15 @@ class Door:
         self.queued_us = 0.0  # microseconds the started requests waited before their decode, in all
         self._lock = threading.Lock()  # admitted on Triton's thread, started on the decode threads
 
-    def admit(self, timeout_s: float, service_s: float, in_flight: int = 0) -> str | None:
+    def admit(self, timeout_s: float, service_s: float) -> str | None:
         """Admit a request with Triton timeout ``timeout_s`` (0: none) and count it as waiting; or say why not."""
         with self._lock:
-            ahead = self.waiting + in_flight
             if self.waiting >= self.capacity:
                 refusal = f"already holds as many requests waiting to start as it may ({self.capacity})"
-            elif timeout_s > 0 and (ahead + 1) * service_s > DOOR_TIMEOUT_SHARE * timeout_s:
+            elif timeout_s > 0 and self.waiting * service_s > timeout_s:
                 refusal = (
-                    f"would not answer this request within its timeout ({timeout_s:.3g} s): {ahead} request(s) "
-                    f"ahead of it at {service_s * 1e3:.0f} ms each"
+                    f"would not start this request within its timeout ({timeout_s:.3g} s): {self.waiting} "
+                    f"request(s) wait ahead of it at {service_s * 1e3:.0f} ms each"
                 )
             else:
                 self.waiting += 1

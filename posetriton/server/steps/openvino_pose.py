@@ -124,7 +124,7 @@ class TritonPythonModel:
                         self.admission.started()
                     self._start(request, sender)
                     continue
-                refusal = self.door.admit(request.timeout() / 1e6, self.service.seconds, self.pipeline.in_flight)
+                refusal = self.door.admit(request.timeout() / 1e6, self.service.seconds)
                 if refusal:
                     sender.send(unavailable(f"server busy: {self.name} {refusal}; refused before decoding, try again "
                                             "later"), flags=FINAL)  # fmt: skip
