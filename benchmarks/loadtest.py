@@ -2,9 +2,9 @@
 
 For each concurrency: perf_analyzer (gRPC, the photos as input data, cycled) measures
 throughput and p50/p90/p95/p99 latency; Triton's Prometheus metrics, scraped before and after,
-split each request's server time into queue and compute per step of the ensemble (preprocess,
-network, and on the GPU postprocess: the CPU network finishes the poses itself). Writes ``results.csv``,
-``results.md`` and ``loadtest.png`` into ``--out/MODEL/``.
+split each request's server time into queue and compute per step of the ensemble (on the GPU
+preprocess, network and postprocess; on the CPU the network step alone, which decodes and finishes
+the poses). Writes ``results.csv``, ``results.md`` and ``loadtest.png`` into ``--out/MODEL/``.
 
     python benchmarks/loadtest.py --model yolo11n_pose --concurrency 1 2 4 8           # local Triton
     python benchmarks/loadtest.py --url HOST:8001 --metrics-url http://HOST:8002/metrics  # remote (k8s)

@@ -11,8 +11,9 @@ Ensemble ``NAME`` (``NAME_pixels`` takes raw pixels instead of encoded bytes)::
       -> NAME_network     -> candidates FP32 [B, k, 5 + 3K] (best k anchors by person score, sorted)
       -> NAME_postprocess -> NUM_DETECTIONS, BOXES, SCORES, KEYPOINTS, IMAGE_SIZE
 
-On the CPU the network step takes the letterbox rows too and answers the five outputs itself (the postprocess
-step's work, run on its own answers): the CPU ensembles are NAME_preprocess -> NAME_network.
+On the CPU the network step is the whole of NAME and NAME_pixels: it takes IMAGE or PIXELS, decodes them itself
+and answers the five outputs (the preprocess and postprocess steps' work, run in its own process). NAME_track on
+the CPU is NAME_preprocess -> NAME_network (which then takes the letterbox rows with the canvas) -> the tracker.
 """
 
 from __future__ import annotations

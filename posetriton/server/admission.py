@@ -76,6 +76,12 @@ class Lease:
     expiry: float
 
 
+def starts_too_late(waiting: int, service_s: float, timeout_s: float) -> bool:
+    """The time rule of both gates: ``waiting`` requests ahead, at ``service_s`` each, would not let a request
+    start within its Triton timeout ``timeout_s`` (the longest it may wait in a queue; 0: none)."""
+    return timeout_s > 0 and waiting * service_s > timeout_s
+
+
 def lease_seconds(timeout_us: int) -> float:
     """How long a request with Triton timeout ``timeout_us`` (0: none) may hold its lease."""
     return min(timeout_us / 1e6 + LEASE_MARGIN_S, MAX_LEASE_S) if timeout_us > 0 else MAX_LEASE_S
@@ -155,7 +161,7 @@ class AdmissionLedger:
                 return Lease(-1, 0.0)
             slots = self._slots()
             ahead = sum(expiry > now for expiry in slots)
-            if wait_s > 0 and ahead * service_s > wait_s:
+            if starts_too_late(ahead, service_s, wait_s):
                 return None
             for index, expiry in enumerate(slots):
                 if expiry <= now:
@@ -262,7 +268,7 @@ class Door:
         with self._lock:
             if self.waiting >= self.capacity:
                 refusal = f"already holds as many requests waiting to start as it may ({self.capacity})"
-            elif timeout_s > 0 and self.waiting * service_s > timeout_s:
+            elif starts_too_late(self.waiting, service_s, timeout_s):
                 refusal = (
                     f"would not start this request within its timeout ({timeout_s:.3g} s): {self.waiting} "
                     f"request(s) wait ahead of it at {service_s * 1e3:.0f} ms each"

@@ -141,8 +141,7 @@ class TritonPythonModel:
     def _start(self, request: object, sender: object, admitted_at: float | None = None) -> None:
         """Check (and, for images admitted at the door at ``admitted_at``, decode) one request and start it in
         OpenVINO, or answer why not. Whether its client gave up is asked here, just before the work."""
-        decode = admitted_at is not None
-        waited = time.monotonic() - admitted_at if admitted_at is not None else None
+        waited = time.monotonic() - admitted_at if admitted_at is not None else None  # None: a canvas, no decode
         if waited is not None:
             self.door.dequeued(waited)
         try:
@@ -150,7 +149,7 @@ class TritonPythonModel:
                 sender.send(cancelled(), flags=FINAL)  # type: ignore[attr-defined]
                 return
             try:
-                canvases, job = self._decoded(request) if decode else self._canvases(request)
+                canvases, job = self._canvases(request) if waited is None else self._decoded(request)
             except (ContractError, InvalidImageError) as exc:  # checked before anything starts: it costs no inference
                 sender.send(invalid_argument(str(exc)), flags=FINAL)  # type: ignore[attr-defined]
                 return
@@ -164,7 +163,7 @@ class TritonPythonModel:
         except Exception as exc:  # unforeseen: this request alone fails
             sender.send(unforeseen(self.name, exc, self.logger), flags=FINAL)  # type: ignore[attr-defined]
         finally:
-            if decode:
+            if waited is not None:
                 self.door.started()
 
     def _decoded(self, request: object) -> tuple[np.ndarray, PoseJob]:

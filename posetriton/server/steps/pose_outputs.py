@@ -2,10 +2,11 @@
 
 The postprocess step's work, kept here once because two steps run it: ``NAME_postprocess`` on the network's
 candidates (GPU ensembles, and any direct caller), and the CPU network step on its own answers (on its finisher
-thread, fed by OpenVINO's completion callback) when the letterbox rows come with the canvas (the CPU ensembles:
-one Python step fewer per request). Per-request thresholds (:class:`~posetriton.core.contract.Thresholds`) arrive
-as request parameters, which (unlike optional inputs) do not split dynamic batches; the letterbox rows are checked
-before anything is computed (:mod:`posetriton.core.validation`): a direct caller may send anything.
+thread, fed by OpenVINO's completion callback), for the images it letterboxed itself or a canvas that comes with
+its letterbox rows (the CPU ensembles, which need no postprocess step). Per-request thresholds
+(:class:`~posetriton.core.contract.Thresholds`) arrive as request parameters, which (unlike optional inputs) do not
+split dynamic batches; the letterbox rows are checked before anything is computed (:mod:`posetriton.core.validation`):
+a direct caller may send anything.
 """
 
 from __future__ import annotations
